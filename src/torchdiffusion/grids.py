@@ -1,0 +1,134 @@
+"""Time grids for sampling (axis 4 of DESIGN.md).
+
+A grid is a strictly decreasing float64 tensor of ``n + 1`` process times: ``n`` points at which a sampler
+may evaluate the model, followed by ``process.t_zero`` (the clean state, noise 0). Every grid is a function
+``grid(process, n) -> Tensor`` registered by name; ``get(name, process, n)`` looks it up.
+
+For DDPM the ``uniform`` (diffusers "linspace"), ``leading`` and ``trailing`` spacings produce integer
+timesteps exactly as diffusers does, so samples can be compared with its schedulers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .processes import Process, as_time
+
+GridFn = Callable[[Process, int], Tensor]
+_GRIDS: dict[str, GridFn] = {}
+_DEFAULTS: dict[str, str] = {"ddpm": "trailing", "vp": "logsnr", "subvp": "logsnr", "ve": "karras", "edm": "karras"}
+
+
+def register(name: str) -> Callable[[GridFn], GridFn]:
+    """Decorator: add a grid function under ``name``."""
+    def deco(fn: GridFn) -> GridFn:
+        _GRIDS[name] = fn
+        return fn
+    return deco
+
+
+def names() -> list[str]:
+    """Every grid name that ``td.sample`` accepts."""
+    return sorted(_GRIDS)
+
+
+def default_for(process: Process) -> str:
+    """The grid a process uses when none is given."""
+    return _DEFAULTS.get(process.name, "logsnr")
+
+
+def _finish(process: Process, ts: Tensor) -> Tensor:
+    ts = torch.cat([as_time(ts).reshape(-1), torch.tensor([process.t_zero], dtype=torch.float64)])
+    if not (ts[1:] < ts[:-1]).all():
+        raise ValueError(f"grid is not strictly decreasing for {len(ts) - 1} steps on {process!r}; "
+                         "use fewer steps or another grid")
+    return ts
+
+
+def get(name: str | Tensor, process: Process, n: int) -> Tensor:
+    """Grid ``name`` with ``n`` evaluation points, or validate a user-given tensor of times."""
+    if isinstance(name, Tensor):
+        ts = as_time(name).reshape(-1)
+        if len(ts) < 2 or not (ts[1:] < ts[:-1]).all():
+            raise ValueError("a custom grid must be a strictly decreasing 1-D tensor with at least 2 times")
+        process.check_time(ts)
+        return ts
+    if name not in _GRIDS:
+        raise ValueError(f"unknown grid {name!r}; allowed: {', '.join(names())}")
+    if int(n) < 1:
+        raise ValueError(f"steps must be >= 1, got {n}")
+    return _GRIDS[name](process, int(n))
+
+
+def _discrete_round(process: Process, ts: Tensor) -> Tensor:
+    return ts.round() if process.discrete else ts
+
+
+@register("uniform")
+def uniform(process: Process, n: int) -> Tensor:
+    """Uniform in t from ``t_max`` to ``t_min`` (diffusers ``linspace`` spacing for DDPM: rounded)."""
+    ts = torch.linspace(process.t_max, process.t_min, n, dtype=torch.float64)
+    return _finish(process, _discrete_round(process, ts))
+
+
+@register("leading")
+def leading(process: Process, n: int) -> Tensor:
+    """diffusers ``leading``: ``t_min + (T / n) * [n-1, ..., 0]`` (starts below ``t_max``)."""
+    if process.discrete:
+        T = int(process.t_max) + 1
+        ts = (torch.arange(n - 1, -1, -1, dtype=torch.float64) * (T // n)).round()
+        return _finish(process, ts)
+    span = process.t_max - process.t_min
+    return _finish(process, process.t_min + span * torch.arange(n - 1, -1, -1, dtype=torch.float64) / n)
+
+
+@register("trailing")
+def trailing(process: Process, n: int) -> Tensor:
+    """diffusers ``trailing``: ``t_max`` down in equal strides, never reaching ``t_min`` (Lin et al. 2024)."""
+    if process.discrete:
+        T = int(process.t_max) + 1
+        ts = (torch.round(torch.arange(T, 0, -T / n, dtype=torch.float64)) - 1)[:n]
+        return _finish(process, ts)
+    span = process.t_max - process.t_min
+    return _finish(process, process.t_max - span * torch.arange(n, dtype=torch.float64) / n)
+
+
+@register("logsnr")
+def logsnr(process: Process, n: int) -> Tensor:
+    """Uniform in log-SNR between ``t_max`` and ``t_min`` (natural for exponential integrators)."""
+    l0, l1 = process.log_snr(process.t_max), process.log_snr(process.t_min)
+    ls = torch.linspace(float(l0), float(l1), n, dtype=torch.float64)
+    ts = process.t_from_log_snr(ls)
+    ts[0], ts[-1] = process.t_max, process.t_min
+    return _finish(process, ts)
+
+
+def karras_sigmas(s_max: float, s_min: float, n: int, rho: float = 7.0) -> Tensor:
+    """EDM's rho-grid ``(s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho`` (B-9)."""
+    if n == 1:
+        return torch.tensor([s_max], dtype=torch.float64)
+    r = torch.linspace(0, 1, n, dtype=torch.float64)
+    return (s_max ** (1 / rho) + r * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+
+
+def times_from_ve_sigmas(process: Process, s: Tensor) -> Tensor:
+    """Process times at VE noise levels ``s = sigma/alpha`` (``log_snr = -2 log s``)."""
+    return process.t_from_log_snr(-2 * torch.log(s))
+
+
+def _ve_range(process: Process) -> tuple[float, float]:
+    tmax, tmin = as_time(process.t_max), as_time(process.t_min)
+    return float(process.sigma(tmax) / process.alpha(tmax)), float(process.sigma(tmin) / process.alpha(tmin))
+
+
+@register("karras")
+def karras(process: Process, n: int, rho: float = 7.0) -> Tensor:
+    """Karras et al. rho = 7 grid in the VE noise level ``sigma/alpha`` of the process."""
+    s_max, s_min = _ve_range(process)
+    ts = times_from_ve_sigmas(process, karras_sigmas(s_max, s_min, n, rho))
+    ts[0], ts[-1] = process.t_max, (process.t_min if n > 1 else process.t_max)
+    return _finish(process, ts)
+

@@ -1,0 +1,107 @@
+"""Reverse discretizations (axis 4 of DESIGN.md).
+
+Every sampler is a stateless function ``sampler(model, x, ts, *, generator=None, callback=None, **options)``
+walking the decreasing grid ``ts`` (whose last entry is the clean time) and returning the sample. ``model``
+is anything with ``.process`` and ``.predict(x, t) -> (x0, eps)``. ``td.sample`` chooses the grid so that
+the sampler makes at most ``steps`` network evaluations.
+
+Samplers register themselves with :func:`register`; :func:`names` lists them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import grids as _grids
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A registered sampler: its function and how many grid intervals ``steps`` evaluations buy."""
+
+    fn: Callable[..., Tensor]
+    intervals: Callable[[int], int]
+    stochastic: bool
+    doc: str
+
+
+_SAMPLERS: dict[str, SamplerSpec] = {}
+
+
+def register(name: str, *, intervals: Callable[[int], int] = lambda steps: steps,
+             stochastic: bool = False) -> Callable:
+    """Decorator registering a sampler function under ``name``.
+
+    ``intervals(steps)`` converts a budget of network evaluations into the number of grid intervals the
+    sampler walks (1:1 for first-order samplers).
+    """
+    def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        _SAMPLERS[name] = SamplerSpec(fn, intervals, stochastic, (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+    return deco
+
+
+def names() -> list[str]:
+    """Every sampler name that ``td.sample`` accepts."""
+    return sorted(_SAMPLERS)
+
+
+def get(name: str) -> SamplerSpec:
+    """The registered sampler ``name`` (clear error listing the allowed names otherwise)."""
+    if name not in _SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(names())}")
+    return _SAMPLERS[name]
+
+
+class Bound:
+    """A model with its condition fixed, and an evaluation counter: what a sampler sees."""
+
+    def __init__(self, model, cond=None):
+        self.model, self.cond, self.process, self.nfe = model, cond, model.process, 0
+
+    def predict(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
+        self.nfe += 1
+        if self.cond is None:
+            return self.model.predict(x, t)
+        return self.model.predict(x, t, self.cond)
+
+
+def sample(model, x_T: Tensor, sampler: str = "ddim", steps: int = 50, *, grid: str | Tensor | None = None,
+           generator: torch.Generator | None = None, callback: Callable[[dict], None] | None = None,
+           cond=None, **options) -> Tensor:
+    """Generate: walk from ``x_T`` (the state at ``process.t_max``) to a clean sample.
+
+    ``steps`` is the number of network evaluations (NFE) the sampler may spend; ``grid`` names a grid of
+    :mod:`torchdiffusion.grids` (default: the process's own) or is a decreasing tensor of times ending at
+    ``process.t_zero``. Randomness comes only from ``generator``. ``callback`` receives a dict with ``i``,
+    ``t``, ``x`` (the new state) and ``x0`` (the current prediction) after every step.
+    """
+    spec = get(sampler)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not isinstance(x_T, Tensor):
+        raise TypeError("x_T must be a tensor")
+    if not torch.isfinite(x_T).all():
+        raise ValueError("x_T contains NaN or Inf")
+    params = inspect.signature(spec.fn).parameters
+    allowed = [k for k, p in params.items() if p.kind == p.KEYWORD_ONLY and k not in ("generator", "callback")]
+    bad = sorted(set(options) - set(allowed))
+    if bad:
+        raise ValueError(f"sampler {sampler!r} has no option {', '.join(map(repr, bad))}; "
+                         f"allowed: {', '.join(allowed) or 'none'}")
+    process = model.process
+    n = spec.intervals(steps)
+    if n < 1:
+        raise ValueError(f"sampler {sampler!r} needs more than {steps} evaluation(s)")
+    ts = _grids.get(grid if grid is not None else _grids.default_for(process), process, n)
+    bound = Bound(model, cond)
+    with torch.no_grad():
+        return spec.fn(bound, x_T, ts, generator=generator, callback=callback, **options)
+
+
+from . import ddpm  # noqa: E402,F401  (registers the DDPM family)
