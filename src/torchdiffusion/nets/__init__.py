@@ -1,0 +1,13 @@
+"""Networks: MLP for vectors, U-Net for images, and the factory that builds them from a config."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .embeddings import TimeEmbedding, sinusoidal_embedding
+from .mlp import MLP
+from .unet import UNet
+
+NETS: dict[str, type[nn.Module]] = {"mlp": MLP, "unet": UNet}
+
+__all__ = ["MLP", "NETS", "TimeEmbedding", "UNet", "sinusoidal_embedding"]

@@ -1,0 +1,267 @@
+"""One training loop for every model in the library.
+
+AdamW with warm-up and cosine/constant decay, gradient clipping and accumulation, EMA with warm-up, bf16
+autocast, optional ``torch.compile``, NaN/Inf detection, atomic checkpoints with exact resumption (model,
+EMA, optimizer and RNG states in one safetensors file), CSV logs, periodic sample grids, tqdm progress.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from .checkpoint import (
+    load_json,
+    load_tensors,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_json,
+    save_tensors,
+)
+from .denoiser import Denoiser
+from .losses import dsm_loss
+from .runs import build_model
+
+# ---------------------------------------------------------------------------------------------------------
+# loss registry: name -> f(model, x0, *, cond, generator, cfg) -> scalar
+# ---------------------------------------------------------------------------------------------------------
+LossFn = Callable[..., Tensor]
+
+
+def _dsm(model: Denoiser, x0: Tensor, *, cond, generator, cfg: dict) -> Tensor:
+    return dsm_loss(model, x0, weighting=cfg.get("weighting", "native"), cond=cond, generator=generator,
+                    min_snr_gamma=float(cfg.get("min_snr_gamma", 5.0)))
+
+
+LOSSES: dict[str, LossFn] = {"dsm": _dsm}
+
+
+def get_loss(name: str) -> LossFn:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(sorted(LOSSES))}")
+    return LOSSES[name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def lr_at(step: int, tcfg: dict) -> float:
+    """Learning rate at ``step``: linear warm-up, then cosine (to ``min_lr_ratio``) or constant."""
+    base, warm, total = float(tcfg["lr"]), int(tcfg["warmup"]), int(tcfg["steps"])
+    f = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+    sched = tcfg.get("schedule", "cosine")
+    if sched == "cosine":
+        r = float(tcfg.get("min_lr_ratio", 0.1))
+        f *= r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+    elif sched != "constant":
+        raise ValueError(f"unknown lr schedule {sched!r}; allowed: cosine, constant")
+    return base * f
+
+
+def ema_decay(step: int, decay: float, warmup: bool) -> float:
+    """EMA decay at ``step``; with warm-up ``min(decay, (1 + step) / (10 + step))``."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * net`` for parameters; buffers are copied."""
+    for pe, p in zip(ema.parameters(), net.parameters()):
+        pe.lerp_(p.detach(), 1 - decay)
+    for be, b in zip(ema.buffers(), net.buffers()):
+        be.copy_(b)
+
+
+def _model_sections(cfg: dict) -> dict:
+    return {k: cfg[k] for k in ("data", "process", "model", "loss")}
+
+
+class Trainer:
+    """Train ``cfg`` into the run folder ``out``; ``run()`` resumes from its checkpoint if there is one."""
+
+    def __init__(self, cfg: dict, out: str | Path, *, dataset: data_mod.Dataset | None = None,
+                 progress: bool = True, resume: bool = True):
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        t, d = cfg["train"], cfg["data"]
+        for key in ("steps", "batch", "accum"):
+            if int(t[key]) < 1:
+                raise ValueError(f"train.{key} must be >= 1, got {t[key]}")
+        self.device = pick_device(t["device"])
+        if t["precision"] not in ("fp32", "bf16"):
+            raise ValueError(f"unknown precision {t['precision']!r}; allowed: fp32, bf16")
+        self.data = dataset or data_mod.load(d["name"], **{k: v for k, v in d.items() if k != "name"})
+        self.conditional = bool(d.get("conditional"))
+        if self.conditional and self.data.y is None:
+            raise ValueError(f"data.conditional=true but dataset {self.data.name!r} has no labels")
+        ncls = self.data.num_classes if self.conditional else None
+        self.model = build_model(cfg, self.data.shape, ncls).to(self.device)
+        self.net = self.model.net
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=float(t["lr"]), weight_decay=float(t["weight_decay"]))
+        self.loss_fn = get_loss(cfg["loss"]["name"])
+        self.gen = torch.Generator().manual_seed(int(t["seed"]))
+        torch.manual_seed(int(t["seed"]))
+        self.step = 0
+        self.run_info = {"data_shape": list(self.data.shape), "num_classes": ncls, "levels": self.data.levels,
+                         "value_range": list(self.data.value_range), "data_name": self.data.name}
+        self._fwd_model = self.model
+        if t.get("compile"):
+            self._fwd_model = Denoiser(torch.compile(self.net), self.model.process, self.model.prediction,
+                                       self.model.precond, self.model.sigma_data)
+        if resume and (self.out / "train_state.safetensors").is_file():
+            self._load()
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+    def _load(self) -> None:
+        saved = load_json(self.out / "config.json")
+        if _model_sections(saved) != _model_sections(self.cfg):
+            raise ValueError(f"{self.out} holds a run with a different data/process/model/loss config; "
+                             "use another --out or --no-resume")
+        tensors, meta = load_tensors(self.out / "train_state.safetensors")
+        self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        optimizer_from_tensors(self.opt, {k: v.to(self.device) for k, v in tensors.items()}, meta["optimizer"])
+        self.gen.set_state(tensors["rng.gen"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step = int(meta["step"])
+        self._truncate_log()
+
+    def save(self) -> None:
+        """Write model, EMA and the full training state atomically."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        opt_t, opt_meta = optimizer_to_tensors(self.opt)
+        tensors = {**{f"net.{k}": v for k, v in self.net.state_dict().items()},
+                   **{f"ema.{k}": v for k, v in self.ema.state_dict().items()},
+                   **opt_t, "rng.gen": self.gen.get_state(), "rng.torch": torch.get_rng_state()}
+        save_json({**self.cfg, "run": self.run_info}, self.out / "config.json")
+        save_tensors(tensors, self.out / "train_state.safetensors", {"step": self.step, "optimizer": opt_meta})
+        save_tensors(self.net.state_dict(), self.out / "model.safetensors", {"step": self.step})
+        save_tensors(self.ema.state_dict(), self.out / "ema.safetensors", {"step": self.step})
+
+    def _truncate_log(self) -> None:
+        log = self.out / "log.csv"
+        if log.is_file():
+            rows = list(csv.reader(log.open()))
+            keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= self.step]
+            with log.open("w", newline="") as f:
+                csv.writer(f).writerows(keep)
+
+    def _log(self, row: dict) -> None:
+        log = self.out / "log.csv"
+        new = not log.is_file()
+        with log.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    # --- one step ------------------------------------------------------------------------------------------
+    def _batch(self) -> tuple[Tensor, Tensor | None]:
+        b = int(self.cfg["train"]["batch"])
+        idx = torch.randint(0, len(self.data), (b,), generator=self.gen)
+        x = self.data.x[idx]
+        if self.cfg["data"].get("flip") and x.ndim == 4:
+            flip = torch.rand(b, generator=self.gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        y = None
+        if self.conditional:
+            y = self.data.y[idx].clone()
+            drop = torch.rand(b, generator=self.gen) < float(self.cfg["loss"].get("p_uncond", 0.0))
+            y[drop] = -1
+            y = y.to(self.device)
+        return x.to(self.device), y
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step (with accumulation); returns (loss, grad norm)."""
+        t = self.cfg["train"]
+        lr = lr_at(self.step, t)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        accum = int(t["accum"])
+        for _ in range(accum):
+            x0, y = self._batch()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t["precision"] == "bf16"):
+                loss = self.loss_fn(self._fwd_model, x0, cond=y, generator=self.gen, cfg=self.cfg["loss"])
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"loss is {loss.item()} at step {self.step}: training diverged "
+                                   f"(last checkpoint kept in {self.out}); lower train.lr or check the data")
+            (loss / accum).backward()
+            total += loss.item() / accum
+        gn = torch.nn.utils.clip_grad_norm_(self.net.parameters(), float(t["clip"]) if t["clip"] else math.inf)
+        if not torch.isfinite(gn):
+            raise RuntimeError(f"gradient norm is {gn.item()} at step {self.step}: training diverged")
+        self.opt.step()
+        ema_update(self.ema, self.net, ema_decay(self.step, float(t["ema"]), bool(t["ema_warmup"])))
+        self.step += 1
+        return total, float(gn)
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    def run(self, stop_after: int | None = None) -> dict:
+        """Train until ``train.steps`` (or ``stop_after`` more steps); checkpoint periodically and at the end.
+        Ctrl-C writes a checkpoint before stopping, so the same command resumes."""
+        t = self.cfg["train"]
+        total = int(t["steps"])
+        end = total if stop_after is None else min(total, self.step + stop_after)
+        self.net.train()
+        start, t0, losses = self.step, time.time(), []
+        bar = tqdm(total=end, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
+        try:
+            while self.step < end:
+                loss, gn = self.train_step()
+                losses.append(loss)
+                bar.update(1)
+                if self.step % int(t["log_every"]) == 0 or self.step == end:
+                    avg = sum(losses[-int(t["log_every"]):]) / len(losses[-int(t["log_every"]):])
+                    bar.set_postfix(loss=f"{avg:.4f}")
+                    self.out.mkdir(parents=True, exist_ok=True)
+                    self._log({"step": self.step, "loss": avg, "lr": lr_at(self.step - 1, t), "grad_norm": gn,
+                               "seconds": round(time.time() - t0, 3)})
+                if int(t["ckpt_every"]) and self.step % int(t["ckpt_every"]) == 0:
+                    self.save()
+                if int(t["sample_every"]) and self.step % int(t["sample_every"]) == 0:
+                    self.sample_grid()
+        except KeyboardInterrupt:
+            self.save()
+            bar.close()
+            raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint saved in {self.out}; "
+                                    "run the same command to resume") from None
+        bar.close()
+        self.save()
+        return {"step": self.step, "steps_run": self.step - start, "seconds": time.time() - t0,
+                "loss": sum(losses[-50:]) / max(len(losses[-50:]), 1) if losses else float("nan"),
+                "out": str(self.out)}
+
+    def ema_model(self) -> Denoiser:
+        return Denoiser(self.ema, self.model.process, self.model.prediction, self.model.precond,
+                        self.model.sigma_data).eval()
+
+    def sample_grid(self) -> Path:
+        """Samples from the EMA model into ``samples/step_XXXXXX.png``."""
+        from .generate import generate_to_file
+
+        return generate_to_file(self.ema_model(), self.cfg, self.run_info,
+                                self.out / "samples" / f"step_{self.step:07d}.png", data=self.data)
+
+
+def train(cfg: dict, out: str | Path, *, dataset: data_mod.Dataset | None = None, progress: bool = True,
+          resume: bool = True, stop_after: int | None = None) -> dict:
+    """Train (or resume) a run; returns a summary dict."""
+    return Trainer(cfg, out, dataset=dataset, progress=progress, resume=resume).run(stop_after)
