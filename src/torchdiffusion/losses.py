@@ -110,3 +110,158 @@ def simple_loss(model: Denoiser, x0: Tensor, **kw) -> Tensor:
 
 def _unused(x: Tensor) -> Tensor:  # pragma: no cover - keeps expand_like import for subclasses
     return expand_like(x, x)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Score matching without the diffusion machinery (003 eqs. 4-6, Hyvarinen 2005, Vincent 2011, Song et al. 2019)
+# These take any ``score_fn(x) -> grad log p(x)`` and follow the textbook normalisation: squared norms are
+# summed over data dimensions and averaged over the batch.
+# ------------------------------------------------------------------------------------------------------------
+PROJECTIONS = ("gaussian", "rademacher")
+
+
+def _reduce(per: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return per
+    if reduction != "mean":
+        raise ValueError(f"unknown reduction {reduction!r}; allowed: mean, none")
+    return per.mean()
+
+
+def _sq(v: Tensor) -> Tensor:
+    return (v**2).flatten(1).sum(1)
+
+
+def _with_grad(x: Tensor) -> Tensor:
+    return x if x.requires_grad else x.detach().requires_grad_(True)
+
+
+def sample_projections(like: Tensor, dist: str = "gaussian", generator: torch.Generator | None = None) -> Tensor:
+    """Random projection vectors shaped like ``like`` with ``E[v v^T] = I``: standard normal or Rademacher
+    (+-1) entries (T-SM-4). Drawn only from ``generator``."""
+    if dist not in PROJECTIONS:
+        raise ValueError(f"unknown projection distribution {dist!r}; allowed: {', '.join(PROJECTIONS)}")
+    if dist == "gaussian":
+        v = torch.randn(like.shape, generator=generator, dtype=like.dtype)
+    else:
+        v = torch.randint(0, 2, like.shape, generator=generator).to(like.dtype) * 2 - 1
+    return v.to(like.device)
+
+
+def exact_score_matching_loss(score_fn, x: Tensor, *, reduction: str = "mean") -> Tensor:
+    """Hyvarinen's objective ``E[tr grad_x s(x) + 1/2 ||s(x)||^2]`` (003 eq. 5, T-SM-2).
+
+    Equals ``1/2 E||s - grad log p||^2`` up to the model-independent ``-1/2 E||grad log p||^2``. The Jacobian
+    trace is exact: one backward pass per data dimension (``create_graph`` so the loss can be trained).
+    """
+    x = _with_grad(x)
+    with torch.enable_grad():
+        s = score_fn(x)
+        sf = s.flatten(1)
+        tr = torch.zeros(x.shape[0], dtype=s.dtype, device=s.device)
+        for i in range(sf.shape[1]):
+            (gi,) = torch.autograd.grad(sf[:, i].sum(), x, create_graph=True)
+            tr = tr + gi.flatten(1)[:, i]
+    return _reduce(tr + 0.5 * _sq(s), reduction)
+
+
+def sliced_score_matching_loss(score_fn, x: Tensor, *, n_projections: int = 1, dist: str = "gaussian",
+                               variance_reduced: bool = False, generator: torch.Generator | None = None,
+                               reduction: str = "mean") -> Tensor:
+    """Sliced score matching (Song et al. 2019; T-SM-4): ``E_v E_x[v^T (grad_x s) v + 1/2 (v^T s)^2]``.
+
+    ``v^T (grad s) v`` costs one extra backward pass, ``v . grad_x (v . s)``. With ``variance_reduced`` the
+    second term is its expectation ``1/2 ||s||^2`` (SSM-VR, valid since ``E[v v^T] = I``). Unbiased for
+    :func:`exact_score_matching_loss`; averaged over ``n_projections`` vectors per example.
+    """
+    if int(n_projections) < 1:
+        raise ValueError(f"n_projections must be >= 1, got {n_projections}")
+    x = _with_grad(x)
+    total = 0.0
+    with torch.enable_grad():
+        s = score_fn(x)
+        for _ in range(int(n_projections)):
+            v = sample_projections(x, dist, generator)
+            vs = (v * s).flatten(1).sum(1)
+            (gv,) = torch.autograd.grad(vs.sum(), x, create_graph=True)
+            quad = (v * gv).flatten(1).sum(1)
+            total = total + quad + (0.5 * _sq(s) if variance_reduced else 0.5 * vs**2)
+    return _reduce(total / int(n_projections), reduction)
+
+
+def denoising_score_matching_loss(score_fn, x: Tensor, sigma: float | Tensor,
+                                  generator: torch.Generator | None = None, *, reduction: str = "mean") -> Tensor:
+    """Vincent's denoising score matching ``1/2 E||s(x~) + (x~ - x)/sigma^2||^2``, ``x~ = x + sigma e`` (T-SM-3).
+
+    The target ``-(x~ - x)/sigma^2`` is the score of the Gaussian kernel ``q_sigma(x~ | x)``. The loss equals
+    ``1/2 E||s - grad log q_sigma||^2`` plus a model-independent constant, so its minimiser is the score of
+    the noised data. ``sigma`` is a scalar or one value per example.
+    """
+    sig = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if (sig <= 0).any():
+        raise ValueError("sigma must be > 0")
+    sig = sig.reshape(-1, *([1] * (x.ndim - 1))) if sig.ndim == 1 else sig
+    e = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    xt = x + sig * e
+    return _reduce(0.5 * _sq(score_fn(xt) + e / sig), reduction)
+
+
+def ncsn_sigmas(sigma_max: float, sigma_min: float, n: int) -> Tensor:
+    """NCSN's geometric noise ladder ``sigma_1 = sigma_max > ... > sigma_n = sigma_min`` (constant ratio;
+    T-NCSN-1), float64."""
+    if not 0 < sigma_min < sigma_max or int(n) < 2:
+        raise ValueError(f"need 0 < sigma_min < sigma_max and n >= 2, got {sigma_min}, {sigma_max}, {n}")
+    r = torch.linspace(0, 1, int(n), dtype=torch.float64)
+    return float(sigma_max) * (float(sigma_min) / float(sigma_max)) ** r
+
+
+def ncsn_loss(model: Denoiser, x0: Tensor, sigmas: Tensor, *, cond=None, generator: torch.Generator | None = None,
+              reduction: str = "mean") -> Tensor:
+    """NCSN's multi-noise loss (Song & Ermon 2019, T-NCSN-1):
+    ``(1/L) sum_i sigma_i^2 * 1/2 E||s(x~, sigma_i) + (x~ - x)/sigma_i^2||^2 = 1/2 E||eps_hat - eps||^2``.
+
+    ``sigmas`` are VE noise levels ``sigma/alpha`` of the model's process (use a VE/EDM process for NCSN);
+    each example draws one level uniformly. This is :func:`dsm_loss` with ``weighting="eps"`` at times of the
+    discrete ladder, with the textbook normalisation (1/2, summed over dimensions).
+    """
+    from .grids import times_from_ve_sigmas
+
+    sig = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    if len(sig) < 1 or (sig <= 0).any():
+        raise ValueError("sigmas must be a non-empty tensor of positive noise levels")
+    proc = model.process
+    idx = torch.randint(0, len(sig), (x0.shape[0],), generator=generator)
+    t = times_from_ve_sigmas(proc, sig[idx]).clamp(proc.t_min, proc.t_max)
+    d = x0[0].numel()
+    per = 0.5 * d * dsm_loss(model, x0, weighting="eps", t=t.to(x0.device), cond=cond, generator=generator,
+                             reduction="none")
+    return _reduce(per, reduction)
+
+
+def noisy_score_matching_loss(model: Denoiser, x0: Tensor, *, method: str = "ssm", weighting: str = "eps",
+                              cond=None, generator: torch.Generator | None = None, n_projections: int = 1,
+                              dist: str = "gaussian", variance_reduced: bool = True) -> Tensor:
+    """Exact (``method="esm"``) or sliced (``"ssm"``) score matching of a time-conditional model on the noised
+    marginals: ``E_t lambda(t) J(s(., t); p_t)`` with ``x_t ~ p_t`` drawn by ``process.add_noise``.
+
+    ``lambda(t)`` on the score error is the :func:`eps_weight` of ``weighting`` times ``sigma(t)^2`` (so the
+    weighting names mean the same as for :func:`dsm_loss`: ``eps`` is ``lambda = sigma^2``).
+    """
+    proc = model.process
+    t = sample_times(proc, x0.shape[0], generator, x0.device)
+    e = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    xt = proc.add_noise(x0, t, e)
+
+    def score_fn(x: Tensor) -> Tensor:
+        return model.score(x, t, cond)
+
+    if method == "esm":
+        per = exact_score_matching_loss(score_fn, xt, reduction="none")
+    elif method == "ssm":
+        per = sliced_score_matching_loss(score_fn, xt, n_projections=n_projections, dist=dist,
+                                         variance_reduced=variance_reduced, generator=generator, reduction="none")
+    else:
+        raise ValueError(f"unknown score matching method {method!r}; allowed: esm, ssm")
+    native = "x0" if model.precond == "edm" else model.prediction
+    lam = eps_weight(proc, t, weighting, prediction=native) * proc.sigma(t) ** 2
+    return (lam.to(per.dtype) * per).mean()

@@ -5,9 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from .embeddings import TimeEmbedding, sinusoidal_embedding
+from .energy import energy_score_net
 from .mlp import MLP
 from .unet import UNet
 
 NETS: dict[str, type[nn.Module]] = {"mlp": MLP, "unet": UNet}
+NETS["energy"] = energy_score_net  # type: ignore[assignment]  (a factory: EnergyNet -> score)
 
 __all__ = ["MLP", "NETS", "TimeEmbedding", "UNet", "sinusoidal_embedding"]

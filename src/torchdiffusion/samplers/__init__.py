@@ -105,3 +105,6 @@ def sample(model, x_T: Tensor, sampler: str = "ddim", steps: int = 50, *, grid: 
 
 
 from . import ddpm  # noqa: E402,F401  (registers the DDPM family)
+
+# isort: split
+from . import langevin, ode, sde  # noqa: E402,F401  (score-SDE, PF-ODE and annealed Langevin samplers)
