@@ -1,1 +1,3 @@
 """Imports the modules that add further CLI commands (each registers itself with ``cli.command``)."""
+
+from . import cli_likelihood  # noqa: F401,E402  (torchdiffusion likelihood)

@@ -10,6 +10,7 @@ timesteps exactly as diffusers does, so samples can be compared with its schedul
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -132,3 +133,61 @@ def karras(process: Process, n: int, rho: float = 7.0) -> Tensor:
     ts[0], ts[-1] = process.t_max, (process.t_min if n > 1 else process.t_max)
     return _finish(process, ts)
 
+
+
+
+def _rho_sigmas(hi: float, lo: float, n: int, rho: float) -> Tensor:
+    if math.isinf(rho):
+        return torch.logspace(math.log10(hi), math.log10(lo), n, dtype=torch.float64)
+    return karras_sigmas(hi, lo, n, rho)
+
+
+def _from_sigmas(process: Process, s: Tensor, lo_is_min: bool) -> Tensor:
+    ts = times_from_ve_sigmas(process, s)
+    ts[0] = process.t_max
+    if lo_is_min and len(ts) > 1:
+        ts[-1] = process.t_min
+    return _finish(process, ts)
+
+
+@register("edm")
+def edm(process: Process, n: int) -> Tensor:
+    """Karras et al.'s grid with EDM's own range ``sigma_min = 0.002``, ``sigma_max = 80`` (rho = 7, B-9),
+    clipped to the process's VE range, with the first point moved to ``t_max`` (where ``x_T`` lives).
+    It equals ``karras`` whenever the process's range lies inside [0.002, 80] (EDM, VE); for DDPM-linear
+    (``s_max ~ 157``) every point but the first follows the EDM range."""
+    s_max, s_min = _ve_range(process)
+    lo = max(0.002, s_min)
+    return _from_sigmas(process, karras_sigmas(min(80.0, s_max), lo, n), lo == s_min)
+
+
+def capped_grid(process: Process, n: int, s_hi: float, s_lo: float, rho: float) -> Tensor:
+    """``[t_max]`` followed by ``n - 1`` points of the rho-grid (:func:`karras_sigmas`; ``rho = inf`` is uniform
+    in log-SNR) from ``min(s_hi, s_max)`` down to ``max(s_lo, s_min)`` in VE noise level ``sigma/alpha``: the
+    first (cheap, nearly linear) interval jumps from ``s_max`` to ``s_hi``."""
+    s_max, s_min = _ve_range(process)
+    hi, lo = min(s_hi, s_max), max(s_lo, s_min)
+    if n == 1:
+        return _finish(process, torch.tensor([process.t_max], dtype=torch.float64))
+    if not lo < hi:
+        raise ValueError(f"empty noise range: s_hi={s_hi:g}, s_lo={s_lo:g} on {process!r}")
+    if hi >= s_max:
+        return _from_sigmas(process, _rho_sigmas(s_max, lo, n, rho), lo == s_min)
+    s = torch.cat([torch.tensor([s_max], dtype=torch.float64), _rho_sigmas(hi, lo, n - 1, rho)])
+    return _from_sigmas(process, s, lo == s_min)
+
+
+@register("blend")
+def blend(process: Process, n: int, w: float = 0.5) -> Tensor:
+    """Mix of the ``logsnr`` grid and the ``uniform`` (in t) grid in log-SNR: ``lambda_i = (1 - w) lambda_i^logsnr
+    + w lambda_i^uniform`` (``w = 0``: logsnr, ``w = 1``: uniform in t; end points kept)."""
+    if not 0 <= w <= 1:
+        raise ValueError(f"blend weight w must be in [0, 1], got {w}")
+    if n == 1:
+        return _finish(process, torch.tensor([process.t_max], dtype=torch.float64))
+    l0, l1 = float(process.log_snr(process.t_max)), float(process.log_snr(process.t_min))
+    lu = process.log_snr(torch.linspace(process.t_max, process.t_min, n, dtype=torch.float64))
+    ls = (1 - w) * torch.linspace(l0, l1, n, dtype=torch.float64) + w * lu
+    ts = process.t_from_log_snr(ls)
+    ts[0], ts[-1] = process.t_max, process.t_min
+    return _finish(process, ts)

@@ -248,13 +248,30 @@ class DDPM(Process):
         a, b = self._lsnr[lo], self._lsnr[hi]
         return torch.where(w == 0, a, (1 - w) * a + w * b)
 
+    def _abar(self, t: TimeLike) -> Tensor:
+        """``abar_k``: the table at integer k (exactly), sigmoid of the interpolated log-SNR in between."""
+        t = self.check_time(t)
+        k = t.round()
+        table = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])[(k + 1).long()]
+        return torch.where(k == t, table, torch.sigmoid(self.log_snr(t)))
+
     def alpha(self, t: TimeLike) -> Tensor:
         """``sqrt(abar_k)``."""
-        return torch.sigmoid(self.log_snr(t)).sqrt()
+        return self._abar(t).sqrt()
 
     def sigma(self, t: TimeLike) -> Tensor:
         """``sqrt(1 - abar_k)``."""
-        return torch.sigmoid(-self.log_snr(t)).sqrt()
+        return (1 - self._abar(t)).sqrt()
+
+    def sde_coefficients(self, t: TimeLike) -> tuple[Tensor, Tensor]:
+        """``f = 1/2 sigma^2 l'`` and ``g^2 = -sigma^2 l'`` of the SDE whose marginals are this process with its
+        log-SNR ``l`` linear between integer steps (``l'`` of the segment starting at ``t``; the last one at
+        ``T-1``). Defined for ``t`` in ``[0, T-1]``."""
+        t = self.check_time(t).clamp(min=0.0)
+        k = t.floor().clamp(max=self.T - 2).long()
+        slope = self._lsnr[k + 2] - self._lsnr[k + 1]
+        s2 = torch.sigmoid(-self.log_snr(t))
+        return 0.5 * s2 * slope, torch.sqrt((-s2 * slope).clamp_min(0.0))
 
     def t_from_log_snr(self, l: TimeLike) -> Tensor:
         """Fractional timestep with the given log-SNR (inverse of the linear interpolation), in [0, T-1]."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -42,7 +43,19 @@ def _dsm(model: Denoiser, x0: Tensor, *, cond, generator, cfg: dict) -> Tensor:
                     min_snr_gamma=float(cfg.get("min_snr_gamma", 5.0)))
 
 
-LOSSES: dict[str, LossFn] = {"dsm": _dsm}
+def _vlb(model: Denoiser, x0: Tensor, *, cond, generator, cfg: dict) -> Tensor:
+    from .likelihood import vlb_loss  # DDPM variational bound, fixed variance (nats/dim)
+
+    return vlb_loss(model, x0, cond=cond, generator=generator)
+
+
+def _hybrid(model: Denoiser, x0: Tensor, *, cond, generator, cfg: dict) -> Tensor:
+    from .likelihood import hybrid_loss  # IDDPM L_simple + lambda L_vlb; needs a 2x-channel (learned-variance) net
+
+    return hybrid_loss(model, x0, cond=cond, generator=generator, lambda_vlb=float(cfg.get("lambda_vlb", 0.001)))
+
+
+LOSSES: dict[str, LossFn] = {"dsm": _dsm, "vlb": _vlb, "hybrid": _hybrid}
 
 
 def get_loss(name: str) -> LossFn:
@@ -88,6 +101,22 @@ def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
         be.copy_(b)
 
 
+def split_dataset(ds: data_mod.Dataset, holdout: float,
+                  seed: int = 0) -> tuple[data_mod.Dataset, data_mod.Dataset | None]:
+    """Deterministic (train, test) split: the last ``round(holdout * N)`` examples of a fixed permutation
+    (``seed`` 0) are held out; with none held out the test part is ``None``."""
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"data.holdout must be in [0, 1), got {holdout}")
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    n_test = round(holdout * len(ds))
+    if n_test == 0:
+        return ds, None
+
+    def part(idx: Tensor) -> data_mod.Dataset:
+        return dataclasses.replace(ds, x=ds.x[idx], y=None if ds.y is None else ds.y[idx])
+    return part(perm[: len(ds) - n_test]), part(perm[len(ds) - n_test:])
+
+
 def _model_sections(cfg: dict) -> dict:
     return {k: cfg[k] for k in ("data", "process", "model", "loss")}
 
@@ -105,7 +134,8 @@ class Trainer:
         self.device = pick_device(t["device"])
         if t["precision"] not in ("fp32", "bf16"):
             raise ValueError(f"unknown precision {t['precision']!r}; allowed: fp32, bf16")
-        self.data = dataset or data_mod.load(d["name"], **{k: v for k, v in d.items() if k != "name"})
+        self.data = dataset or split_dataset(data_mod.load(d["name"], **{k: v for k, v in d.items() if k != "name"}),
+                                             float(d.get("holdout", 0.0)))[0]  # data.holdout stays unseen
         self.conditional = bool(d.get("conditional"))
         if self.conditional and self.data.y is None:
             raise ValueError(f"data.conditional=true but dataset {self.data.name!r} has no labels")

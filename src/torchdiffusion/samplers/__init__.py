@@ -108,3 +108,6 @@ from . import ddpm  # noqa: E402,F401  (registers the DDPM family)
 
 # isort: split
 from . import langevin, ode, sde  # noqa: E402,F401  (score-SDE, PF-ODE and annealed Langevin samplers)
+
+# isort: split
+from . import solvers  # noqa: E402,F401  (Euler, Heun, DPM-Solver++, UniPC, iPNDM)

@@ -1,0 +1,123 @@
+"""``torchdiffusion likelihood RUN``: bits/dim of a trained run on held-out data, by the variational bound or
+the probability-flow ODE (see :mod:`torchdiffusion.likelihood`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .cli import command
+from .likelihood import LikelihoodResult, bits_per_dim
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder written by `torchdiffusion train`")
+    p.add_argument("--data", default="test",
+                   help="'test' (the run's held-out data.holdout split), 'train', or a .npz file / image folder")
+    p.add_argument("--method", choices=("vlb", "ode"), default=None,
+                   help="variational bound or probability-flow ODE (default: vlb for ddpm, ode otherwise)")
+    p.add_argument("--batch", type=int, default=256, help="examples per batch")
+    p.add_argument("--n", type=int, default=None, help="use only the first N examples")
+    p.add_argument("--exact", action="store_true",
+                   help="vlb: every term instead of --n-t sampled ones; ode: exact divergence instead of Hutchinson")
+    p.add_argument("--n-t", type=int, default=8, help="vlb: sampled steps per example (unbiased estimate)")
+    p.add_argument("--steps", type=int, default=None, help="vlb: grid size (default: every DDPM step, 1000 else)")
+    p.add_argument("--variance", choices=("small", "large"), default="small", help="vlb: reverse variance")
+    p.add_argument("--noise", choices=("gaussian", "rademacher"), default="gaussian", help="ode: Hutchinson probe")
+    p.add_argument("--rtol", type=float, default=1e-5, help="ode: solver relative tolerance")
+    p.add_argument("--atol", type=float, default=1e-5, help="ode: solver absolute tolerance")
+    p.add_argument("--t-eps", type=float, default=None, help="ode: start time (default: the process's t_min)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, help="also write the summary to this JSON file")
+
+
+def _dataset(cfg: dict, which: str):
+    from .data import load
+    from .train import split_dataset
+
+    dcfg = cfg["data"]
+    kw = {k: v for k, v in dcfg.items() if k != "name"}
+    if which in ("test", "train"):
+        train, test = split_dataset(load(dcfg["name"], **kw), float(dcfg.get("holdout", 0.0)))
+        if which == "test" and test is None:
+            raise ValueError("this run holds no data out (data.holdout = 0); use --data train or a file")
+        return train if which == "train" else test
+    return load(which, **kw)
+
+
+def _groups(N: int) -> list[tuple[int, int]]:
+    """Step ranges ``[a, b)`` of the per-term breakdown: 1..9, 10..99, ... (``L_0`` and ``L_T`` apart)."""
+    out, a = [], 1
+    while a < N:
+        b = min(N, a * 10)
+        out.append((a, b))
+        a = b
+    return out
+
+
+def breakdown(res: LikelihoodResult) -> list[tuple[str, float, float]]:
+    """``(name, mean bpd, SE)`` rows: ``L_T``, ``L_0``, decade groups of ``L_i`` (VLB) or the ODE parts."""
+    scale = 1 / (res.dims * math.log(2))
+    rows = []
+    if res.per_step is not None:
+        N = res.per_step.shape[1]
+        rows.append(("L_T (prior)", *res.mean_se(res.terms["L_T"] * scale)))
+        rows.append(("L_0 (decoder)", *res.mean_se(res.per_step[:, 0] * scale)))
+        for a, b in _groups(N):
+            rows.append((f"L_{a}..L_{b - 1}", *res.mean_se(res.per_step[:, a:b].sum(1) * scale)))
+    else:
+        for k, v in res.terms.items():
+            rows.append((k, *res.mean_se(v * scale)))
+    return rows
+
+
+def _run(a) -> int:
+    from tqdm.auto import tqdm
+
+    from .runs import load_run
+
+    if a.batch < 1 or (a.n is not None and a.n < 1) or a.n_t < 1:
+        raise ValueError("--batch, --n and --n-t must be >= 1")
+    model, cfg = load_run(a.run, ema=not a.no_ema, device=a.device)
+    ds = _dataset(cfg, a.data)
+    x = ds.x if a.n is None else ds.x[: a.n]
+    if tuple(x.shape[1:]) != tuple(cfg["run"]["data_shape"]):
+        raise ValueError(f"data of shape {tuple(x.shape[1:])} does not match the run's {cfg['run']['data_shape']}")
+    method = a.method or ("vlb" if model.process.discrete else "ode")
+    if method == "vlb":
+        opts = {"n_t": None if a.exact else a.n_t, "variance": a.variance, "steps": a.steps}
+    else:
+        opts = {"divergence": "exact" if a.exact else "hutchinson", "noise": a.noise, "rtol": a.rtol,
+                "atol": a.atol, "t_eps": a.t_eps}
+    g = torch.Generator().manual_seed(a.seed)
+    results = []
+    for i in tqdm(range(0, len(x), a.batch), desc=f"likelihood ({method})", dynamic_ncols=True):
+        xb = x[i: i + a.batch].to(a.device)
+        results.append(bits_per_dim(model, xb, method=method, levels=ds.levels, value_range=ds.value_range,
+                                    generator=g, **opts))
+    res = LikelihoodResult.cat(results)
+    mean, se = res.mean_se()
+    what = (f"all {res.per_step.shape[1]} terms" if a.exact else f"{a.n_t} sampled terms per example") \
+        if method == "vlb" else ("exact divergence" if a.exact else f"Hutchinson ({a.noise})")
+    levels = f"{ds.levels} levels in [{ds.value_range[0]:g}, {ds.value_range[1]:g}]" if ds.levels else "continuous"
+    print(f"{Path(a.run).name}: {a.data} data, {len(x)} examples of dimension {res.dims}, {levels}")
+    print(f"method {method} ({what}): {mean:.4f} +- {se:.4f} bits/dim (mean +- SE), "
+          f"NFE/example {res.nfe:.0f}, {res.seconds:.1f} s")
+    rows = breakdown(res)
+    print("breakdown (bits/dim):")
+    for name, m, s in rows:
+        print(f"  {name:<16s} {m:10.5f} +- {s:.5f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"run": str(a.run), "data": a.data, "method": method, "n": len(x),
+                                            "bpd": mean, "se": se, "nfe": res.nfe, "seconds": res.seconds,
+                                            "breakdown": {n: [m, s] for n, m, s in rows}}, indent=2))
+    return 0
+
+
+command("likelihood", "bits/dim of a trained run (variational bound or probability-flow ODE)")((_args, _run))
