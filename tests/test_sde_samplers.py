@@ -16,7 +16,7 @@ from torchdiffusion.samplers.sde import corrector, snr_step_size
 D = torch.float64
 GMM = td.GaussianMixture(torch.tensor([0.3, 0.7]), torch.tensor([[-2.0], [1.5]]), torch.tensor([0.3**2, 0.5**2]))
 PROCS = {"vp": td.VP(), "ve": td.VE(sigma_min=0.01, sigma_max=50.0), "subvp": td.SubVP()}
-N = 10_000
+N = 6_000
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -28,20 +28,23 @@ def _levels(steps: int) -> int:
 
 @register("annealed_langevin", intervals=_levels, stochastic=True)
 def annealed_langevin(model, x: Tensor, ts: Tensor, *, generator=None, callback=None,
-                      n_steps_each: int = DEFAULT_STEPS_EACH, eps: float = 2e-5,
+                      n_steps_each: int = DEFAULT_STEPS_EACH, eps: float | None = None,
                       final_denoise: bool = True) -> Tensor:
     """Annealed Langevin dynamics over the grid's noise levels (Song & Ermon 2019, Alg. 1; T-NCSN-2).
 
-    ``eps`` is Song & Ermon's step parameter (``alpha_i = eps sigma_i^2 / sigma_L^2``; they use 2e-5 for
-    images, 2-D toys take ~0.1). NFE = levels x ``n_steps_each`` (module doc).
+    ``eps`` is Song & Ermon's step parameter (``alpha_i = eps sigma_i^2 / sigma_L^2``). The default
+    ``eps = 0.2 sigma_L^2`` is their 2e-5 for ``sigma_L = 0.01``, rescaled to the grid's last level, so that
+    every level takes steps of ``0.2 sigma_i^2`` whatever the grid. NFE = levels x ``n_steps_each``
+    (module doc).
     """
     if int(n_steps_each) < 1:
         raise ValueError(f"n_steps_each must be >= 1, got {n_steps_each}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
     proc = model.process
     levels = ts[:-1]
     sig = [coeffs(proc, t)[1] for t in levels]
+    eps = 0.2 * sig[-1] ** 2 if eps is None else eps
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
     alphas = annealed_step_sizes(sig, eps).tolist()
     last = len(levels) - 1
     for i, (t, s_i, a_i) in enumerate(zip(levels, sig, alphas)):
