@@ -57,7 +57,9 @@ DIVERGENCES = ("exact", "hutchinson")
 def gaussian_kl(mu1: Tensor | float, var1: Tensor | float, mu2: Tensor | float, var2: Tensor | float) -> Tensor:
     """Per-element ``KL(N(mu1, var1) || N(mu2, var2)) = 1/2 [log(var2/var1) + var1/var2 + (mu1-mu2)^2/var2 - 1]``
     (T-VLB-5 for diagonal covariances; sum over elements for the full KL)."""
-    mu1, var1, mu2, var2 = (torch.as_tensor(v) for v in (mu1, var1, mu2, var2))
+    dt = next((v.dtype for v in (mu1, var1, mu2, var2) if isinstance(v, Tensor)), torch.float64)
+    mu1, var1, mu2, var2 = (v if isinstance(v, Tensor) else torch.tensor(float(v), dtype=dt)
+                            for v in (mu1, var1, mu2, var2))
     return 0.5 * (torch.log(var2) - torch.log(var1) + var1 / var2 + (mu1 - mu2) ** 2 / var2 - 1.0)
 
 
@@ -239,6 +241,18 @@ def _net_time(process: Process, t: Tensor, x: Tensor) -> Tensor:
     return t if process.discrete else t.to(x.dtype)
 
 
+def _steps(i: Tensor | int, n: int, times: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(per-example indices (n,), t, s, key)``: with one index for the whole batch, ``t``, ``s`` and ``key``
+    (for indexing per-step tables) are scalars, so that coefficients are computed once, not per example."""
+    i = torch.as_tensor(i).long()
+    key = i.reshape(()) if i.numel() == 1 else i.reshape(-1)
+    if key.ndim == 1 and key.shape[0] != n:
+        raise ValueError(f"need one step index or {n}, got {key.shape[0]}")
+    if ((key < 0) | (key >= len(times) - 1)).any():
+        raise ValueError(f"step index must be in 0..{len(times) - 2}")
+    return key.expand(n), times[key + 1], times[key], key
+
+
 def reverse_kernel(model: Denoiser, x_t: Tensor, i: Tensor, times: Tensor, variance: str | Tensor = "small",
                    cond=None, detach_mean: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``p(x_{t_i} | x_{t_{i+1}}) = N(mean, exp(log_var))`` for per-example step indices ``i`` (T-VLB-1).
@@ -249,14 +263,13 @@ def reverse_kernel(model: Denoiser, x_t: Tensor, i: Tensor, times: Tensor, varia
     the gradient through the mean (IDDPM's hybrid loss, B-12).
     """
     proc = model.process
-    i = torch.as_tensor(i).long().reshape(-1).expand(x_t.shape[0])
-    t, s = times[i + 1], times[i]
+    _, t, s, i = _steps(i, x_t.shape[0], times)
     c_x, c_0, _ = proc.posterior_coefficients(t, s)
     if variance == "learned":
         if model.precond != "none":
             raise ValueError("variance='learned' needs precond='none'")
-        out = model.net(x_t, _net_time(proc, t, x_t)) if cond is None else \
-            model.net(x_t, _net_time(proc, t, x_t), cond)
+        tn = _net_time(proc, t.expand(x_t.shape[0]), x_t)
+        out = model.net(x_t, tn) if cond is None else model.net(x_t, tn, cond)
         if out.ndim < 2 or out.shape[1] != 2 * x_t.shape[1] or out.shape[2:] != x_t.shape[2:]:
             raise ValueError(f"variance='learned' needs a network with twice the data channels (prediction and "
                              f"variance); got output {tuple(out.shape)} for input {tuple(x_t.shape)}")
@@ -305,19 +318,18 @@ def vlb_term(model: Denoiser, x0: Tensor, i: Tensor | int, *, times: Tensor | No
     """
     proc = model.process
     times = vlb_times(proc) if times is None else _check_times(proc, times)
-    n = x0.shape[0]
-    i = torch.as_tensor(i).long().reshape(-1).expand(n)
-    if ((i < 0) | (i >= len(times) - 1)).any():
-        raise ValueError(f"step index must be in 0..{len(times) - 2}")
-    t, s = times[i + 1], times[i]
+    i, t, s, key = _steps(i, x0.shape[0], times)
     if x_t is None:
         e = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
         x_t = proc.add_noise(x0, t, e)
-    mean, log_var, _ = reverse_kernel(model, x_t, i, times, variance, cond, detach_mean)
+    mean, log_var, _ = reverse_kernel(model, x_t, key, times, variance, cond, detach_mean)
+    log_var = log_var.expand_as(x_t)
+    dec = i == 0
+    if dec.all():
+        return _decoder_nll(x0, mean, log_var, levels, value_range)
     c_x, c_0, post = proc.posterior_coefficients(t, s)
     mu_q = expand_like(c_x, x_t) * x_t + expand_like(c_0, x_t) * x0
-    dec = i == 0
-    post = expand_like(torch.where(dec, 1.0, post), x_t)  # the decoder rows are replaced below
+    post = expand_like(torch.where(key == 0, 1.0, post), x_t)  # the decoder rows are replaced below
     kl = gaussian_kl(mu_q, post, mean, torch.exp(log_var)).flatten(1).sum(1)
     if dec.any():
         nll = _decoder_nll(x0[dec], mean[dec], log_var[dec], levels, value_range)
@@ -379,9 +391,10 @@ def vlb(model: Denoiser, x0: Tensor, *, n_t: int | None = None, times: Tensor | 
         progress: bool = False) -> LikelihoodResult:
     """The variational bound ``L_T + sum_i L_i`` per example (T-VLB-3), in nats (``.bpd`` for bits/dim).
 
-    ``n_t=None``: every term (one network call per step, ``N`` in all). ``n_t=k``: an unbiased estimate from
-    ``k`` steps drawn uniformly per example, ``L_T + N mean_j L_{i_j}`` (the per-step table then holds the
-    unbiased estimate ``N/k sum_j L_{i_j} 1[i = i_j]``). Both carry the noise of the ``x_t`` draws, which the
+    ``n_t=None``: every term (one network call per step, ``N`` in all). ``n_t=k``: an unbiased estimate with
+    ``L_T`` and the decoder term ``L_0`` exact and ``k`` KL steps drawn uniformly from ``1..N-1`` per example,
+    ``L_T + L_0 + (N-1) mean_j L_{i_j}`` (``k + 1`` network calls; the per-step table then holds the unbiased
+    estimate ``(N-1)/k sum_j L_{i_j} 1[i = i_j]``). Both carry the noise of the ``x_t`` draws, which the
     standard error over examples (``mean_se``) includes. ``levels`` selects the discretized decoder (256 for
     8-bit data, 17 for the digits); without it ``L_0`` is a Gaussian density and the bound is on ``-log p``.
     """
@@ -405,13 +418,14 @@ def vlb(model: Denoiser, x0: Tensor, *, n_t: int | None = None, times: Tensor | 
     else:
         if int(n_t) < 1:
             raise ValueError(f"n_t must be >= 1 (or None for every term), got {n_t}")
+        kw = {"times": times, "variance": variance, "levels": levels, "value_range": value_range, "cond": cond,
+              "generator": generator}
+        per_step[:, 0] = vlb_term(model, x0, 0, **kw).double()
         rows = torch.arange(B, device=x0.device)
-        for _ in range(int(n_t)):
-            i = torch.randint(0, N, (B,), generator=generator).to(x0.device)
-            val = vlb_term(model, x0, i, times=times, variance=variance, levels=levels, value_range=value_range,
-                           cond=cond, generator=generator).double()
-            per_step[rows, i] += N * val / int(n_t)
-        nfe = int(n_t)
+        for _ in range(int(n_t) if N > 1 else 0):
+            i = torch.randint(1, N, (B,), generator=generator).to(x0.device)
+            per_step[rows, i] += (N - 1) * vlb_term(model, x0, i, **kw).double() / int(n_t)
+        nfe = 1 + int(n_t)
     prior = prior_kl(proc, x0).double()
     terms = {"L_T": prior, "L_0": per_step[:, 0], "L_1:N": per_step[:, 1:].sum(1)}
     return LikelihoodResult(prior + per_step.sum(1), x0[0].numel(), "vlb" if n_t is None else "vlb-sampled",
@@ -451,6 +465,8 @@ def reverse_log_prob(model: Denoiser, xs: list[Tensor], times: Tensor, *, varian
     proc = model.process
     times = _check_times(proc, times)
     out = (proc.prior_logp(xs[-1]) if prior_logp is None else prior_logp(xs[-1])).double()
+    if not (isinstance(variance, str) and variance == "learned"):
+        variance = reverse_variances(proc, times, variance)
     for i in range(len(times) - 1):
         mean, log_var, _ = reverse_kernel(model, xs[i + 1], torch.tensor(i), times, variance, cond)
         if i == 0:
