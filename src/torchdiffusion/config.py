@@ -20,8 +20,9 @@ DEFAULTS: dict[str, dict] = {
     "model": {"net": "mlp", "prediction": "eps", "precond": "none", "sigma_data": 0.5, "time_scale": None,
               "hidden": 256, "depth": 4, "emb_dim": 64,
               "channels": 32, "channel_mult": [1, 2], "num_res_blocks": 2, "attn_resolutions": [8],
-              "dropout": 0.0, "num_heads": 1},
-    "loss": {"name": "dsm", "weighting": "native", "min_snr_gamma": 5.0, "p_uncond": 0.1, "lambda_vlb": 0.001},
+              "dropout": 0.0, "num_heads": 1, "dim": None},
+    "loss": {"name": "dsm", "weighting": "native", "min_snr_gamma": 5.0, "p_uncond": 0.1, "lambda_vlb": 0.001,
+             "ncsn_levels": 10, "ssm_projections": 1, "ssm_dist": "gaussian", "ssm_variance_reduced": True},
     "train": {"steps": 3000, "batch": 256, "lr": 1e-3, "weight_decay": 0.0, "warmup": 100,
               "schedule": "cosine", "min_lr_ratio": 0.1, "ema": 0.999, "ema_warmup": True, "clip": 1.0,
               "accum": 1, "seed": 0, "ckpt_every": 1000, "log_every": 50, "sample_every": 0,
@@ -35,6 +36,36 @@ PRESETS: dict[str, dict] = {
        for name in ("ring", "moons", "swiss_roll", "checkerboard", "gmm")},
     "toy": {"data": {"name": "ring"}, "train": {"lr": 3e-3}},
 }
+
+# Score-based family on the 2-D ring (T-SDE-7/8, T-NCSN-1/2, T-EBM-1): continuous-time processes trained with
+# weighted DSM (weighting "eps" = lambda(t) sigma^2 on the score; "g2" is the likelihood weighting), NCSN on an
+# EDM (t = sigma) ladder with annealed Langevin on the matching logsnr grid, and an energy net.
+# For images: --set data.name=digits --set model.net=unet (or the *_digits presets below).
+_SCORE_TOY = {"data": {"name": "ring"}, "train": {"lr": 3e-3}, "model": {"hidden": 128, "depth": 3}}
+_VE_TOY = {"name": "ve", "sigma_min": 0.01, "sigma_max": 5.0}  # sigma_max ~ the largest distance in the data
+PRESETS.update({
+    "vp": {**_SCORE_TOY, "process": {"name": "vp"}, "loss": {"weighting": "eps"},
+           "sample": {"sampler": "euler_maruyama", "steps": 500}},
+    "subvp": {**_SCORE_TOY, "process": {"name": "subvp"}, "loss": {"weighting": "eps"},
+              "sample": {"sampler": "euler_maruyama", "steps": 500}},
+    "ve": {**_SCORE_TOY, "process": _VE_TOY, "loss": {"weighting": "eps"},
+           "sample": {"sampler": "reverse_diffusion", "steps": 500}},
+    "ncsn": {**_SCORE_TOY, "process": {"name": "edm", "sigma_min": 0.01, "sigma_max": 5.0},
+             "loss": {"name": "ncsn", "ncsn_levels": 10},
+             "sample": {"sampler": "annealed_langevin", "steps": 1000, "grid": "logsnr"}},
+    "ebm": {**_SCORE_TOY, "process": _VE_TOY, "loss": {"weighting": "eps"},
+            "model": {"net": "energy", "dim": 2, "prediction": "eps", "hidden": 128, "depth": 3},
+            "sample": {"sampler": "euler_maruyama", "steps": 500}},
+    "vp_digits": {"data": {"name": "digits"}, "model": {"net": "unet"}, "process": {"name": "vp"},
+                  "loss": {"weighting": "eps"}, "sample": {"sampler": "euler_maruyama", "steps": 500}},
+    "ve_digits": {"data": {"name": "digits"}, "model": {"net": "unet"},
+                  "process": {"name": "ve", "sigma_min": 0.01, "sigma_max": 20.0}, "loss": {"weighting": "eps"},
+                  "sample": {"sampler": "pc", "steps": 1000}},
+    "ncsn_digits": {"data": {"name": "digits"}, "model": {"net": "unet"},
+                    "process": {"name": "edm", "sigma_min": 0.01, "sigma_max": 20.0},
+                    "loss": {"name": "ncsn", "ncsn_levels": 20},
+                    "sample": {"sampler": "annealed_langevin", "steps": 2000, "grid": "logsnr"}},
+})
 
 
 def deep_update(base: dict, over: dict, *, strict: bool = True, path: str = "") -> dict:

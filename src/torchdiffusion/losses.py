@@ -265,3 +265,11 @@ def noisy_score_matching_loss(model: Denoiser, x0: Tensor, *, method: str = "ssm
     native = "x0" if model.precond == "edm" else model.prediction
     lam = eps_weight(proc, t, weighting, prediction=native) * proc.sigma(t) ** 2
     return (lam.to(per.dtype) * per).mean()
+
+
+def process_ncsn_sigmas(process: Process, n: int) -> Tensor:
+    """The NCSN ladder spanning a process: ``n`` geometric VE noise levels ``sigma/alpha`` from ``t_max`` to
+    ``t_min`` (the noise levels of the ``logsnr`` grid with ``n`` points, so that annealed Langevin on that
+    grid visits exactly the training levels)."""
+    hi, lo = (float(process.sigma(as_time(t)) / process.alpha(as_time(t))) for t in (process.t_max, process.t_min))
+    return ncsn_sigmas(hi, lo, n)

@@ -58,6 +58,29 @@ def _hybrid(model: Denoiser, x0: Tensor, *, cond, generator, cfg: dict) -> Tenso
 LOSSES: dict[str, LossFn] = {"dsm": _dsm, "vlb": _vlb, "hybrid": _hybrid}
 
 
+# score-matching family (NCSN, exact and sliced score matching on the noised marginals; losses.py)
+def _ncsn(model: Denoiser, x0: Tensor, *, cond, generator, cfg: dict) -> Tensor:
+    from .losses import ncsn_loss, process_ncsn_sigmas
+
+    sigmas = process_ncsn_sigmas(model.process, int(cfg.get("ncsn_levels", 10)))
+    return ncsn_loss(model, x0, sigmas, cond=cond, generator=generator)
+
+
+def _score_matching(method: str) -> LossFn:
+    def loss(model: Denoiser, x0: Tensor, *, cond, generator, cfg: dict) -> Tensor:
+        from .losses import noisy_score_matching_loss
+
+        return noisy_score_matching_loss(model, x0, method=method, weighting=cfg.get("weighting", "native"),
+                                         cond=cond, generator=generator,
+                                         n_projections=int(cfg.get("ssm_projections", 1)),
+                                         dist=cfg.get("ssm_dist", "gaussian"),
+                                         variance_reduced=bool(cfg.get("ssm_variance_reduced", True)))
+    return loss
+
+
+LOSSES.update({"ncsn": _ncsn, "esm": _score_matching("esm"), "ssm": _score_matching("ssm")})
+
+
 def get_loss(name: str) -> LossFn:
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(sorted(LOSSES))}")
