@@ -26,7 +26,7 @@ DEFAULTS: dict[str, dict] = {
     "train": {"steps": 3000, "batch": 256, "lr": 1e-3, "weight_decay": 0.0, "warmup": 100,
               "schedule": "cosine", "min_lr_ratio": 0.1, "ema": 0.999, "ema_warmup": True, "clip": 1.0,
               "accum": 1, "seed": 0, "ckpt_every": 1000, "log_every": 50, "sample_every": 0,
-              "device": "auto", "precision": "fp32", "compile": False},
+              "device": "auto", "precision": "fp32", "compile": False, "threads": 0, "tensorboard": False},
     "sample": {"sampler": "ddim", "steps": 50, "grid": None, "n": 64, "guidance": 0.0},
 }
 

@@ -2,11 +2,14 @@
 
 AdamW with warm-up and cosine/constant decay, gradient clipping and accumulation, EMA with warm-up, bf16
 autocast, optional ``torch.compile``, NaN/Inf detection, atomic checkpoints with exact resumption (model,
-EMA, optimizer and RNG states in one safetensors file), CSV logs, periodic sample grids, tqdm progress.
+EMA, optimizer and RNG states in one safetensors file), CSV logs, periodic sample grids, tqdm progress,
+optional TensorBoard scalars (``train.tensorboard``), and data-parallel training on torch.distributed (see
+:mod:`torchdiffusion.distributed` for the batch-sharding scheme; only rank 0 writes files).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -20,6 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import data as data_mod
+from . import distributed as dist_mod
 from .checkpoint import (
     load_json,
     load_tensors,
@@ -155,6 +159,19 @@ class Trainer:
             if int(t[key]) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {t[key]}")
         self.device = pick_device(t["device"])
+        self.dist = dist_mod.current()
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self._shard = dist_mod.shard(int(t["batch"]), self.dist)
+        if int(t.get("threads") or 0) > 0:
+            torch.set_num_threads(int(t["threads"]))
+        self.tb = None
+        if t.get("tensorboard"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("train.tensorboard=true needs the tensorboard package (pip install tensorboard); "
+                                 "the CSV log (log.csv) is written either way") from None
         if t["precision"] not in ("fp32", "bf16"):
             raise ValueError(f"unknown precision {t['precision']!r}; allowed: fp32, bf16")
         self.data = dataset or split_dataset(data_mod.load(d["name"], **{k: v for k, v in d.items() if k != "name"}),
@@ -163,22 +180,33 @@ class Trainer:
         if self.conditional and self.data.y is None:
             raise ValueError(f"data.conditional=true but dataset {self.data.name!r} has no labels")
         ncls = self.data.num_classes if self.conditional else None
+        torch.manual_seed(int(t["seed"]))  # the initial weights follow train.seed
         self.model = build_model(cfg, self.data.shape, ncls).to(self.device)
         self.net = self.model.net
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=float(t["lr"]), weight_decay=float(t["weight_decay"]))
         self.loss_fn = get_loss(cfg["loss"]["name"])
         self.gen = torch.Generator().manual_seed(int(t["seed"]))
-        torch.manual_seed(int(t["seed"]))
+        self.data_gen = self.gen  # batches (shared by all ranks); self.gen: diffusion noise (per rank)
+        if self.dist.enabled:
+            self.data_gen = torch.Generator().manual_seed(int(t["seed"]))
+            self.gen = torch.Generator().manual_seed(int(t["seed"]) + 7919 * (self.dist.rank + 1))
+            torch.manual_seed(int(t["seed"]) + self.dist.rank)
         self.step = 0
         self.run_info = {"data_shape": list(self.data.shape), "num_classes": ncls, "levels": self.data.levels,
                          "value_range": list(self.data.value_range), "data_name": self.data.name}
         self._fwd_model = self.model
+        self.ddp = dist_mod.wrap(self.net, self.device) if self.dist.enabled else None
+        if self.ddp is not None:
+            self._fwd_model = Denoiser(self.ddp, self.model.process, self.model.prediction, self.model.precond,
+                                       self.model.sigma_data)
         if t.get("compile"):
-            self._fwd_model = Denoiser(torch.compile(self.net), self.model.process, self.model.prediction,
+            self._fwd_model = Denoiser(torch.compile(self.ddp or self.net), self.model.process, self.model.prediction,
                                        self.model.precond, self.model.sigma_data)
         if resume and (self.out / "train_state.safetensors").is_file():
             self._load()
+        if t.get("tensorboard") and self.dist.is_main:
+            self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step or None)
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def _load(self) -> None:
@@ -190,18 +218,31 @@ class Trainer:
         self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         optimizer_from_tensors(self.opt, {k: v.to(self.device) for k, v in tensors.items()}, meta["optimizer"])
-        self.gen.set_state(tensors["rng.gen"])
+        self.data_gen.set_state(tensors["rng.gen"])
         torch.set_rng_state(tensors["rng.torch"])
+        r = self.dist.rank
+        if self.dist.enabled and f"rng.noise.{r}" in tensors:  # saved by a run with at least r + 1 processes
+            self.gen.set_state(tensors[f"rng.noise.{r}"])
+            torch.set_rng_state(tensors[f"rng.torch.{r}"])
         self.step = int(meta["step"])
-        self._truncate_log()
+        if self.dist.is_main:
+            self._truncate_log()
 
-    def save(self) -> None:
-        """Write model, EMA and the full training state atomically."""
+    def save(self, gather: bool = True) -> None:
+        """Write model, EMA and the full training state atomically (rank 0; with several processes every rank
+        must call this, as their generator states are gathered, unless ``gather=False``)."""
+        rngs = {}
+        if self.dist.enabled:
+            states = dist_mod.gather_objects((self.gen.get_state(), torch.get_rng_state())) if gather else []
+            for r, (noise, trng) in enumerate(states):
+                rngs[f"rng.noise.{r}"], rngs[f"rng.torch.{r}"] = noise, trng
+        if not self.dist.is_main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         opt_t, opt_meta = optimizer_to_tensors(self.opt)
         tensors = {**{f"net.{k}": v for k, v in self.net.state_dict().items()},
                    **{f"ema.{k}": v for k, v in self.ema.state_dict().items()},
-                   **opt_t, "rng.gen": self.gen.get_state(), "rng.torch": torch.get_rng_state()}
+                   **opt_t, "rng.gen": self.data_gen.get_state(), "rng.torch": torch.get_rng_state(), **rngs}
         save_json({**self.cfg, "run": self.run_info}, self.out / "config.json")
         save_tensors(tensors, self.out / "train_state.safetensors", {"step": self.step, "optimizer": opt_meta})
         save_tensors(self.net.state_dict(), self.out / "model.safetensors", {"step": self.step})
@@ -216,6 +257,14 @@ class Trainer:
                 csv.writer(f).writerows(keep)
 
     def _log(self, row: dict) -> None:
+        """Append a row to ``log.csv`` (and TensorBoard scalars when enabled); rank 0 only."""
+        if not self.dist.is_main:
+            return
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, row["step"])
+        self.out.mkdir(parents=True, exist_ok=True)
         log = self.out / "log.csv"
         new = not log.is_file()
         with log.open("a", newline="") as f:
@@ -226,19 +275,20 @@ class Trainer:
 
     # --- one step ------------------------------------------------------------------------------------------
     def _batch(self) -> tuple[Tensor, Tensor | None]:
-        b = int(self.cfg["train"]["batch"])
-        idx = torch.randint(0, len(self.data), (b,), generator=self.gen)
+        """This rank's shard of the next global batch of ``train.batch`` examples (all of it for 1 process)."""
+        b, sh, g = int(self.cfg["train"]["batch"]), self._shard, self.data_gen
+        idx = torch.randint(0, len(self.data), (b,), generator=g)
         x = self.data.x[idx]
         if self.cfg["data"].get("flip") and x.ndim == 4:
-            flip = torch.rand(b, generator=self.gen) < 0.5
+            flip = torch.rand(b, generator=g) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         y = None
         if self.conditional:
             y = self.data.y[idx].clone()
-            drop = torch.rand(b, generator=self.gen) < float(self.cfg["loss"].get("p_uncond", 0.0))
+            drop = torch.rand(b, generator=g) < float(self.cfg["loss"].get("p_uncond", 0.0))
             y[drop] = -1
-            y = y.to(self.device)
-        return x.to(self.device), y
+            y = y[sh].to(self.device)
+        return x[sh].to(self.device), y
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step (with accumulation); returns (loss, grad norm)."""
@@ -249,14 +299,17 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         accum = int(t["accum"])
-        for _ in range(accum):
+        for i in range(accum):
             x0, y = self._batch()
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t["precision"] == "bf16"):
-                loss = self.loss_fn(self._fwd_model, x0, cond=y, generator=self.gen, cfg=self.cfg["loss"])
+            # DDP all-reduces the gradients on the last micro-batch only
+            with self.ddp.no_sync() if self.ddp is not None and i < accum - 1 else contextlib.nullcontext():
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t["precision"] == "bf16"):
+                    loss = self.loss_fn(self._fwd_model, x0, cond=y, generator=self.gen, cfg=self.cfg["loss"])
+                (loss / accum).backward()
+            loss = dist_mod.all_mean(loss.detach())  # every rank sees the same value (and the same NaN)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"loss is {loss.item()} at step {self.step}: training diverged "
                                    f"(last checkpoint kept in {self.out}); lower train.lr or check the data")
-            (loss / accum).backward()
             total += loss.item() / accum
         gn = torch.nn.utils.clip_grad_norm_(self.net.parameters(), float(t["clip"]) if t["clip"] else math.inf)
         if not torch.isfinite(gn):
@@ -275,7 +328,8 @@ class Trainer:
         end = total if stop_after is None else min(total, self.step + stop_after)
         self.net.train()
         start, t0, losses = self.step, time.time(), []
-        bar = tqdm(total=end, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=end, initial=self.step, disable=not (self.progress and self.dist.is_main), desc="train",
+                   dynamic_ncols=True)
         try:
             while self.step < end:
                 loss, gn = self.train_step()
@@ -284,20 +338,21 @@ class Trainer:
                 if self.step % int(t["log_every"]) == 0 or self.step == end:
                     avg = sum(losses[-int(t["log_every"]):]) / len(losses[-int(t["log_every"]):])
                     bar.set_postfix(loss=f"{avg:.4f}")
-                    self.out.mkdir(parents=True, exist_ok=True)
                     self._log({"step": self.step, "loss": avg, "lr": lr_at(self.step - 1, t), "grad_norm": gn,
                                "seconds": round(time.time() - t0, 3)})
                 if int(t["ckpt_every"]) and self.step % int(t["ckpt_every"]) == 0:
                     self.save()
-                if int(t["sample_every"]) and self.step % int(t["sample_every"]) == 0:
+                if int(t["sample_every"]) and self.step % int(t["sample_every"]) == 0 and self.dist.is_main:
                     self.sample_grid()
         except KeyboardInterrupt:
-            self.save()
+            self.save(gather=False)  # other ranks may already be gone: no collective here
             bar.close()
             raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint saved in {self.out}; "
                                     "run the same command to resume") from None
         bar.close()
         self.save()
+        if self.tb is not None:
+            self.tb.close()
         return {"step": self.step, "steps_run": self.step - start, "seconds": time.time() - t0,
                 "loss": sum(losses[-50:]) / max(len(losses[-50:]), 1) if losses else float("nan"),
                 "out": str(self.out)}
