@@ -100,9 +100,25 @@ def test_score_matching_on_gaussian_family_gives_the_mle():  # T-SM-1, T-SM-2 (c
     S_biased = torch.cov(x.T, correction=0)
     torch.testing.assert_close(mu.detach(), x.mean(0), rtol=0, atol=1e-4)
     torch.testing.assert_close((L @ L.T).detach(), torch.linalg.inv(S_biased), rtol=0, atol=1e-4)
-    # T-SM-1: J_ESM over the family is minimised near the truth (closed form for the true parameters: 0)
     P_true = torch.linalg.inv(torch.tensor([[2.0, 0.8], [0.8, 1.0]], dtype=D))
     assert torch.allclose(-(x - gm.means[0]) @ P_true, gm.score(x), atol=1e-12)
+
+
+def test_explicit_score_matching_over_gaussian_family():  # T-SM-1
+    """Data N(m, v), model s = -(x - mu)/tau: J_ESM = v (1/v - 1/tau)^2 + ((mu - m)/tau)^2, zero only at the
+    true parameters; the Hyvarinen loss equals J/2 minus the model-independent E||grad log p||^2 / 2 = 1/(2v)."""
+    m, v = 0.4, 0.7
+    x = m + math.sqrt(v) * torch.randn(200_000, 1, dtype=D, generator=gen())
+    best = None
+    for mu in (0.0, 0.4, 0.8):
+        for tau in (0.5, 0.7, 1.0):
+            closed = v * (1 / v - 1 / tau) ** 2 + ((mu - m) / tau) ** 2
+            j = (((x - m) / v - (x - mu) / tau) ** 2)[:, 0]
+            assert abs(float(j.mean()) - closed) < 4 * float(j.std()) / math.sqrt(len(j)) + 1e-12
+            hyv = exact_score_matching_loss(lambda y, mu=mu, tau=tau: -(y - mu) / tau, x, reduction="none")
+            assert within((0.5 * j - hyv).detach(), 1 / (2 * v))
+            best = min(best or (closed, mu, tau), (closed, mu, tau))
+    assert best == (0.0, 0.4, 0.7)
 
 
 # --- T-SM-3: denoising score matching -----------------------------------------------------------------------

@@ -172,6 +172,15 @@ def test_nfe_budget(sampler, steps, expected):  # B-14: NFE <= steps
     assert net.calls == expected <= steps
 
 
+
+def test_pc_nfe_is_one_plus_n_corrector_per_grid_point():  # T-SDE-11: NFE = (1 + n_corr) x grid points
+    proc = PROCS["ve"]
+    net = Counting(GMM.net(proc, "eps"))
+    x_T = proc.prior_sample((5, 1), gen(), dtype=D)
+    td.sample(td.Denoiser(net, proc, prediction="eps"), x_T, "pc", 10, generator=gen(1), n_corrector=2)
+    assert net.calls == (10 // 2) * 3
+
+
 @pytest.mark.parametrize("sampler", ["euler_maruyama", "reverse_diffusion", "pc", "rk4", "ode",
                                      "annealed_langevin"])
 def test_same_seed_same_sample_and_deterministic_ones_ignore_the_generator(sampler):  # B-14
