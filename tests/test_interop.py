@@ -7,8 +7,12 @@ import pytest
 import torch
 
 import torchdiffusion as td
-from torchdiffusion.interop import DiffusersNet, denoiser_from_diffusers, prediction_from_diffusers, \
-    process_from_diffusers
+from torchdiffusion.interop import (
+    DiffusersNet,
+    denoiser_from_diffusers,
+    prediction_from_diffusers,
+    process_from_diffusers,
+)
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -1,0 +1,373 @@
+"""Few-step sampling benchmark: torchdiffusion's samplers x grids against diffusers' schedulers x spacings.
+
+Run (a few minutes on 2 CPU cores):  .venv/bin/python benchmarks/samplers.py   [--quick]
+
+Problems: an exact Gaussian-mixture eps-model (``td.GaussianMixture(...).net(process, "eps")``) for a 2-D and a
+64-D mixture, under diffusers' ``linear`` and ``scaled_linear`` DDPM schedules (T = 1000), at NFE 5, 10, 20, 50.
+
+What "the exact solution" is. A discrete DDPM schedule only fixes the noise levels of the 1000 training
+timesteps; its PF-ODE is that of the continuous family of marginals obtained by interpolating log-SNR linearly
+between timesteps (what our ``DDPM`` does for fractional t and what diffusers' ``_sigma_to_t`` does for Karras
+sigmas). In VE coordinates ``y = x / alpha``, ``s = sigma / alpha`` that ODE is ``dy/ds = eps*(y, s)``, which does
+not depend on how time is parameterized at all: the exact solution map is determined by the start level
+``s_T = s(T - 1)`` and the data law. Every sampler starts from the same ``x_start`` at timestep ``T - 1`` (samplers
+whose first timestep is lower, e.g. diffusers' "leading" spacing, treat it as a sample at that lower level, as
+their pipelines do), and the reference integrates ``dy/ds = eps*`` from ``s_T`` to ``s = 0`` with torchdiffeq's
+dopri5 at rtol = atol = 1e-10 in float64. ``x_start`` is drawn from the exact ``p_{T-1}``, so the reference output is
+an exact sample of the data law; the NLL column is ``-log p_data`` of the samples (the reference's own NLL is
+printed with each case).
+
+NFE are counted by wrapping the network (a counter), never taken from a sampler. A configuration may use fewer
+NFE than the budget (e.g. Heun with an even budget) but never more. Only deterministic configurations are
+compared (the RMS distance to the ODE solution is meaningless for stochastic samplers).
+
+``extra_cases()`` is the hook for further problems (e.g. a trained digits model): append ``Case`` objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import torchdiffusion as td
+from torchdiffusion.interop import process_from_diffusers
+
+NFES = (5, 10, 20, 50)
+SCHEDULES = {"linear": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+             "scaled_linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+             "cosine": {"beta_schedule": "squaredcos_cap_v2"}}
+
+
+@dataclass
+class Case:
+    """One benchmark problem: an oracle mixture under a diffusers schedule, with fixed initial noise."""
+
+    name: str
+    mixture: td.GaussianMixture
+    schedule: str
+    n: int
+    seed: int = 0
+    x_start: torch.Tensor = field(init=False)
+    ref: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.config = {"num_train_timesteps": 1000, **SCHEDULES[self.schedule]}
+        self.process = process_from_diffusers(self.config)
+        g = torch.Generator().manual_seed(self.seed)
+        self.x_start = self.mixture.sample_t(self.n, self.process, self.process.t_max, generator=g)
+
+
+def mixture_2d() -> td.GaussianMixture:
+    """Eight well-separated Gaussians on a ring of radius 1.5, std 0.1 (a classic 2-D toy)."""
+    ang = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+    means = 1.5 * torch.stack([ang.cos(), ang.sin()], 1)
+    return td.GaussianMixture(torch.ones(8), means, torch.full((8,), 0.01))
+
+
+def mixture_64d(seed: int = 0) -> td.GaussianMixture:
+    """Ten components in 64-D with random means (norm ~1.2) and random full covariances whose spectra decay
+    from 0.25 to 1e-4 (low-dimensional structure, like image data)."""
+    g = torch.Generator().manual_seed(seed)
+    d, K = 64, 10
+    means = 0.15 * torch.randn(K, d, generator=g, dtype=torch.float64)
+    lam = torch.logspace(math.log10(0.25), -4, d, dtype=torch.float64)
+    covs = []
+    for _ in range(K):
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        covs.append(q @ torch.diag(lam) @ q.T)
+    return td.GaussianMixture(torch.rand(K, generator=g, dtype=torch.float64) + 0.5, means, torch.stack(covs))
+
+
+def proxy_case(n: int = 200) -> Case:
+    """The problem the "optimized" grid was tuned on, deliberately unlike the benchmark cases: an 8-D mixture of
+    6 components (spectra 0.3 .. 0.003) under the *cosine* schedule."""
+    g = torch.Generator().manual_seed(123)
+    d, K = 8, 6
+    lam = torch.logspace(math.log10(0.3), math.log10(0.003), d, dtype=torch.float64)
+    covs = []
+    for _ in range(K):
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        covs.append(q @ torch.diag(lam) @ q.T)
+    means = 0.4 * torch.randn(K, d, generator=g, dtype=torch.float64)
+    return Case("proxy-8d-cosine", td.GaussianMixture(torch.ones(K), means, torch.stack(covs)), "cosine", n, seed=5)
+
+
+def optimize_grid(sampler: str = "unipc", keys: tuple[int, ...] = (5, 10, 20, 50)) -> dict:
+    """Search ``grids.capped_grid``'s (s_hi, s_lo, rho) for the lowest RMS of ``sampler`` on :func:`proxy_case`
+    at each number of intervals in ``keys``; prints the table stored as ``grids.OPTIMIZED``."""
+    from torchdiffusion.grids import capped_grid
+
+    case = proxy_case()
+    case.ref = reference(case)
+    model = td.Denoiser(case.mixture.net(case.process, "eps"), case.process, "eps")
+    found = {}
+    for n in keys:
+        scores = []
+        for s_hi in (math.inf, 40.0, 10.0, 5.0, 2.5, 1.5, 1.0, 0.6):
+            for s_lo in (0.0, 0.005, 0.01, 0.02, 0.04, 0.08):
+                for rho in (3.0, 5.0, 7.0, 12.0, 25.0, math.inf):
+                    try:
+                        ts = capped_grid(case.process, n, s_hi, s_lo, rho)
+                    except ValueError:
+                        continue
+                    x = td.samplers.get(sampler).fn(td.samplers.Bound(model), case.x_start, ts)
+                    scores.append((metrics(case, x)[0], s_hi, s_lo, rho))
+        found[n] = min(scores)[1:]
+        print(f"n={n}: best RMS {min(scores)[0]:.3e} at (s_hi, s_lo, rho) = {found[n]}", flush=True)
+    return found
+
+
+def extra_cases() -> list[Case]:
+    """Hook for further problems (a trained digits model will be added here); returns [] for now."""
+    return []
+
+
+# ------------------------------------------------------------------------------------------------------------
+# reference and metrics
+# ------------------------------------------------------------------------------------------------------------
+
+def reference(case: Case) -> torch.Tensor:
+    """Exact PF-ODE solution ``dy/ds = eps*(y, s)`` from ``s_T`` to 0 (dopri5, rtol = atol = 1e-10, float64)."""
+    from torchdiffeq import odeint
+
+    proc = case.process
+    a_T, s_T = float(proc.alpha(proc.t_max)), float(proc.sigma(proc.t_max))
+    ve = td.EDM(sigma_min=1e-12, sigma_max=s_T / a_T + 1.0)
+
+    def f(s, y):
+        return case.mixture.eps(y, ve, s.clamp_min(0.0))
+
+    ss = torch.tensor([s_T / a_T, 0.0], dtype=torch.float64)
+    return odeint(f, case.x_start / a_T, ss, method="dopri5", rtol=1e-10, atol=1e-10)[-1]
+
+
+def metrics(case: Case, x: torch.Tensor) -> tuple[float, float]:
+    """(RMS distance to the exact ODE solution, mean NLL under the data law in nats)."""
+    rms = float(((x - case.ref) ** 2).mean().sqrt())
+    nll = float(-case.mixture.log_prob(x).mean())
+    return rms, nll
+
+
+class Counter:
+    """Counts network evaluations (one per call, whatever the batch)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, x, t, *args):
+        self.calls += 1
+        return self.fn(x, t, *args)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torchdiffusion
+# ------------------------------------------------------------------------------------------------------------
+
+OUR_VARIANTS = {  # name -> (sampler, options); every deterministic registered sampler with defaults is added too
+    "dpmpp_2m[taylor]": ("dpmpp_2m", {"solver_type": "taylor"}),
+    "dpmpp_2m[extrap]": ("dpmpp_2m", {"final_step": "extrapolate"}),
+    "dpmpp_3m[extrap]": ("dpmpp_3m", {"final_step": "extrapolate"}),
+    "unipc[2]": ("unipc", {"order": 2}),
+    "unipc[2,bh1]": ("unipc", {"order": 2, "variant": "bh1"}),
+    "unipc[extrap]": ("unipc", {"final_step": "extrapolate"}),
+    "ipndm[fixed]": ("ipndm", {"variable_step": False}),
+    "heun[extrap]": ("heun", {"final_step": "extrapolate"}),
+}
+SKIP = {"ode"}  # adaptive: its NFE is not set by `steps`
+
+
+def _deterministic(name: str, case: Case) -> bool:
+    model = td.Denoiser(case.mixture.net(case.process, "eps"), case.process, "eps")
+    x = case.x_start[:4]
+    try:
+        outs = [td.sample(model, x, name, 20, generator=torch.Generator().manual_seed(k)) for k in (0, 1)]
+    except ValueError:
+        return False
+    return bool(torch.equal(*outs))
+
+
+def our_configs(case: Case) -> dict[str, tuple[str, dict]]:
+    configs = {n: (n, {}) for n in td.samplers.names() if n not in SKIP and _deterministic(n, case)}
+    configs.update(OUR_VARIANTS)
+    return configs
+
+
+def run_ours(case: Case, configs: dict, nfe: int) -> list[dict]:
+    rows = []
+    for label, (name, opts) in configs.items():
+        for grid in td.grids.names():
+            net = Counter(case.mixture.net(case.process, "eps"))
+            model = td.Denoiser(net, case.process, "eps")
+            try:
+                x = td.sample(model, case.x_start, name, nfe, grid=grid, **opts)
+            except ValueError:
+                continue  # e.g. a grid that cannot have this many distinct timesteps
+            if net.calls > nfe:
+                raise RuntimeError(f"{label} used {net.calls} > {nfe} NFE")
+            rms, nll = metrics(case, x)
+            rows.append({"lib": "ours", "sampler": label, "grid": grid, "nfe": net.calls, "rms": rms, "nll": nll})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------------
+# diffusers
+# ------------------------------------------------------------------------------------------------------------
+
+def diffusers_configs() -> dict[str, tuple[str, dict, int]]:
+    """label -> (scheduler class, extra config, NFE per step). Deterministic schedulers only."""
+    return {
+        "DDIM": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": True}, 1),
+        "DPM++2M": ("DPMSolverMultistepScheduler", {"solver_order": 2}, 1),
+        "DPM++2M[heun]": ("DPMSolverMultistepScheduler", {"solver_order": 2, "solver_type": "heun"}, 1),
+        "DPM++3M": ("DPMSolverMultistepScheduler", {"solver_order": 3}, 1),
+        "DPM++2S": ("DPMSolverSinglestepScheduler", {"solver_order": 2}, 1),
+        "DPM++3S": ("DPMSolverSinglestepScheduler", {"solver_order": 3}, 1),
+        "UniPC[2,bh2]": ("UniPCMultistepScheduler", {"solver_order": 2}, 1),
+        "UniPC[3,bh1]": ("UniPCMultistepScheduler", {"solver_order": 3, "solver_type": "bh1"}, 1),
+        "DEIS[2]": ("DEISMultistepScheduler", {"solver_order": 2}, 1),
+        "DEIS[3]": ("DEISMultistepScheduler", {"solver_order": 3}, 1),
+        "Euler": ("EulerDiscreteScheduler", {}, 1),
+        "Heun": ("HeunDiscreteScheduler", {}, 2),
+        "KDPM2": ("KDPM2DiscreteScheduler", {}, 2),
+        "LMS": ("LMSDiscreteScheduler", {}, 1),
+        "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}, 1),
+        "PNDM[prk]": ("PNDMScheduler", {}, 1),
+    }
+
+
+SPACINGS = {"leading": {"timestep_spacing": "leading"}, "trailing": {"timestep_spacing": "trailing"},
+            "linspace": {"timestep_spacing": "linspace"},
+            "karras": {"timestep_spacing": "linspace", "use_karras_sigmas": True}}
+
+
+def _diffusers_loop(sch, net, x_start: torch.Tensor, steps: int) -> torch.Tensor:
+    sch.set_timesteps(steps)
+    x = x_start * sch.init_noise_sigma
+    for t in sch.timesteps:
+        x = sch.step(net(sch.scale_model_input(x, t), t), t, x).prev_sample
+    return x
+
+
+def run_diffusers(case: Case, nfe: int) -> list[dict]:
+    import diffusers
+
+    rows = []
+    for label, (cls_name, extra, per_step) in diffusers_configs().items():
+        cls = getattr(diffusers, cls_name, None)
+        if cls is None:
+            continue
+        for spacing, sp in SPACINGS.items():
+            try:
+                cls(**case.config, **extra, **sp)
+            except (TypeError, ValueError):
+                continue
+            if sp.get("use_karras_sigmas") and not cls(**case.config, **extra, **sp).config.get("use_karras_sigmas"):
+                continue  # the scheduler ignores the option
+            steps = max(1, (nfe + per_step - 1) // per_step)
+            while steps >= 1:
+                sch = cls(**case.config, **extra, **sp)
+                oracle = case.mixture.net(case.process, "eps")
+                net = Counter(lambda x, t, o=oracle: o(x, torch.as_tensor(t, dtype=torch.float64)))
+                try:
+                    with torch.no_grad():
+                        x = _diffusers_loop(sch, net, case.x_start.clone(), steps)
+                except (ValueError, IndexError, RuntimeError):
+                    x = None
+                    break
+                if net.calls <= nfe:
+                    break
+                steps -= 1
+            if x is None or steps < 1:
+                continue
+            rms, nll = metrics(case, x)
+            rows.append({"lib": "diffusers", "sampler": label, "grid": spacing, "nfe": net.calls, "rms": rms,
+                         "nll": nll})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------------------
+
+def cases(quick: bool = False) -> list[Case]:
+    n2, n64 = (256, 64) if quick else (1000, 256)
+    out = []
+    for sched in SCHEDULES:
+        out.append(Case(f"2d-{sched}", mixture_2d(), sched, n2))
+        out.append(Case(f"64d-{sched}", mixture_64d(), sched, n64))
+    return out + extra_cases()
+
+
+def best(rows: list[dict], lib: str) -> dict | None:
+    rows = [r for r in rows if r["lib"] == lib and math.isfinite(r["rms"])]
+    return min(rows, key=lambda r: r["rms"]) if rows else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    ap.add_argument("--nfe", type=int, nargs="*", default=list(NFES))
+    ap.add_argument("--optimize-grid", action="store_true", help="re-derive grids.OPTIMIZED and exit")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "samplers.md"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    if args.optimize_grid:
+        print(optimize_grid())
+        return
+    t0 = time.time()
+    lines, summary = [], []
+    for case in cases(args.quick):
+        case.ref = reference(case)
+        ref_nll = float(-case.mixture.log_prob(case.ref).mean())
+        configs = our_configs(case)
+        lines.append(f"\n### {case.name} (N = {case.n}, reference NLL {ref_nll:.3f} nats)\n")
+        lines.append("| NFE | ours: best (sampler / grid) | RMS | NLL | diffusers: best (scheduler / spacing) | RMS "
+                     "| NLL | ratio |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for nfe in args.nfe:
+            rows = run_ours(case, configs, nfe) + run_diffusers(case, nfe)
+            o, d = best(rows, "ours"), best(rows, "diffusers")
+            ratio = o["rms"] / d["rms"]
+            lines.append(f"| {nfe} | {o['sampler']} / {o['grid']} | {o['rms']:.2e} | {o['nll']:.3f} | "
+                         f"{d['sampler']} / {d['grid']} | {d['rms']:.2e} | {d['nll']:.3f} | {ratio:.3f} |")
+            summary.append((case.name, nfe, ratio))
+            top = sorted(rows, key=lambda r: r["rms"])
+            print(f"[{case.name} NFE {nfe}] ratio {ratio:.3f}  ({time.time() - t0:.0f}s)", flush=True)
+            for lib in ("ours", "diffusers"):
+                print("   ", lib, ", ".join(f"{r['sampler']}/{r['grid']}={r['rms']:.2e}"
+                                            for r in [r for r in top if r["lib"] == lib][:6]), flush=True)
+            case_rows = rows
+            _ = case_rows
+    write_report(args.out, lines, summary, time.time() - t0)
+
+
+def write_report(path: str, lines: list[str], summary, seconds: float) -> None:
+    import diffusers
+
+    header = [
+        "# Few-step samplers: torchdiffusion vs diffusers (exact Gaussian-mixture models)",
+        "",
+        f"Generated by `.venv/bin/python benchmarks/samplers.py` on {datetime.date.today()} "
+        f"in {seconds:.0f} s.",
+        f"Machine: `{' '.join(platform.uname())}`, {__import__('os').cpu_count()} cores; python "
+        f"{sys.version.split()[0]}, torch {torch.__version__}, diffusers {diffusers.__version__}.",
+        "",
+        "RMS: root-mean-square distance (per coordinate) of the final samples to the exact PF-ODE solution from",
+        "the same x_start (dopri5, rtol = atol = 1e-10, float64). NLL: mean -log p_data of the samples (nats).",
+        "ratio = our best RMS / diffusers' best RMS at the same NFE budget (goal: <= 0.5 at NFE 5, 10, 20).",
+    ]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(header + lines) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
