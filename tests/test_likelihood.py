@@ -473,6 +473,27 @@ def test_training_losses_registered():
         LOSSES["hybrid"](model, x0, cond=None, generator=gen(19), cfg={"lambda_vlb": 0.001})
 
 
+@pytest.mark.parametrize("proc", [td.VP(), small_ddpm()], ids=["vp", "ddpm"])
+def test_importance_sampled_likelihood_weighting(proc):  # B-8: lambda = g^2 with t ~ w(t)
+    from torchdiffusion.losses import dsm_loss
+    from torchdiffusion.train import LOSSES
+
+    gm = td.GaussianMixture.gaussian(torch.tensor([0.3, -0.5]), torch.tensor([0.25, 1.0]), dim=2)
+    model = td.Denoiser(lambda x, t: 1.1 * gm.net(proc, "eps")(x, t), proc, "eps")  # imperfect model
+    g = gen(30)
+    x0 = gm.sample(40_000, g)[0]
+    plain = dsm_loss(model, x0, weighting="g2", generator=g, reduction="none")
+    t, r = L.importance_times(proc, 40_000, "g2", generator=g)
+    assert t.min() >= proc.t_min and t.max() <= proc.t_max
+    isw = r * dsm_loss(model, x0, weighting="eps", t=t, generator=g, reduction="none")
+    se = math.sqrt(plain.var() / len(plain) + isw.var() / len(isw))
+    assert abs(float(plain.mean() - isw.mean())) < 4 * se  # same expectation
+    assert isw.var() < 0.5 * plain.var()  # lower variance
+    assert float(r.max() / r.min()) < 1.05  # nearly constant importance factor
+    loss = LOSSES["dsm_is"](model, x0[:64], cond=None, generator=g, cfg={"weighting": "g2"})
+    assert torch.isfinite(loss)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # ODE likelihood (B-2)
 # ------------------------------------------------------------------------------------------------------------

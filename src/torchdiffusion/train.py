@@ -59,7 +59,13 @@ def _hybrid(model: Denoiser, x0: Tensor, *, cond, generator, cfg: dict) -> Tenso
     return hybrid_loss(model, x0, cond=cond, generator=generator, lambda_vlb=float(cfg.get("lambda_vlb", 0.001)))
 
 
-LOSSES: dict[str, LossFn] = {"dsm": _dsm, "vlb": _vlb, "hybrid": _hybrid}
+def _dsm_is(model: Denoiser, x0: Tensor, *, cond, generator, cfg: dict) -> Tensor:
+    from .likelihood import importance_dsm_loss  # dsm with t ~ w(t) (e.g. likelihood weighting g2), lower variance
+
+    return importance_dsm_loss(model, x0, weighting=cfg.get("weighting", "g2"), cond=cond, generator=generator)
+
+
+LOSSES: dict[str, LossFn] = {"dsm": _dsm, "vlb": _vlb, "hybrid": _hybrid, "dsm_is": _dsm_is}
 
 
 # score-matching family (NCSN, exact and sliced score matching on the noised marginals; losses.py)
