@@ -59,30 +59,29 @@ def ode(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, method: 
     then Tweedie's x0_hat (T-SDE-10).
 
     The number of network calls is chosen by the solver from ``rtol``/``atol``, so ``steps`` does **not**
-    bound it: ``steps`` only sets the grid (at least 2 points), whose last positive time is where the solve
-    stops and whose points are where ``callback`` is called (``x0`` is ``None`` there: no prediction is made
-    at intermediate times). The calls made are counted in ``model.nfe`` like any sampler's.
+    bound it: ``steps`` only builds the grid (at least 2 points) whose last positive time ``ts[-2]`` is where
+    the solve stops (``t_min`` for the ``uniform``, ``logsnr`` and ``karras`` grids); the interior grid points
+    are not visited. The calls made are counted in ``model.nfe`` like any sampler's. ``callback`` is called
+    twice: after the solve (``x0=None``) and after the denoising step.
     """
     from torchdiffeq import odeint
 
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol and atol must be > 0, got {rtol}, {atol}")
-    t_eval = ts[:-1]
+    t_span = torch.stack([ts[0], ts[-2]])
 
     def func(t: Tensor, y: Tensor) -> Tensor:
         return pf_ode_drift(model, y, t.to(torch.float64))[0].to(y.dtype)
 
-    if len(t_eval) > 1:
+    if ts[0] > ts[-2]:
+        # step_t makes adaptive solvers land on the end time instead of stepping past it (where the drift may
+        # be undefined) and interpolating back
+        opts = {"step_t": t_span} if method in ADAPTIVE else None
         try:
-            # step_t makes adaptive solvers land on the grid times instead of stepping past the last one
-            # (where the drift may be undefined) and interpolating back
-            opts = {"step_t": t_eval} if method in ADAPTIVE else None
-            path = odeint(func, x, t_eval.to(x.device), rtol=rtol, atol=atol, method=method, options=opts)
+            x = odeint(func, x, t_span.to(x.device), rtol=rtol, atol=atol, method=method, options=opts)[-1]
         except ValueError as e:
             raise ValueError(f"ode sampler: {e}") from None
-        for i in range(1, len(t_eval)):
-            emit(callback, i - 1, t_eval[i - 1], path[i], None)
-        x = path[-1]
-    x, _ = model.predict(x, t_eval[-1])
-    emit(callback, len(t_eval) - 1, t_eval[-1], x, x)
+        emit(callback, 0, ts[0], x, None)
+    x, _ = model.predict(x, ts[-2])
+    emit(callback, 1, ts[-2], x, x)
     return x
