@@ -200,3 +200,13 @@ def test_scorefield_command(tmp_path, capsys):
     assert "relative squared error" in capsys.readouterr().out
     assert main(["scorefield", str(run), "--out", str(tmp_path / "f.jpg")]) == 2
     assert "must end in .png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loss", ["esm", "ssm", "ncsn"])
+def test_energy_model_trains_with_every_score_loss(tmp_path, loss):  # T-EBM-1 with T-SM-2 / T-SM-4 / T-NCSN-1
+    cfg = C.resolve("ebm", ["train.steps=3", "train.ckpt_every=0", "model.hidden=16", "model.depth=1",
+                            "train.batch=32", f"loss.name={loss}"])
+    tr = Trainer(cfg, tmp_path / loss, progress=False)
+    before = [p.detach().clone() for p in tr.net.parameters()]
+    assert all(math.isfinite(tr.train_step()[0]) for _ in range(3))
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.net.parameters()))
