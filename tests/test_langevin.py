@@ -254,6 +254,9 @@ def test_annealed_langevin_recovers_mixture_weights():  # T-NCSN-2
     ann = annealed_langevin(noised_score, x, sig, eps=0.1, n_steps_each=100, generator=gen(2), final_denoise=False)
     frac = float((ann < 0).to(D).mean())
     assert abs(frac_plain - 0.2) > 0.15  # stuck near the uniform start's 50/50 split
+    from_mode = langevin(gm.score, 5 + torch.randn(N, 1, dtype=D, generator=gen(4)), step_size=0.05, n_steps=1000,
+                         generator=gen(5))
+    assert float((from_mode < 0).to(D).mean()) < 0.01  # started in one mode, it never finds the other
     assert abs(frac - 0.2) < 0.04  # THEORY's recipe gives ~0.22: mode weights freeze while sigma ~ 3-4
 
 
