@@ -225,7 +225,7 @@ def test_dpmpp_2m_sde():
     discretization allowance), and is reproducible from the generator."""
     proc = td.DDPM("linear", 1000)
     model = gaussian_model(proc)
-    x_T = torch.randn(4000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x_T = torch.randn(2000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     a = td.sample(model, x_T[:5], "dpmpp_2m_sde", 12, eta=0.0)
     torch.testing.assert_close(a, td.sample(model, x_T[:5], "dpmpp_2m", 12), rtol=1e-12, atol=1e-12)
     out = td.sample(model, x_T, "dpmpp_2m_sde", 30, grid="logsnr", generator=torch.Generator().manual_seed(1))
