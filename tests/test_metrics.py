@@ -106,6 +106,25 @@ def test_evaluator_matched_fd_averages_chunks(ev: DigitsEvaluator) -> None:
     assert ev.fd(x, matched=False) == pytest.approx(frechet_distance(ev.features(x), ev._f_train), rel=1e-12)
 
 
+def test_evaluator_fd_with_labels_matches_heldout_composition(ev: DigitsEvaluator) -> None:
+    floor = ev.fd_floor()
+    # the held-out set itself, labelled: one chunk with exactly its class counts = the floor
+    assert ev.fd(ev.x_heldout, ev.y_heldout) == pytest.approx(floor, rel=1e-6)
+    x2, y2 = torch.cat([ev.x_heldout, ev.x_heldout.flip(0)]), torch.cat([ev.y_heldout, ev.y_heldout.flip(0)])
+    chunks = ev._chunks(ev.features(x2), y2)
+    assert len(chunks) == 2 and all(len(c) == len(ev.y_heldout) for c in chunks)
+    assert len(torch.cat(chunks).unique()) == len(x2)  # disjoint
+    for c in chunks:
+        assert torch.equal(torch.bincount(y2[c], minlength=10), torch.bincount(ev.y_heldout, minlength=10))
+    assert ev.fd(x2, y2) == pytest.approx(floor, rel=1e-6)
+    # a class-balanced sample of the training digits: chunks follow the held-out composition
+    idx = torch.cat([torch.nonzero(ev.y_train == c).flatten()[:60] for c in range(10)])
+    ch = ev._chunks(ev.features(ev.x_train[idx]), ev.y_train[idx])
+    assert len(ch) == 1
+    with pytest.raises(ValueError, match="labels"):
+        ev.fd(ev.x_heldout, ev.y_heldout[:10])
+
+
 def test_evaluator_cached_on_disk_and_deterministic(ev: DigitsEvaluator) -> None:
     files = list(metrics.cache_dir().glob("digits_classifier_8_*.safetensors"))
     assert files

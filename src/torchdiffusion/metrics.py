@@ -10,9 +10,12 @@
 - ``.fd(x)`` is the Frechet distance (FID-style, Heusel et al. 2017) between the samples and the real training
   split, and ``.fd_floor()`` the same for the real held-out split: the value a perfect generator reaches.
 
-The Frechet distance of two finite samples is biased upwards by roughly ``tr(cov)/n``; ``fd`` therefore
-averages over disjoint chunks of the held-out size, so that ``fd(x)`` and ``fd_floor()`` compare equal
-sample sizes.
+The Frechet distance of two finite samples depends on their size (a bias of roughly ``tr(cov)/n``) and, at a few
+hundred digits, strongly on their class composition (the class means are far apart in feature space: a
+stratified sample scores about half the FD of a random draw of the same size). ``fd`` therefore averages over
+disjoint chunks of the held-out size and, given the labels the samples were generated for, with the held-out
+class counts, so that ``fd(x, y)`` and ``fd_floor()`` compare like with like. Generating for
+``ev.y_heldout.repeat(k)`` uses every sample (``k`` chunks).
 """
 
 from __future__ import annotations
@@ -218,19 +221,35 @@ class DigitsEvaluator:
             raise ValueError(f"{len(pred)} samples but {len(y)} labels")
         return float((pred == y.long().cpu()).float().mean())
 
-    def fd(self, x: Tensor, matched: bool = True) -> float:
+    def fd(self, x: Tensor, y: Tensor | None = None, matched: bool = True) -> float:
         """Frechet distance between the features of ``x`` and of the real training split.
 
-        With ``matched`` (default) and at least as many samples as the held-out split, ``x`` is cut (after a
-        fixed shuffle) into disjoint chunks of the held-out size and the distances are averaged, so the
-        number is comparable with :meth:`fd_floor`; otherwise all of ``x`` is used at once.
+        With ``matched`` (default), the distance is averaged over disjoint chunks of ``x`` of the held-out
+        size, so that the number is comparable with :meth:`fd_floor`: with the labels ``y`` the samples were
+        generated for, each chunk has exactly the held-out class counts; without, chunks are cut after a fixed
+        shuffle. Too few samples for one chunk, or ``matched=False``: all of ``x`` at once.
         """
+        per = self.fd_per_chunk(x, y) if matched else []
+        return sum(per) / len(per) if per else frechet_distance(self.features(x), self._f_train)
+
+    def fd_per_chunk(self, x: Tensor, y: Tensor | None = None) -> list[float]:
+        """The Frechet distances of the matched chunks that :meth:`fd` averages (empty if there are none)."""
         f = self.features(x)
+        return [frechet_distance(f[c], self._f_train) for c in self._chunks(f, y)]
+
+    def _chunks(self, f: Tensor, y: Tensor | None) -> list[Tensor]:
+        """Index sets of the matched chunks (see :meth:`fd`)."""
         n = len(self._f_heldout)
-        if not matched or len(f) < n:
-            return frechet_distance(f, self._f_train)
-        f = f[torch.randperm(len(f), generator=torch.Generator().manual_seed(0))]
-        return sum(frechet_distance(c, self._f_train) for c in f.split(n)[: len(f) // n]) / (len(f) // n)
+        if y is None:
+            perm = torch.randperm(len(f), generator=torch.Generator().manual_seed(0))
+            return list(perm.split(n)[: len(f) // n])
+        y = torch.as_tensor(y).long().cpu().reshape(-1)
+        if len(y) != len(f):
+            raise ValueError(f"{len(f)} samples but {len(y)} labels")
+        want = torch.bincount(self.y_heldout, minlength=10)
+        by_class = [torch.nonzero(y == c).flatten() for c in range(len(want))]
+        k = min(len(idx) // int(m) for idx, m in zip(by_class, want) if m > 0)
+        return [torch.cat([idx[j * int(m):(j + 1) * int(m)] for idx, m in zip(by_class, want)]) for j in range(k)]
 
     def fd_floor(self) -> float:
         """Frechet distance of the real held-out digits to the real training digits (what real data scores)."""

@@ -1,0 +1,179 @@
+"""U-Net speed: our DDPM U-Net against a diffusers ``UNet2DModel`` of the same architecture, on CPU.
+
+Run (a few minutes on 2 CPU cores):  .venv/bin/python benchmarks/unet_speed.py   [--quick] [--threads 1,2]
+
+Two sizes: the ``digits`` preset (1x8x8, 32 channels, levels (1, 2), one res-block per level, attention at 4x4,
+10 classes + null) and the ``images`` preset (3x32x32, 64 channels, levels (1, 2, 2), attention at 8x8,
+unconditional). The diffusers model gets the same widths, levels, res-blocks (``layers_per_block``), attention
+placement (``Attn*Block2D`` at the same resolutions, one head: ``attention_head_dim`` = channels), group norm,
+time-embedding width (4 x channels) and class embedding; the parameter counts are printed side by side.
+
+A train step is ``loss = mse(net(x_t, t, y), eps); backward; AdamW.step`` on a fixed batch. The two models
+are timed alternately, step by step, so that a change in machine load hits both alike; the table gives the
+median wall-clock and CPU (process) time per step and the ratio ours / diffusers (< 1: ours is faster).
+Sampling throughput (samples/s) is measured for the digits model with DDIM at 10 and 50 steps and ancestral
+DDPM at 1000 steps, batch 100, through ``td.sample`` (diffusers' net wrapped by ``interop.DiffusersNet``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import torchdiffusion as td
+from torchdiffusion import config as config_mod
+from torchdiffusion.runs import build_model
+
+CASES = {"digits": ((1, 8, 8), 128, 10), "images": ((3, 32, 32), 64, None)}  # shape, batch, classes
+
+
+def diffusers_twin(mcfg: dict, shape: tuple[int, ...], num_classes: int | None):
+    """A ``UNet2DModel`` with our U-Net's architecture (see the module docstring)."""
+    from diffusers import UNet2DModel
+
+    C, H, _ = shape
+    ch, mult = int(mcfg["channels"]), list(mcfg["channel_mult"])
+    res = [H // 2**i for i in range(len(mult))]
+    attn = set(mcfg["attn_resolutions"])
+    down = tuple("AttnDownBlock2D" if r in attn else "DownBlock2D" for r in res)
+    up = tuple("AttnUpBlock2D" if r in attn else "UpBlock2D" for r in reversed(res))
+    return UNet2DModel(sample_size=H, in_channels=C, out_channels=C, block_out_channels=tuple(ch * m for m in mult),
+                       layers_per_block=int(mcfg["num_res_blocks"]), down_block_types=down, up_block_types=up,
+                       num_class_embeds=None if num_classes is None else num_classes + 1,
+                       norm_num_groups=min(32, ch), attention_head_dim=ch * max(mult))
+
+
+def nparams(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def step_fn(net, call, x, t, y, eps):
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.mse_loss(call(net, x, t, y), eps).backward()
+        opt.step()
+    return step
+
+
+def ours_call(net, x, t, y):
+    return net(x, t, y)
+
+
+def diffusers_call(net, x, t, y):
+    return net(x, t, class_labels=None if y is None else torch.where(y < 0, 10, y)).sample
+
+
+def time_pair(fa, fb, reps: int, warmup: int = 2) -> tuple[list, list]:
+    """Alternate ``fa`` and ``fb``; per-call (wall, cpu) seconds."""
+    for _ in range(warmup):
+        fa()
+        fb()
+    ta, tb = [], []
+    for _ in range(reps):
+        for f, out in ((fa, ta), (fb, tb)):
+            w, c = time.perf_counter(), time.process_time()
+            f()
+            out.append((time.perf_counter() - w, time.process_time() - c))
+    return ta, tb
+
+
+def med(ts: list, i: int) -> float:
+    return statistics.median(t[i] for t in ts)
+
+
+def train_rows(threads: list[int], reps: int) -> list[str]:
+    rows = []
+    for name, (shape, batch, ncls) in CASES.items():
+        cfg = config_mod.resolve(name)
+        torch.manual_seed(0)
+        ours = build_model(cfg, shape, ncls).net
+        theirs = diffusers_twin(cfg["model"], shape, ncls)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, *shape, generator=g)
+        eps = torch.randn(batch, *shape, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        y = None if ncls is None else torch.randint(0, ncls, (batch,), generator=g)
+        for th in threads:
+            torch.set_num_threads(th)
+            ta, tb = time_pair(step_fn(ours, ours_call, x, t.float(), y, eps),
+                               step_fn(theirs, diffusers_call, x, t, y, eps), reps)
+            ow, oc, dw, dc = med(ta, 0), med(ta, 1), med(tb, 0), med(tb, 1)
+            rows.append(f"| {name} {'x'.join(map(str, shape))} | {batch} | {th} | {nparams(ours):,} | "
+                        f"{nparams(theirs):,} | {ow * 1e3:.0f} | {dw * 1e3:.0f} | **{ow / dw:.2f}** | {oc * 1e3:.0f} | "
+                        f"{dc * 1e3:.0f} | {oc / dc:.2f} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def sample_rows(threads: int, n: int, budgets: list[tuple[str, int]]) -> list[str]:
+    from torchdiffusion.interop import DiffusersNet
+
+    torch.set_num_threads(threads)
+    shape, _, ncls = CASES["digits"]
+    cfg = config_mod.resolve("digits")
+    torch.manual_seed(0)
+    ours = build_model(cfg, shape, ncls).eval()
+    theirs = td.Denoiser(DiffusersNet(diffusers_twin(cfg["model"], shape, ncls).eval()), ours.process,
+                         prediction=ours.prediction)
+    y = torch.arange(n) % 10
+    rows = []
+    for sampler, steps in budgets:
+        speed = {}
+        for who, model in (("ours", ours), ("diffusers", theirs)):
+            x_T = torch.randn(n, *shape, generator=torch.Generator().manual_seed(0))
+            w = time.perf_counter()
+            td.sample(model, x_T, sampler, steps, generator=torch.Generator().manual_seed(1), cond=y)
+            speed[who] = n / (time.perf_counter() - w)
+        rows.append(f"| {sampler} | {steps} | {n} | {threads} | {speed['ours']:.1f} | {speed['diffusers']:.1f} | "
+                    f"{speed['diffusers'] / speed['ours']:.2f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions, no 1000-step sampling")
+    ap.add_argument("--threads", default="1,2", help="intra-op thread counts to time, e.g. 1,2")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "unet_speed.md"))
+    a = ap.parse_args(argv)
+    threads = [int(s) for s in a.threads.split(",")]
+    load0 = os.getloadavg()
+    t0 = time.time()
+    head = ("| model | batch | threads | params ours | params diffusers | ours ms | diffusers ms | ratio (wall) "
+            "| ours CPU ms | diffusers CPU ms | ratio (CPU) |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    print(head)
+    train = train_rows(threads, 5 if a.quick else 15)
+    budgets = [("ddim", 10), ("ddim", 50)] + ([] if a.quick else [("ddpm", 1000)])
+    shead = ("| sampler | steps | batch | threads | ours samples/s | diffusers samples/s | ratio (ours time / "
+             "diffusers time) |\n|---|---|---|---|---|---|---|")
+    print(shead)
+    samp = sample_rows(threads[0], 100, budgets)
+    import diffusers
+
+    text = "\n".join([
+        "# U-Net speed: ours vs diffusers `UNet2DModel` (same architecture), CPU", "",
+        f"Command: `.venv/bin/python benchmarks/unet_speed.py{' --quick' if a.quick else ''} --threads {a.threads}`",
+        "", f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; machine: `{' '.join(platform.uname())}`, "
+        f"{os.cpu_count()} cores; python {sys.version.split()[0]}, torch {torch.__version__}, diffusers "
+        f"{diffusers.__version__}; load average {load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+        f"(the machine is shared: wall-clock times are noisy, the CPU-time columns less so); {time.time() - t0:.0f}s.",
+        "", "## Train step (forward + backward + AdamW), median over alternating repetitions", "", head, *train, "",
+        "## Sampling throughput (digits model, class-conditional, no guidance)", "", shead, *samp, ""])
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(text)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
