@@ -577,6 +577,24 @@ def test_bits_per_dim_ode_dequantized():  # B-1 with B-2
     assert se > 0 and math.isfinite(mean)
 
 
+def test_truncated_chain_and_time_at_sigma():
+    for proc in (td.DDPM(), td.VP(), td.SubVP(), td.VE(), td.EDM()):
+        t = L.time_at_sigma(proc, 0.05)
+        assert float(proc.sigma(torch.tensor(t, dtype=F64))) == pytest.approx(0.05, rel=1e-6)
+        full = L.vlb_times(proc, None if proc.discrete else 200)
+        tr = L.truncate_times(proc, full, 0.05)
+        assert tr[0] == proc.t_zero and (proc.sigma(tr[1:]) >= 0.05).all()
+        assert float(proc.sigma(full[len(full) - len(tr)])) < 0.05  # the step just below was dropped
+    # the shorter chain is still an upper bound, exact with true kernels: Gaussian data, quadrature
+    proc = small_ddpm()
+    gm = td.GaussianMixture.gaussian(0.3, 0.25)
+    times = L.truncate_times(proc, L.vlb_times(proc), 0.3)
+    terms = quad_terms(oracle_model(gm, proc), 0.7, times, L.gaussian_reverse_variances(proc, times, 0.25))
+    aT, sT = proc.alpha(proc.t_max), proc.sigma(proc.t_max)
+    total = terms.sum() + L.gaussian_kl(aT * 0.7, sT**2, aT * 0.3, aT**2 * 0.25 + sT**2)
+    assert abs(float(total + gm.log_prob(torch.tensor([[0.7]], dtype=F64)))) < 1e-10
+
+
 def test_user_errors():
     proc = small_ddpm()
     model = oracle_model(td.GaussianMixture.gaussian(0.0, 1.0), proc)
@@ -632,6 +650,9 @@ def test_cli_likelihood(tmp_path, capsys):
     assert main(["likelihood", str(run), "--method", "ode", "--n", "4", "--rtol", "1e-3", "--atol", "1e-3",
                  "--data", "train", "--json", str(js)]) == 0
     assert "method ode" in capsys.readouterr().out
+    assert main(["likelihood", str(run), "--n-t", "2", "--min-sigma", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "L_1..L_" in out and "L_10..L_19" not in out  # fewer steps: the chain decodes at sigma >= 0.3
     import json
 
     assert math.isfinite(json.loads(js.read_text())["bpd"])

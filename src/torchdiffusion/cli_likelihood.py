@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .cli import command
-from .likelihood import LikelihoodResult, bits_per_dim
+from .likelihood import LikelihoodResult, bits_per_dim, time_at_sigma, truncate_times, vlb_times
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -31,6 +31,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=float, default=1e-5, help="ode: solver relative tolerance")
     p.add_argument("--atol", type=float, default=1e-5, help="ode: solver absolute tolerance")
     p.add_argument("--t-eps", type=float, default=None, help="ode: start time (default: the process's t_min)")
+    p.add_argument("--min-sigma", type=float, default=None,
+                   help="vlb: decode from the first step with noise sigma >= S (a shorter chain); "
+                        "ode: start at the time where sigma = S (instead of --t-eps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default="cpu")
@@ -90,11 +93,20 @@ def _run(a) -> int:
     if tuple(x.shape[1:]) != tuple(cfg["run"]["data_shape"]):
         raise ValueError(f"data of shape {tuple(x.shape[1:])} does not match the run's {cfg['run']['data_shape']}")
     method = a.method or ("vlb" if model.process.discrete else "ode")
+    proc = model.process
+    if a.min_sigma is not None and not 0 < a.min_sigma < 1:
+        raise ValueError(f"--min-sigma must be in (0, 1), got {a.min_sigma}")
     if method == "vlb":
-        opts = {"n_t": None if a.exact else a.n_t, "variance": a.variance, "steps": a.steps}
+        times = vlb_times(proc, a.steps)
+        if a.min_sigma is not None:
+            times = truncate_times(proc, times, a.min_sigma)
+        opts = {"n_t": None if a.exact else a.n_t, "variance": a.variance, "times": times}
     else:
+        if a.min_sigma is not None and a.t_eps is not None:
+            raise ValueError("give --t-eps or --min-sigma, not both")
+        t_eps = time_at_sigma(proc, a.min_sigma) if a.min_sigma is not None else a.t_eps
         opts = {"divergence": "exact" if a.exact else "hutchinson", "noise": a.noise, "rtol": a.rtol,
-                "atol": a.atol, "t_eps": a.t_eps}
+                "atol": a.atol, "t_eps": t_eps}
     g = torch.Generator().manual_seed(a.seed)
     results = []
     for i in tqdm(range(0, len(x), a.batch), desc=f"likelihood ({method})", dynamic_ncols=True):

@@ -156,6 +156,30 @@ def vlb_times(process: Process, steps: int | None = None) -> Tensor:
     return torch.cat([torch.tensor([process.t_zero], dtype=torch.float64), ts])
 
 
+def truncate_times(process: Process, times: Tensor, min_sigma: float) -> Tensor:
+    """The grid without the steps whose noise ``sigma(t)`` is below ``min_sigma``: the chain then decodes from the
+    first step at that noise level. A bound for the same network with a shorter chain, which avoids the
+    tiny-noise steps where discrete data (few levels) makes the ideal eps a sawtooth that small nets miss."""
+    times = _check_times(process, times)
+    keep = times[1:][process.sigma(times[1:]) >= min_sigma]
+    if len(keep) == 0:
+        raise ValueError(f"no grid time has sigma >= {min_sigma:g}")
+    return torch.cat([times[:1], keep])
+
+
+def time_at_sigma(process: Process, sigma: float) -> float:
+    """The time in ``[t_min, t_max]`` at which the noise std ``sigma(t)`` (increasing in t) equals ``sigma``,
+    by bisection; clamped to the ends of the range."""
+    lo, hi = float(process.t_min), float(process.t_max)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if float(process.sigma(torch.tensor(mid, dtype=torch.float64))) < sigma:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
 def _check_times(process: Process, times: Tensor) -> Tensor:
     times = as_time(times).reshape(-1)
     if len(times) < 2 or not (times[1:] > times[:-1]).all():
