@@ -348,7 +348,7 @@ def test_trajectory_weights_unbiased_and_bound():  # T-VLB-2 (MC part), T-VLB-3 
     proc = small_ddpm()
     gm = td.GaussianMixture.gaussian(m, v)
     times = L.vlb_times(proc)
-    x0 = torch.full((20_000, 1), 0.6, dtype=F64)
+    x0 = torch.full((5_000, 1), 0.6, dtype=F64)
     xs = L.forward_trajectory(proc, x0, times, gen(9))
     logq = L.forward_log_prob(proc, xs, times)
     # true kernels and p(x_T) = q(x_T): constant weights equal to p(x0)
@@ -511,7 +511,7 @@ def mixture_8d() -> td.GaussianMixture:
 def test_ode_likelihood_matches_oracle(which):
     gm = toy_density("gmm") if which == "gmm2d" else mixture_8d()
     proc = td.VP()
-    x = gm.sample(24, gen(21))[0]
+    x = gm.sample(12, gen(21))[0]
     res = L.ode_log_likelihood(oracle_model(gm, proc), x, divergence="exact", t_eps=1e-5)
     true = gm.log_prob(x, proc, 1e-5)
     assert ((res.logp - true).abs() / gm.dim).max() < 0.01
