@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .denoiser import Denoiser
+from .losses import dsm_loss, eps_weight, sample_projections
 from .processes import Process, TimeLike, as_time, expand_like
 from .samplers import Bound
 from .samplers.common import pf_ode_drift
@@ -556,8 +557,6 @@ def importance_times(process: Process, n: int, weighting: str = "g2", *, generat
     density, so the factor is exact; it is nearly constant where the grid resolves ``w``). With ``g2`` on VP
     (``w = beta / sigma^2 ~ 1/t`` near 0) this removes the heavy weights of uniform sampling.
     """
-    from .losses import eps_weight
-
     if process.discrete:
         T = int(process.t_max) + 1
         w = eps_weight(process, torch.arange(T, dtype=torch.float64), weighting)
@@ -583,8 +582,6 @@ def importance_dsm_loss(model: Denoiser, x0: Tensor, *, weighting: str = "g2", c
     """``losses.dsm_loss(weighting=...)`` with importance-sampled times (:func:`importance_times`): the same
     expectation, lower variance. With ``g2`` on VP this is likelihood weighting ``lambda = g^2`` (B-8; Song,
     Durkan, Murray & Ermon 2021), whose uniform-``t`` estimate is dominated by rare small-``t`` draws."""
-    from .losses import dsm_loss
-
     t, r = importance_times(model.process, x0.shape[0], weighting, generator=generator)
     per = dsm_loss(model, x0, weighting="eps", t=t.to(x0.device), cond=cond, generator=generator, reduction="none")
     return (r.to(per) * per).mean()
@@ -600,17 +597,6 @@ class ODELikelihood(NamedTuple):
 
     logp: Tensor
     nfe: int
-
-
-def probe(like: Tensor, noise: str = "gaussian", generator: torch.Generator | None = None) -> Tensor:
-    """Hutchinson probe with ``E[v v^T] = I``: standard normal or Rademacher entries."""
-    if noise not in ("gaussian", "rademacher"):
-        raise ValueError(f"unknown noise {noise!r}; allowed: gaussian, rademacher")
-    if noise == "gaussian":
-        v = torch.randn(like.shape, generator=generator, dtype=like.dtype)
-    else:
-        v = torch.randint(0, 2, like.shape, generator=generator).to(like.dtype) * 2 - 1
-    return v.to(like.device)
 
 
 def jacobian_trace(fx: Tensor, x: Tensor, v: Tensor | None = None) -> Tensor:
@@ -653,7 +639,7 @@ def ode_log_likelihood(model: Denoiser, x: Tensor, *, divergence: str = "hutchin
     proc.check_time(t0)
     if not t0 < proc.t_max or float(proc.sigma(as_time(t0))) <= 0:
         raise ValueError(f"t_eps must satisfy sigma(t_eps) > 0 and t_eps < t_max = {proc.t_max:g}, got {t0:g}")
-    v = probe(x, noise, generator) if divergence == "hutchinson" else None
+    v = sample_projections(x, noise, generator) if divergence == "hutchinson" else None
 
     def f(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         with torch.enable_grad():
