@@ -261,6 +261,36 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path: Path, monkeypatch) -> No
         Trainer(_digits_cfg("train.tensorboard=true"), tmp_path / "r", progress=False)
 
 
+def test_tensorboard_scalars_written_by_rank0(tmp_path: Path, monkeypatch) -> None:
+    """With train.tensorboard=true the logged rows also go to a SummaryWriter (a stand-in here, so that the test
+    does not need the tensorboard package), opened with purge_step on resume."""
+    import types
+
+    writers = []
+
+    class FakeWriter:
+        def __init__(self, logdir, purge_step=None):
+            self.logdir, self.purge_step, self.scalars, self.closed = logdir, purge_step, [], False
+            writers.append(self)
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, float(value), step))
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    cfg = _digits_cfg("train.tensorboard=true", "train.steps=4")
+    train(cfg, tmp_path / "r", progress=False, stop_after=2)
+    train(cfg, tmp_path / "r", progress=False)
+    assert [w.purge_step for w in writers] == [None, 2]
+    assert all(w.closed and w.logdir == str(tmp_path / "r" / "tensorboard") for w in writers)
+    assert [(tag, step) for tag, _, step in writers[1].scalars if tag == "train/loss"] == [("train/loss", 4)]
+    assert {tag for tag, _, _ in writers[0].scalars} == {"train/loss", "train/lr", "train/grad_norm", "train/seconds"}
+    csv_loss = float((tmp_path / "r" / "log.csv").read_text().splitlines()[-1].split(",")[1])
+    assert writers[1].scalars[0][1] == pytest.approx(csv_loss)
+
+
 # --- T-NET-2: sinusoidal time embedding --------------------------------------------------------------------
 def test_sinusoidal_embedding_properties() -> None:
     d, h = 32, 16

@@ -12,8 +12,9 @@ identically on all ranks, so no communication is needed, and keeps the contiguou
 which is exactly the batch a single process with the same seed draws. The diffusion noise (``t``, ``eps``)
 comes from a per-rank generator. DDP averages the gradients, so one step equals a single-process step on the
 combined batch (up to the noise draws). Only rank 0 writes checkpoints, logs, samples and progress bars;
-every rank loads the checkpoint on resume, and the per-rank generator states are gathered into it, so a
-resumed run with the same number of processes continues exactly.
+every rank loads the checkpoint on resume (so the run folder must be visible to every rank: one machine or a
+shared file system), and the per-rank generator states are gathered into it, so a resumed run with the same
+number of processes continues exactly.
 """
 
 from __future__ import annotations
