@@ -42,14 +42,14 @@ SAMPLERS = (("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddpm", 100))
 
 
 def get_model(a) -> tuple[object, dict, str]:
-    """The EMA model of ``--run``, or of the ``digits`` preset trained (or resumed) into ``--train-out``."""
+    """The EMA model of ``--run``, or of ``--preset`` (default ``digits``) trained (or resumed) into ``--train-out``."""
     if a.run:
         model, cfg = load_run(a.run)
         return model, cfg, f"run folder `{a.run}` (EMA weights)"
-    cfg = config_mod.resolve("digits", a.set)
+    cfg = config_mod.resolve(a.preset, a.set)
     tr = Trainer(cfg, a.train_out, progress=not a.quiet)
     res = tr.run()
-    desc = (f"`digits` preset{''.join(' ' + x for x in a.set)} trained into `{a.train_out}`: {res['step']} steps "
+    desc = (f"`{a.preset}` preset{''.join(' ' + x for x in a.set)} trained into `{a.train_out}`: {res['step']} steps "
             f"(this invocation ran {res['steps_run']} in {res['seconds']:.0f}s)")
     return tr.ema_model(), {**cfg, "run": tr.run_info}, desc
 
@@ -57,6 +57,7 @@ def get_model(a) -> tuple[object, dict, str]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", default=None, help="score this run folder instead of training")
+    ap.add_argument("--preset", default="digits", help="preset to train: digits or digits16")
     ap.add_argument("--train-out", default="runs/digits_quality", help="where to train (resumed if present)")
     ap.add_argument("--set", action="append", default=[], help="config override for training, e.g. train.steps=1000")
     ap.add_argument("--chunks", type=int, default=3, help="samples per setting, in units of the held-out set")
