@@ -58,6 +58,17 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class", dest="klass", type=int, default=None, help="class label for conditional models")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale w: (1+w) eps(x,c) - w eps(x) (0 = plain conditional)")
+    p.add_argument("--classifier", default=None, metavar="RUN",
+                   help="classifier guidance towards --class with a noise-conditional classifier run "
+                        "(preset classifier_digits): eps - s sigma grad log p(y|x_t)")
+    p.add_argument("--classifier-scale", type=float, default=None, help="classifier guidance scale s (default 1)")
+    p.add_argument("--null-class", action="store_true",
+                   help="with --classifier: query a class-conditional model with its null class (its unconditional "
+                        "half), so that only the classifier steers")
+    p.add_argument("--anagram", default=None, metavar="VIEW",
+                   help="visual anagram: sample x that looks like --class as it is and like --class2 under VIEW "
+                        "(e.g. rot180, flip_h, transpose); the PNG shows both views side by side")
+    p.add_argument("--class2", type=int, default=None, help="the class seen in the --anagram view")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="sampler option, e.g. eta=1")
     p.add_argument("--gif", default=None, help="also write a GIF of the reverse process")
     p.add_argument("--device", default="cpu")
@@ -81,20 +92,7 @@ def _sample_run(a) -> int:
             raise ValueError(f"--opt expects key=value, got {item!r}")
         k, v = item.split("=", 1)
         opts[k] = config_mod.parse_value(v)
-    cond = None
-    if a.klass is not None:
-        ncls = info.get("num_classes")
-        if not ncls:
-            raise ValueError("--class given but this model is not class-conditional")
-        if not 0 <= a.klass < ncls:
-            raise ValueError(f"--class must be in 0..{ncls - 1}, got {a.klass}")
-        cond = torch.full((a.n,), a.klass, dtype=torch.long)
-        if a.guidance:
-            from .guidance import CFG
-
-            model = CFG(model, a.guidance)
-    elif a.guidance:
-        raise ValueError("--guidance needs --class")
+    model, cond = _guided_model(a, model, info)
     frames = []
     cb = (lambda d: frames.append(d["x"].clone())) if a.gif else None
     x = generate(model, tuple(info["data_shape"]), a.n, sampler=sampler, steps=steps, grid=a.grid,
@@ -106,14 +104,69 @@ def _sample_run(a) -> int:
 
         dcfg = cfg["data"]
         data = load(dcfg["name"], **{k: v for k, v in dcfg.items() if k != "name"}).x[:2000]
-    save_samples(x, out, data=data, value_range=tuple(info.get("value_range", (-1, 1))),
-                 title=f"{sampler}, {steps} NFE")
+    if a.anagram and out.suffix == ".png":  # each sample as it is and under the view, side by side
+        from .guidance import get_view
+
+        pairs = torch.stack([x, get_view(a.anagram).forward(x)], 1).flatten(0, 1)
+        save_samples(pairs, out, nrow=2 * min(len(x), 8), value_range=tuple(info.get("value_range", (-1, 1))))
+    else:
+        save_samples(x, out, data=data, value_range=tuple(info.get("value_range", (-1, 1))),
+                     title=f"{sampler}, {steps} NFE")
     if a.gif and frames and len(info["data_shape"]) == 3:
         from .viz import save_gif
 
         save_gif(frames, a.gif, value_range=tuple(info.get("value_range", (-1, 1))))
     print(f"wrote {len(x)} samples to {out}")
     return 0
+
+
+def _guided_model(a, model, info: dict):
+    """The model to sample from and its ``cond`` for ``--class``, ``--guidance`` (CFG), ``--classifier``
+    (classifier guidance) and ``--anagram`` (multi-view denoising); misuse is a one-line ValueError."""
+    import torch
+
+    from . import guidance as G
+
+    ncls = info.get("num_classes")
+    if a.class2 is not None and not a.anagram:
+        raise ValueError("--class2 needs --anagram VIEW")
+    if a.classifier_scale is not None and not a.classifier:
+        raise ValueError("--classifier-scale needs --classifier RUN")
+    if a.null_class and not (a.classifier and ncls):
+        raise ValueError("--null-class needs --classifier RUN and a class-conditional model")
+    if a.null_class and a.guidance:
+        raise ValueError("--null-class and --guidance exclude each other (CFG needs the class)")
+    if a.anagram:
+        G.get_view(a.anagram)
+        if a.klass is None or a.class2 is None:
+            raise ValueError("--anagram needs --class and --class2 (the class seen in each view)")
+    clf = None
+    if a.classifier:
+        from .runs import load_classifier
+
+        clf, ccfg = load_classifier(a.classifier, device=a.device)
+        kmax = int(ccfg["run"]["num_classes"])
+        if a.klass is None:
+            raise ValueError("--classifier needs --class (the class to guide towards)")
+    elif a.klass is not None and not ncls:
+        raise ValueError("--class given but this model is not class-conditional (or give --classifier RUN)")
+    else:
+        kmax = ncls
+    for name, k in (("--class", a.klass), ("--class2", a.class2)):
+        if k is not None and not 0 <= k < kmax:
+            raise ValueError(f"{name} must be in 0..{kmax - 1}, got {k}")
+    if a.guidance and (a.klass is None or not ncls):
+        raise ValueError("--guidance needs --class and a class-conditional model")
+    if a.guidance:
+        model = G.CFG(model, a.guidance)
+    if clf is not None:
+        mc = -1 if a.null_class else ("same" if ncls else None)
+        s = 1.0 if a.classifier_scale is None else a.classifier_scale
+        model = G.ClassifierGuidance(model, clf, s, model_cond=mc)
+    if a.anagram:
+        return G.MultiView(model, ["identity", a.anagram], conds=[a.klass, a.class2],
+                           shape=tuple(info["data_shape"])), None
+    return model, None if a.klass is None else torch.full((a.n,), a.klass, dtype=torch.long)
 
 
 command("sample", "sample from a trained run")((_sample_args, _sample_run))

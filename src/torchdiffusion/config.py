@@ -160,3 +160,9 @@ PRESETS.update({
                                     "sample": {"n": 64}}, strict=False),
 })
 
+# Classifier guidance (issue 8): a noise-conditional classifier p_phi(y | x_t, t) (nets/classifier.py, the U-Net's
+# encoder with time embedding) trained with cross-entropy on x_t of the same process as the `digits` model
+# (cosine DDPM), so that its time input matches the diffusion model it guides. p_uncond = 0: every label is kept.
+PRESETS["classifier_digits"] = deep_update(_DIGITS, {"model": {"net": "classifier", "num_res_blocks": 2},
+                                                     "loss": {"name": "classifier", "p_uncond": 0.0},
+                                                     "train": {"steps": 3000}}, strict=False)

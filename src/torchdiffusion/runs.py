@@ -57,6 +57,14 @@ def build_net(mcfg: dict, data_shape: tuple[int, ...], process: Process, num_cla
                             attn_resolutions=tuple(mcfg["attn_resolutions"]), dropout=float(mcfg["dropout"]),
                             num_classes=num_classes, time_scale=ts, groups=min(32, ch),
                             num_heads=int(mcfg.get("num_heads", 1)))
+    if name == "classifier":  # p_phi(y | x_t, t) for classifier guidance (nets/classifier.py)
+        if len(data_shape) != 3 or not num_classes:
+            raise ValueError("net 'classifier' needs labelled image data: data.conditional=true and (C, H, W) "
+                             f"examples, got shape {data_shape} with num_classes={num_classes}")
+        ch = int(mcfg["channels"])
+        return NETS["classifier"](in_channels=data_shape[0], num_classes=num_classes, channels=ch,
+                                  channel_mult=tuple(mcfg["channel_mult"]), num_res_blocks=int(mcfg["num_res_blocks"]),
+                                  dropout=float(mcfg["dropout"]), time_scale=ts, groups=min(32, ch))
     return NETS[name](**{k: v for k, v in mcfg.items() if k not in ("net",)})  # pragma: no cover
 
 
@@ -85,3 +93,14 @@ def load_run(run: str | Path, ema: bool = True, device: str | torch.device = "cp
     except RuntimeError as e:
         raise ValueError(f"checkpoint {weights} does not match the config's network: {str(e)[:200]}") from None
     return model.to(device).eval(), cfg
+
+
+def load_classifier(run: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[Denoiser, dict]:
+    """Load a noise-conditional classifier run (``model.net = "classifier"``, e.g. preset ``classifier_digits``):
+    a :class:`Denoiser` whose ``.net(x, t)`` gives the logits of ``p_phi(y | x_t, t)`` and whose ``.process`` is
+    the process it was trained on (for :class:`torchdiffusion.guidance.ClassifierGuidance`)."""
+    model, cfg = load_run(run, ema=ema, device=device)
+    if cfg["model"].get("net") != "classifier":
+        raise ValueError(f"{run} is not a classifier run (model.net={cfg['model'].get('net')!r}); "
+                         "train one with the classifier_digits preset")
+    return model, cfg

@@ -91,6 +91,23 @@ def _score_matching(method: str) -> LossFn:
 LOSSES.update({"ncsn": _ncsn, "esm": _score_matching("esm"), "ssm": _score_matching("ssm")})
 
 
+def _classifier(model: Denoiser, x0: Tensor, *, cond, generator, cfg: dict) -> Tensor:
+    """Noise-aware classifier (B-13): cross-entropy of ``model.net(x_t, t)`` against the labels, with ``t``
+    drawn as for the DSM loss and ``x_t = alpha x0 + sigma eps``; its Bayes optimum is ``p(y | x_t)``."""
+    from .losses import sample_times
+
+    if cond is None:
+        raise ValueError("loss 'classifier' needs labels: set data.conditional=true")
+    proc = model.process
+    t = sample_times(proc, x0.shape[0], generator, x0.device)
+    x_t = proc.add_noise(x0, t, torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)).to(x0.dtype)
+    logits = model.net(x_t, t if proc.discrete else t.to(x0.dtype))
+    return torch.nn.functional.cross_entropy(logits, cond.long(), ignore_index=-1)
+
+
+LOSSES["classifier"] = _classifier
+
+
 def get_loss(name: str) -> LossFn:
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(sorted(LOSSES))}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .classifier import NoisyClassifier
 from .embeddings import TimeEmbedding, sinusoidal_embedding
 from .energy import energy_score_net
 from .mlp import MLP
@@ -11,5 +12,6 @@ from .unet import UNet
 
 NETS: dict[str, type[nn.Module]] = {"mlp": MLP, "unet": UNet}
 NETS["energy"] = energy_score_net  # type: ignore[assignment]  (a factory: EnergyNet -> score)
+NETS["classifier"] = NoisyClassifier
 
-__all__ = ["MLP", "NETS", "TimeEmbedding", "UNet", "sinusoidal_embedding"]
+__all__ = ["MLP", "NETS", "NoisyClassifier", "TimeEmbedding", "UNet", "sinusoidal_embedding"]
