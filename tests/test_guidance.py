@@ -349,3 +349,18 @@ def test_cli_errors_one_line_exit_2(runs, capsys, args, msg):
 def test_cli_class_on_unconditional_model_without_classifier(runs, capsys):
     assert main(["sample", str(runs / "uncond"), "--n", "2", "--steps", "1", "--class", "1"]) == 2
     assert "not class-conditional (or give --classifier RUN)" in capsys.readouterr().err
+
+
+def test_classifier_guidance_min_alpha():
+    """Below ``min_alpha`` (cosine DDPM's last step, alpha = 5e-5) no guidance is applied; with min_alpha = 0 the
+    exact class-conditional eps is returned there too."""
+    proc, gmm = td.DDPM("cosine", 1000), mixture()
+    model, clf, x = oracle_model(gmm, proc), bayes_classifier(gmm, proc), points(16, 4)
+    assert proc.alpha(torch.tensor(999.0)) < 1e-3 < proc.alpha(torch.tensor(990.0))
+    plain = model.predict(x, 999)
+    cut = ClassifierGuidance(model, clf, 1.0, model_cond=None).predict(x, 999, 1)
+    assert torch.equal(plain[0], cut[0]) and torch.equal(plain[1], cut[1])
+    full = ClassifierGuidance(model, clf, 1.0, model_cond=None, min_alpha=0.0).predict(x, 999, 1)
+    torch.testing.assert_close(full[1], mixture(LABELS == 1).eps(x, proc, torch.full((16,), 999.0)),
+                               rtol=1e-9, atol=1e-9)
+    assert not torch.equal(full[1], plain[1])

@@ -74,11 +74,17 @@ class ClassifierGuidance:
     :class:`CFG`, which composes), ``None`` (an unconditional model) or a fixed label such as ``-1`` (the
     null class of a jointly trained classifier-free model, i.e. its unconditional half). ``scale = 0`` is the
     wrapped model, exactly.
+
+    ``min_alpha``: no guidance where ``alpha(t) < min_alpha`` (default 1e-3, log-SNR below about -13.8). There
+    the exact ``grad log p(y | x_t)`` is ``O(alpha / sigma^2)`` and ``p(y | x_t)`` differs from the prior by
+    ``O(alpha^2)``, but a learned classifier's gradient does not vanish, and a deterministic step from such a
+    time (e.g. DDIM from the cosine schedule's last step, ``alpha = 5e-5``) multiplies the change of eps by
+    ``alpha_next / alpha_t`` (several hundred): the samples blow up. ``min_alpha = 0`` guides at every time.
     """
 
-    def __init__(self, model, classifier, scale: float, *, model_cond="same"):
+    def __init__(self, model, classifier, scale: float, *, model_cond="same", min_alpha: float = 1e-3):
         self.model, self.classifier, self.scale, self.process = model, classifier, float(scale), model.process
-        self.model_cond = model_cond
+        self.model_cond, self.min_alpha = model_cond, float(min_alpha)
         if not (model_cond is None or model_cond == "same" or isinstance(model_cond, int)):
             raise ValueError(f"model_cond must be 'same', None or an int label, got {model_cond!r}")
         proc = getattr(classifier, "process", None)
@@ -119,8 +125,11 @@ class ClassifierGuidance:
             return x0, eps
         tt = self.process.check_time(_batch_time(t, x.shape[0])).to(x.device)
         a, s = expand_like(self.process.alpha(tt), x).to(x.dtype), expand_like(self.process.sigma(tt), x).to(x.dtype)
+        on = a > self.min_alpha
+        if not on.any():
+            return x0, eps
         g = self.grad_log_prob(x, t, y)
-        eps_g = eps - self.scale * s * g
+        eps_g = eps - self.scale * s * torch.where(on, g, torch.zeros_like(g))
         # x0 = (x - sigma eps) / alpha for the guided eps; where alpha = 0 (pure noise) x0 is left as it is
         x0_g = torch.where(a > 0, x0 - s * (eps_g - eps) / torch.where(a > 0, a, torch.ones_like(a)), x0)
         return x0_g, eps_g
