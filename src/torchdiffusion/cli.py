@@ -83,6 +83,12 @@ def _sample_run(a) -> int:
 
     model, cfg = load_run(a.run, ema=not a.no_ema, device=a.device)
     info = cfg["run"]
+    from .latent import is_autoencoder_config, sample_autoencoder_run, to_images
+
+    if is_autoencoder_config(cfg):  # autoencoder run: VAE prior samples and reconstructions (issue 9)
+        for p in sample_autoencoder_run(a.run, n=a.n, seed=a.seed, out=a.out, ema=not a.no_ema):
+            print(f"wrote {p}")
+        return 0
     sampler = a.sampler or cfg["sample"]["sampler"]
     samplers.get(sampler)
     steps = a.steps if a.steps is not None else int(cfg["sample"]["steps"])
@@ -97,6 +103,9 @@ def _sample_run(a) -> int:
     cb = (lambda d: frames.append(d["x"].clone())) if a.gif else None
     x = generate(model, tuple(info["data_shape"]), a.n, sampler=sampler, steps=steps, grid=a.grid,
                  seed=a.seed, cond=cond, device=a.device, callback=cb, **opts)
+    if info.get("latent"):  # latent diffusion: decode the latents (and GIF frames) to images (issue 9)
+        x, frames = to_images(x, info)[0], [to_images(f, info)[0] for f in frames]
+        info = {**info, "data_shape": info["latent"]["image_shape"], "value_range": info["latent"]["value_range"]}
     out = Path(a.out) if a.out else Path(a.run) / "samples.png"
     data = None
     if len(info["data_shape"]) == 1 and info["data_shape"][0] == 2 and out.suffix == ".png":

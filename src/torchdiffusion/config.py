@@ -13,16 +13,19 @@ from pathlib import Path
 
 DEFAULTS: dict[str, dict] = {
     "data": {"name": "ring", "n": 10000, "seed": 0, "size": 8, "channels": 3, "key": None, "label_key": None,
-             "flip": False, "conditional": False, "holdout": 0.1},
+             "flip": False, "conditional": False, "holdout": 0.1,
+             "autoencoder": None},
     "process": {"name": "ddpm", "betas": "linear", "T": 1000, "beta_start": None, "beta_end": None,
                 "rescale_zero_snr": False, "beta_min": 0.1, "beta_max": 20.0, "sigma_min": None,
                 "sigma_max": None, "t_min": None},
     "model": {"net": "mlp", "prediction": "eps", "precond": "none", "sigma_data": 0.5, "time_scale": None,
               "hidden": 256, "depth": 4, "emb_dim": 64,
               "channels": 32, "channel_mult": [1, 2], "num_res_blocks": 2, "attn_resolutions": [8],
-              "dropout": 0.0, "num_heads": 1, "dim": None},
+              "dropout": 0.0, "num_heads": 1, "dim": None,
+              "latent_channels": 4, "latent_dim": None, "decoder_var": "fixed", "decoder_std": 0.1, "cond_tokens": 4},
     "loss": {"name": "dsm", "weighting": "native", "min_snr_gamma": 5.0, "p_uncond": 0.1, "lambda_vlb": 0.001,
-             "ncsn_levels": 10, "ssm_projections": 1, "ssm_dist": "gaussian", "ssm_variance_reduced": True},
+             "ncsn_levels": 10, "ssm_projections": 1, "ssm_dist": "gaussian", "ssm_variance_reduced": True,
+             "beta": 1.0, "likelihood": "gaussian", "levels": None, "dae_sigma": 0.2, "vae_samples": 1},
     "train": {"steps": 3000, "batch": 256, "lr": 1e-3, "weight_decay": 0.0, "warmup": 100,
               "schedule": "cosine", "min_lr_ratio": 0.1, "ema": 0.999, "ema_warmup": True, "clip": 1.0,
               "accum": 1, "seed": 0, "ckpt_every": 1000, "log_every": 50, "sample_every": 0,
@@ -166,3 +169,37 @@ PRESETS.update({
 PRESETS["classifier_digits"] = deep_update(_DIGITS, {"model": {"net": "classifier", "num_res_blocks": 2},
                                                      "loss": {"name": "classifier", "p_uncond": 0.0},
                                                      "train": {"steps": 3000}}, strict=False)
+
+
+# Autoencoders and latent diffusion (issue 9; nets/autoencoder.py, ae_losses.py, latent.py). 16x16 digits
+# (data.size=16) so that the 4x4x4 latent (64 numbers) is 4x smaller than the image; the decoder is N(D(z),
+# 0.1^2 I). vae2d_digits: a 2-D vector latent on 8x8 digits with a learned-variance discretized decoder (17
+# levels) for a latent-space plot. `latent`: diffusion on the scaled latents of a trained autoencoder run
+# (--set data.autoencoder=RUN), class-conditional through tau(y) tokens and cross-attention (net unet_xattn).
+_AE = {"data": {"name": "digits", "size": 16, "conditional": False},
+       "model": {"net": "autoencoder", "channels": 16, "channel_mult": [1, 2, 2], "num_res_blocks": 1,
+                 "latent_channels": 4},
+       "loss": {"name": "ae", "p_uncond": 0.0},
+       "train": {"steps": 1500, "batch": 128, "lr": 2e-3, "warmup": 100, "ema": 0.999, "ckpt_every": 500,
+                 "log_every": 50, "threads": 1},
+       "sample": {"n": 64}}
+PRESETS.update({
+    "ae_digits": _AE,
+    "dae_digits": deep_update(_AE, {"loss": {"name": "dae", "dae_sigma": 0.3}}, strict=False),
+    "vae_digits": deep_update(_AE, {"model": {"net": "vae"}, "loss": {"name": "vae", "beta": 1.0}}, strict=False),
+    "vae2d_digits": deep_update(_AE, {"data": {"size": 8},
+                                      "model": {"net": "vae", "channel_mult": [1, 2], "latent_dim": 2,
+                                                "decoder_var": "learned"},
+                                      "loss": {"name": "vae", "likelihood": "discretized", "levels": 17}},
+                                strict=False),
+    # an image folder: --set data.name=PATH; 32x32 RGB -> 8x8x4 latents
+    "vae_images": deep_update(_AE, {"data": {"name": "<image folder>", "size": 32, "channels": 3, "flip": True},
+                                    "model": {"net": "vae", "channels": 64, "channel_mult": [1, 2, 2]},
+                                    "loss": {"name": "vae"},
+                                    "train": {"steps": 20000, "batch": 64, "lr": 5e-4, "threads": 0}},
+                              strict=False),
+    "latent": deep_update(_DIGITS, {"data": {"name": "latent", "autoencoder": None, "conditional": True},
+                                    "model": {"net": "unet_xattn", "channels": 32, "channel_mult": [1, 2],
+                                              "num_res_blocks": 1, "attn_resolutions": [4, 2], "cond_tokens": 4},
+                                    "train": {"steps": 3000, "lr": 1e-3}}, strict=False),
+})

@@ -217,7 +217,12 @@ def load_image_folder(path: str | Path, size: int = 32, channels: int = 3) -> Da
 
 
 def load(name: str, **kw) -> Dataset:
-    """Dispatch: a toy name, ``digits``, a ``.npz`` path or an image folder."""
+    """Dispatch: a toy name, ``digits``, a ``.npz`` path or an image folder; with ``autoencoder=RUN`` (or name
+    ``latent``) the scaled latents of that autoencoder run's data (:func:`torchdiffusion.latent.load_latents`)."""
+    if kw.get("autoencoder") or name == "latent":
+        from .latent import load_latents
+
+        return load_latents(kw.get("autoencoder"), holdout=float(kw.get("holdout") or 0.0))
     if name in TOYS:
         return toy(name, n=int(kw.get("n", 10000)), seed=int(kw.get("seed", 0)))
     if name == "digits":

@@ -49,4 +49,7 @@ def generate_to_file(model, cfg: dict, run_info: dict, path: str | Path, *, data
     x = generate(model, tuple(run_info["data_shape"]), n, sampler=s["sampler"], steps=int(s["steps"]),
                  grid=s.get("grid"), seed=int(s.get("seed", 0)), device=device)
     ref = data.x[:2000] if data is not None and data.x.ndim == 2 else None
-    return save_samples(x, path, data=ref, value_range=tuple(run_info.get("value_range", (-1, 1))))
+    from .latent import to_images  # latent runs are decoded to images
+
+    x, vr = to_images(x, run_info)
+    return save_samples(x, path, data=ref, value_range=vr)

@@ -57,6 +57,25 @@ def build_net(mcfg: dict, data_shape: tuple[int, ...], process: Process, num_cla
                             attn_resolutions=tuple(mcfg["attn_resolutions"]), dropout=float(mcfg["dropout"]),
                             num_classes=num_classes, time_scale=ts, groups=min(32, ch),
                             num_heads=int(mcfg.get("num_heads", 1)))
+    if name in ("autoencoder", "vae"):  # (denoising) autoencoder / VAE (nets/autoencoder.py, issue 9)
+        if len(data_shape) != 3:
+            raise ValueError(f"net {name!r} needs image data (C, H, W), got examples of shape {data_shape}")
+        ch = int(mcfg["channels"])
+        return NETS[name](in_channels=data_shape[0], image_size=data_shape[1], channels=ch,
+                          channel_mult=tuple(mcfg["channel_mult"]), num_res_blocks=int(mcfg["num_res_blocks"]),
+                          latent_channels=int(mcfg["latent_channels"]), latent_dim=mcfg.get("latent_dim"),
+                          kind="vae" if name == "vae" else "ae", decoder_var=mcfg["decoder_var"],
+                          decoder_std=float(mcfg["decoder_std"]), groups=min(32, ch))
+    if name == "unet_xattn":  # class conditioning through tau(y) and cross-attention (latent diffusion)
+        if len(data_shape) != 3 or not num_classes:
+            raise ValueError("net 'unet_xattn' needs labelled image (or latent) data: data.conditional=true and "
+                             f"(C, H, W) examples, got shape {data_shape} with num_classes={num_classes}")
+        C, H, _ = data_shape
+        ch = int(mcfg["channels"])
+        return NETS[name](num_classes, tokens=int(mcfg["cond_tokens"]), in_channels=C, image_size=H, channels=ch,
+                          channel_mult=tuple(mcfg["channel_mult"]), num_res_blocks=int(mcfg["num_res_blocks"]),
+                          attn_resolutions=tuple(mcfg["attn_resolutions"]), dropout=float(mcfg["dropout"]),
+                          time_scale=ts, groups=min(32, ch), num_heads=int(mcfg.get("num_heads", 1)))
     if name == "classifier":  # p_phi(y | x_t, t) for classifier guidance (nets/classifier.py)
         if len(data_shape) != 3 or not num_classes:
             raise ValueError("net 'classifier' needs labelled image data: data.conditional=true and (C, H, W) "

@@ -107,6 +107,11 @@ def _classifier(model: Denoiser, x0: Tensor, *, cond, generator, cfg: dict) -> T
 
 LOSSES["classifier"] = _classifier
 
+# autoencoders (issue 9): ae, dae, vae on model.net (an Autoencoder; ae_losses.py)
+from .ae_losses import TRAIN_LOSSES as _AE_LOSSES  # noqa: E402
+
+LOSSES.update(_AE_LOSSES)
+
 
 def get_loss(name: str) -> LossFn:
     if name not in LOSSES:
@@ -217,7 +222,8 @@ class Trainer:
             torch.manual_seed(int(t["seed"]) + self.dist.rank)
         self.step = 0
         self.run_info = {"data_shape": list(self.data.shape), "num_classes": ncls, "levels": self.data.levels,
-                         "value_range": list(self.data.value_range), "data_name": self.data.name}
+                         "value_range": list(self.data.value_range), "data_name": self.data.name,
+                         **({"latent": self.data.meta["latent"]} if "latent" in self.data.meta else {})}
         self._fwd_model = self.model
         self.ddp = dist_mod.wrap(self.net, self.device) if self.dist.enabled else None
         if self.ddp is not None:
@@ -388,6 +394,11 @@ class Trainer:
         """Samples from the EMA model into ``samples/step_XXXXXX.png``."""
         from .generate import generate_to_file
 
+        if self.cfg["model"]["net"] in ("autoencoder", "vae"):  # prior samples / reconstructions (issue 9)
+            from .latent import sample_autoencoder_run
+
+            self.save()
+            return sample_autoencoder_run(self.out, out=self.out / "samples" / f"step_{self.step:07d}.png")[0]
         return generate_to_file(self.ema_model(), self.cfg, self.run_info,
                                 self.out / "samples" / f"step_{self.step:07d}.png", data=self.data)
 
