@@ -221,3 +221,43 @@ def test_presets_build():
         assert isinstance(net, Autoencoder)
     assert build_model(config.resolve("vae2d_digits"), (1, 8, 8)).net.latent_shape == (2,)
     assert build_model(config.resolve("vae_digits"), (1, 16, 16)).net.latent_shape == (4, 4, 4)
+
+
+class _LinearAE(torch.nn.Module):
+    """``D(E(x)) = B (A x)``: a linear autoencoder with the Autoencoder's encode/decode interface."""
+
+    def __init__(self, d: int, r: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.A = torch.nn.Parameter(torch.randn(r, d, generator=g, dtype=D) * 0.3)
+        self.B = torch.nn.Parameter(torch.randn(d, r, generator=g, dtype=D) * 0.3)
+
+    def encode(self, x):
+        return x @ self.A.T, None
+
+    def decode(self, z):
+        return z @ self.B.T, None
+
+
+def test_linear_autoencoder_reaches_pca():
+    """T-AE-1: the optimal linear autoencoder projects onto the top-r eigenvectors of E[X X^T]; the minimum of
+    E|X - D(E(X))|^2 is the sum of the trailing eigenvalues, and DE is a symmetric idempotent of rank r."""
+    g = torch.Generator().manual_seed(6)
+    Q, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=D))
+    x = torch.randn(2000, 5, generator=g, dtype=D) * torch.tensor([2.0, 1.5, 1.0, 0.6, 0.3], dtype=D) @ Q.T
+    evals = torch.linalg.eigvalsh(x.T @ x / len(x))  # ascending
+    net = _LinearAE(5, 2)
+    opt = torch.optim.LBFGS(net.parameters(), lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = ae_loss(net, x)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    assert abs(float(ae_loss(net, x).detach()) * 5 - float(evals[:3].sum())) < 1e-6  # ae_loss is per dimension
+    P = (net.B @ net.A).detach()
+    torch.testing.assert_close(P, P.T, atol=1e-5, rtol=0)
+    torch.testing.assert_close(P @ P, P, atol=1e-5, rtol=0)
+    assert int(torch.linalg.matrix_rank(P, atol=1e-6)) == 2

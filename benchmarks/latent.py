@@ -1,0 +1,188 @@
+"""Latent diffusion on 16x16 digits against pixel-space diffusion, and a 2-D latent VAE.
+
+Run (about 20 minutes on 2 busy CPU cores, training included; finished runs are reused):
+    .venv/bin/python benchmarks/latent.py                       # runs in runs/latent_bench, pictures in docs/images
+    .venv/bin/python benchmarks/latent.py --pixel-run RUN       # pixel-space baseline (default runs/digits16_quality)
+    .venv/bin/python benchmarks/latent.py --quick               # fewer samples (smoke test)
+
+1. ``vae_digits``: a VAE on 16x16 digits (8x8 digits resized) with a 4x4x4 latent (64 numbers per 256-pixel
+   image), Gaussian decoder N(D(z), 0.1^2 I), beta = 1.
+2. ``latent``: a class-conditional diffusion model (cosine DDPM, v-prediction) on the VAE's scaled latents, its
+   U-Net conditioned through tau(y) (4 class tokens) and cross-attention, label dropout 0.1 for CFG.
+3. Samples for 50 of each class at CFG scales w, decoded, scored with the real-data classifier
+   (``metrics.DigitsEvaluator(16)``): conditional accuracy and class-matched Frechet distance; the same for a
+   pixel-space class-conditional diffusion model on 16x16 digits (preset ``digits16``) with the same sampler and
+   steps; sampling seconds per image side by side (one thread, same batch size).
+4. ``vae2d_digits``: a VAE with a 2-D latent on 8x8 digits (learned-variance discretized decoder, 17 levels):
+   posterior means of every digit coloured by class -> docs/images/vae_latent2d.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from torchdiffusion import config as config_mod
+from torchdiffusion import latent
+from torchdiffusion.data import digits
+from torchdiffusion.generate import generate
+from torchdiffusion.guidance import CFG
+from torchdiffusion.metrics import DigitsEvaluator
+from torchdiffusion.runs import load_run
+from torchdiffusion.train import train
+from torchdiffusion.viz import _mpl, save_image_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_run(preset: str, out: Path, sets: list[str], quiet: bool) -> str:
+    """Train (or resume; a finished run is reused) and describe the run."""
+    cfg = config_mod.resolve(preset, sets)
+    res = train(cfg, out, progress=not quiet)
+    log = (out / "log.csv").read_text().strip().splitlines()
+    secs = float(log[-1].split(",")[-1]) if len(log) > 1 else float("nan")
+    return (f"`{preset}`{''.join(' --set ' + s for s in sets)} -> `{out}`: {res['step']} steps "
+            f"(training log: {secs:.0f} s for the last session)")
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def timed_samples(model, shape, labels, w: float, steps: int, decode=None) -> tuple[torch.Tensor, float]:
+    m = CFG(model, w) if w else model
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        x = generate(m, shape, len(labels), sampler="ddim", steps=steps, seed=0, cond=labels)
+        if decode is not None:
+            x = decode(x)
+    return x.clamp(-1, 1), time.perf_counter() - t0
+
+
+def scatter_2d(run: Path, path: Path) -> str:
+    net, _ = latent.load_autoencoder(run)
+    d = digits(8)
+    z = latent.encode(net, d.x)
+    plt = _mpl()
+    fig, ax = plt.subplots(figsize=(6.2, 5.6))
+    for c in range(10):
+        p = z[d.y == c]
+        ax.scatter(p[:, 0], p[:, 1], s=5, alpha=0.7, color=plt.cm.tab10(c), label=str(c))
+    ax.legend(title="digit", markerscale=3, fontsize=8, loc="best")
+    ax.set_xlabel("z1 (posterior mean)")
+    ax.set_ylabel("z2")
+    ax.set_title("VAE with a 2-D latent on 8x8 digits: E_mu(x) of all 1797 digits")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    # the decoded latent manifold on a grid of prior quantiles
+    q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, 12))
+    zz = torch.stack(torch.meshgrid(q, -q, indexing="xy"), -1).reshape(-1, 2)
+    save_image_grid(latent.decode(net, zz).clamp(-1, 1), path.with_name("vae_latent2d_manifold.png"), nrow=12)
+    return f"{path.relative_to(ROOT)} and {path.with_name('vae_latent2d_manifold.png').relative_to(ROOT)}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "latent_bench"))
+    ap.add_argument("--pixel-run", default=str(ROOT / "runs" / "digits16_quality"))
+    ap.add_argument("--steps", type=int, default=50, help="DDIM steps for both models")
+    ap.add_argument("--per-class", type=int, default=50)
+    ap.add_argument("--guidance", type=float, nargs="+", default=[0.0, 1.0, 2.0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--report", default=str(ROOT / "benchmarks" / "results" / "latent.md"))
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    os.chdir(ROOT)  # run folders are named relative to the repository (as the CLI would store them)
+    runs, images = Path(os.path.relpath(Path(a.runs).resolve(), ROOT)), ROOT / "docs" / "images"
+    per_class = 10 if a.quick else a.per_class
+    notes = []
+    t_all = time.perf_counter()
+
+    notes.append(train_run("vae_digits", runs / "vae", [], a.quiet))
+    notes.append(train_run("latent", runs / "latent", [f"data.autoencoder={runs / 'vae'}"], a.quiet))
+    notes.append(train_run("vae2d_digits", runs / "vae2d", [], a.quiet))
+
+    ev = DigitsEvaluator(16)
+    vae, _ = latent.load_autoencoder(runs / "vae")
+    d16 = digits(16)
+    rec = latent.decode(vae, latent.encode(vae, d16.x)).clamp(-1, 1)
+    rec_mse, rec_acc = float(((rec - d16.x) ** 2).mean()), ev.accuracy(rec, d16.y)
+    g = torch.Generator().manual_seed(0)
+    prior = latent.decode(vae, torch.randn(100, *vae.latent_shape, generator=g)).clamp(-1, 1)
+    save_image_grid(prior, images / "vae_prior_samples.png", nrow=10)
+    grid, nrow = latent.reconstruction_grid(vae, d16.x[-50:])
+    save_image_grid(grid, images / "vae_reconstructions.png", nrow=nrow)
+    plot = scatter_2d(runs / "vae2d", images / "vae_latent2d.png")
+
+    lat_model, lat_cfg = load_run(runs / "latent")
+    info = lat_cfg["run"]
+    labels = torch.arange(10).repeat_interleave(per_class)
+    rows = []
+    lat_dec = lambda z: latent.to_images(z, info)[0]  # noqa: E731
+    for w in a.guidance:
+        x, secs = timed_samples(lat_model, tuple(info["data_shape"]), labels, w, a.steps, lat_dec)
+        rows.append(("latent", w, ev.accuracy(x, labels), ev.fd(x, labels), secs / len(labels)))
+        print(rows[-1], flush=True)
+        if w == 1.0:
+            save_image_grid(x.reshape(10, per_class, *x.shape[1:])[:, :10].flatten(0, 1),
+                            images / "latent_digits.png", nrow=10)
+    pixel_desc = "no pixel-space run"
+    pix_params = None
+    if Path(a.pixel_run, "config.json").is_file():
+        pix, pcfg = load_run(a.pixel_run)
+        pix_params = n_params(pix.net)
+        pixel_desc = (f"`{a.pixel_run}` (preset {pcfg.get('preset')}, {pcfg['train']['steps']} steps, "
+                      f"data.size={pcfg['data']['size']})")
+        for w in a.guidance:
+            x, secs = timed_samples(pix, tuple(pcfg["run"]["data_shape"]), labels, w, a.steps)
+            rows.append(("pixel", w, ev.accuracy(x, labels), ev.fd(x, labels), secs / len(labels)))
+            print(rows[-1], flush=True)
+
+    total = time.perf_counter() - t_all
+    lines = ["# Latent diffusion benchmark: 16x16 digits, latent vs pixel space", "",
+             f"Machine: {' '.join(platform.uname()[:3])} {platform.machine()}; nproc {os.cpu_count()}; "
+             f"torch {torch.__version__} (1 thread); python {sys.version.split()[0]}; "
+             f"{datetime.datetime.now().isoformat(timespec='seconds')}",
+             f"Command: `.venv/bin/python benchmarks/latent.py{' --quick' if a.quick else ''}` "
+             f"({total:.0f} s this invocation, trained runs reused)", "",
+             "Runs:", *[f"- {n}" for n in notes], f"- pixel-space baseline: {pixel_desc}", "",
+             f"VAE: latent {tuple(vae.latent_shape)} (64 numbers for 256 pixels), scale factor c = "
+             f"{info['latent']['scale']:.4f} (1/std of the training split's posterior means); reconstruction MSE "
+             f"{rec_mse:.5f} on [-1, 1]; the real-data classifier's accuracy on reconstructions {rec_acc:.3f} "
+             f"(on the real digits {ev.accuracy(d16.x, d16.y):.3f}).",
+             f"U-Net parameters: latent {n_params(lat_model.net):,}"
+             + (f", pixel {pix_params:,}" if pix_params else "") + ".", "",
+             f"Samples: {per_class} per class (labels 0..9), DDIM {a.steps} steps, seed 0, batch {len(labels)}; "
+             "w = classifier-free guidance scale (eps = (1+w) eps(x, y) - w eps(x, null), one batched call of "
+             "twice the batch per step). Scores by `metrics.DigitsEvaluator(16)` (trained only on real digits): "
+             f"conditional accuracy, and FD (class-matched chunks; floor = real held-out digits: "
+             f"{ev.fd_floor():.2f}). Seconds per image include decoding for the latent model.", "",
+             "| model | w | accuracy | FD | seconds / image |", "|---|---|---|---|---|"]
+    lines += [f"| {m} | {w:g} | {acc:.3f} | {fd:.2f} | {s:.4f} |" for m, w, acc, fd, s in rows]
+    best = max((r for r in rows if r[0] == "latent"), key=lambda r: r[2])
+    speed = {(m, w): s for m, w, _, _, s in rows}
+    ratios = [speed[("pixel", w)] / speed[("latent", w)] for w in a.guidance if ("pixel", w) in speed]
+    lines += ["", f"**Goal accuracy >= 0.95**: {'PASS' if best[2] >= 0.95 else 'FAIL'} "
+              f"(latent, w = {best[1]:g}: {best[2]:.3f}).",
+              (f"Latent sampling is {min(ratios):.1f}-{max(ratios):.1f}x faster per image than pixel space at the "
+               f"same steps." if ratios else ""), "",
+              f"Pictures: docs/images/latent_digits.png (latent model, w = 1, one row per class), "
+              f"docs/images/vae_reconstructions.png (rows: held-out data, reconstruction), "
+              f"docs/images/vae_prior_samples.png (D(z), z ~ N(0, I)), {plot}."]
+    Path(a.report).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.report).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
