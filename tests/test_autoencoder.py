@@ -261,3 +261,33 @@ def test_linear_autoencoder_reaches_pca():
     torch.testing.assert_close(P, P.T, atol=1e-5, rtol=0)
     torch.testing.assert_close(P @ P, P, atol=1e-5, rtol=0)
     assert int(torch.linalg.matrix_rank(P, atol=1e-6)) == 2
+
+
+def test_linear_denoising_autoencoder_is_the_posterior_mean():
+    """T-AE-5: for x ~ N(m, v) and y = x + sigma e, the best affine D(E(y)) is the posterior mean
+    m + v (y - m) / (v + sigma^2) (Tweedie / Wiener); the DAE loss's empirical minimizer matches it."""
+    m, v, sigma = 0.3, 0.25, 0.4
+    x = m + math.sqrt(v) * torch.randn(50000, 1, generator=torch.Generator().manual_seed(7), dtype=D)
+
+    class Affine(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = (torch.nn.Parameter(torch.zeros((), dtype=D)) for _ in range(2))
+
+        def encode(self, y):
+            return self.a * y + self.b, None
+
+        def decode(self, z):
+            return z, None
+
+    net = Affine()
+    opt = torch.optim.LBFGS(net.parameters(), lr=1, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = dae_loss(net, x, sigma, generator=torch.Generator().manual_seed(8))  # the same noise every call
+        loss.backward()
+        return loss
+    opt.step(closure)
+    gain = v / (v + sigma**2)
+    assert abs(float(net.a) - gain) < 0.01 and abs(float(net.b) - m * (1 - gain)) < 0.01
