@@ -290,4 +290,4 @@ def test_linear_denoising_autoencoder_is_the_posterior_mean():
         return loss
     opt.step(closure)
     gain = v / (v + sigma**2)
-    assert abs(float(net.a) - gain) < 0.01 and abs(float(net.b) - m * (1 - gain)) < 0.01
+    assert abs(net.a.item() - gain) < 0.01 and abs(net.b.item() - m * (1 - gain)) < 0.01
