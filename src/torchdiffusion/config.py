@@ -35,16 +35,17 @@ DEFAULTS: dict[str, dict] = {
 
 PRESETS: dict[str, dict] = {
     # 2-D toys (under a minute on CPU): DDPM, eps-prediction MLP, lr 3e-3 (measured best of 1e-3/3e-3)
-    **{name: {"data": {"name": name}, "train": {"lr": 3e-3}}
+    # one intra-op thread: a small MLP is several times slower with 2 threads on a busy 2-core machine
+    **{name: {"data": {"name": name}, "train": {"lr": 3e-3, "threads": 1}}
        for name in ("ring", "moons", "swiss_roll", "checkerboard", "gmm")},
-    "toy": {"data": {"name": "ring"}, "train": {"lr": 3e-3}},
+    "toy": {"data": {"name": "ring"}, "train": {"lr": 3e-3, "threads": 1}},
 }
 
 # Score-based family on the 2-D ring (T-SDE-7/8, T-NCSN-1/2, T-EBM-1): continuous-time processes trained with
 # weighted DSM (weighting "eps" = lambda(t) sigma^2 on the score; "g2" is the likelihood weighting), NCSN on an
 # EDM (t = sigma) ladder with annealed Langevin on the matching logsnr grid, and an energy net.
 # For images: --set data.name=digits --set model.net=unet (or the *_digits presets below).
-_SCORE_TOY = {"data": {"name": "ring"}, "train": {"lr": 3e-3}, "model": {"hidden": 128, "depth": 3}}
+_SCORE_TOY = {"data": {"name": "ring"}, "train": {"lr": 3e-3, "threads": 1}, "model": {"hidden": 128, "depth": 3}}
 _VE_TOY = {"name": "ve", "sigma_min": 0.01, "sigma_max": 5.0}  # sigma_max ~ the largest distance in the data
 PRESETS.update({
     "vp": {**_SCORE_TOY, "process": {"name": "vp"}, "loss": {"weighting": "eps"},
@@ -57,7 +58,7 @@ PRESETS.update({
              "loss": {"name": "ncsn", "ncsn_levels": 10},
              "sample": {"sampler": "annealed_langevin", "steps": 1000, "grid": "logsnr"}},
     "ebm": {**_SCORE_TOY, "process": _VE_TOY, "loss": {"weighting": "eps"},
-            "model": {"net": "energy", "dim": 2, "prediction": "eps", "hidden": 128, "depth": 3},
+            "model": {"net": "energy", "prediction": "eps", "hidden": 128, "depth": 3},
             "sample": {"sampler": "euler_maruyama", "steps": 500}},
     "vp_digits": {"data": {"name": "digits"}, "model": {"net": "unet"}, "process": {"name": "vp"},
                   "loss": {"weighting": "eps"}, "sample": {"sampler": "euler_maruyama", "steps": 500}},
@@ -86,8 +87,26 @@ def deep_update(base: dict, over: dict, *, strict: bool = True, path: str = "") 
                 raise ValueError(f"config key {where!r} is a section; give {where}.<key>=value")
             out[k] = deep_update(out[k], v, strict=strict, path=where + ".")
         else:
+            _check_kind(where, out[k], v)
             out[k] = copy.deepcopy(v)
     return out
+
+
+def _check_kind(where: str, default, value) -> None:
+    """A value replacing a number, flag or list default must be one too (``--set train.steps=abc`` is an
+    error naming the key); ``None`` (auto/off) and keys whose default is ``None`` or a string are not checked."""
+    if value is None or default is None:
+        return
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, (int, float)):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, list):
+        ok, kind = isinstance(value, list), "a list such as [1,2]"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"config key {where!r} expects {kind}, got {value!r}")
 
 
 def parse_value(text: str):
@@ -162,6 +181,7 @@ PRESETS.update({
                                     "train": {"steps": 20000, "batch": 64, "lr": 2e-4, "threads": 0},
                                     "sample": {"n": 64}}, strict=False),
 })
+
 
 # Classifier guidance (issue 8): a noise-conditional classifier p_phi(y | x_t, t) (nets/classifier.py, the U-Net's
 # encoder with time embedding) trained with cross-entropy on x_t of the same process as the `digits` model

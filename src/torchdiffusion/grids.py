@@ -103,7 +103,7 @@ def logsnr(process: Process, n: int) -> Tensor:
     l0, l1 = process.log_snr(process.t_max), process.log_snr(process.t_min)
     ls = torch.linspace(float(l0), float(l1), n, dtype=torch.float64)
     ts = process.t_from_log_snr(ls)
-    ts[0], ts[-1] = process.t_max, process.t_min
+    ts[0], ts[-1] = process.t_max, (process.t_min if n > 1 else process.t_max)
     return _finish(process, ts)
 
 
@@ -132,8 +132,6 @@ def karras(process: Process, n: int, rho: float = 7.0) -> Tensor:
     ts = times_from_ve_sigmas(process, karras_sigmas(s_max, s_min, n, rho))
     ts[0], ts[-1] = process.t_max, (process.t_min if n > 1 else process.t_max)
     return _finish(process, ts)
-
-
 
 
 def _rho_sigmas(hi: float, lo: float, n: int, rho: float) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .denoiser import Denoiser
-from .processes import Process, as_time, expand_like
+from .processes import Process, as_time
 
 WEIGHTINGS = ("native", "eps", "x0", "v", "g2", "min_snr", "edm")
 
@@ -106,10 +106,6 @@ def dsm_loss(model: Denoiser, x0: Tensor, *, weighting: str = "native", t: Tenso
 def simple_loss(model: Denoiser, x0: Tensor, **kw) -> Tensor:
     """L_simple of DDPM (Algorithm 1): ``E ||eps - eps_theta(x_t, t)||^2`` with uniform ``t``."""
     return dsm_loss(model, x0, weighting="eps", **kw)
-
-
-def _unused(x: Tensor) -> Tensor:  # pragma: no cover - keeps expand_like import for subclasses
-    return expand_like(x, x)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -84,7 +84,13 @@ def build_net(mcfg: dict, data_shape: tuple[int, ...], process: Process, num_cla
         return NETS["classifier"](in_channels=data_shape[0], num_classes=num_classes, channels=ch,
                                   channel_mult=tuple(mcfg["channel_mult"]), num_res_blocks=int(mcfg["num_res_blocks"]),
                                   dropout=float(mcfg["dropout"]), time_scale=ts, groups=min(32, ch))
-    return NETS[name](**{k: v for k, v in mcfg.items() if k not in ("net",)})  # pragma: no cover
+    if name == "energy":
+        if len(data_shape) != 1:
+            raise ValueError(f"net 'energy' needs vector data, got examples of shape {data_shape}")
+        return NETS["energy"](dim=data_shape[0], hidden=int(mcfg["hidden"]), depth=int(mcfg["depth"]),
+                              emb_dim=int(mcfg["emb_dim"]), time_scale=ts, num_classes=num_classes,
+                              prediction=mcfg.get("prediction", "score"))
+    raise ValueError(f"net {name!r} has no builder for data of shape {data_shape}")  # pragma: no cover
 
 
 def build_model(cfg: dict, data_shape: tuple[int, ...], num_classes: int | None = None) -> Denoiser:

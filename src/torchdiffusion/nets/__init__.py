@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from .autoencoder import Autoencoder
@@ -12,10 +14,10 @@ from .energy import energy_score_net
 from .mlp import MLP
 from .unet import UNet
 
-NETS: dict[str, type[nn.Module]] = {"mlp": MLP, "unet": UNet}
-NETS["energy"] = energy_score_net  # type: ignore[assignment]  (a factory: EnergyNet -> score)
-NETS["classifier"] = NoisyClassifier
-NETS.update({"autoencoder": Autoencoder, "vae": Autoencoder, "unet_xattn": CrossAttentionUNet})  # issue 9
+NETS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "unet": UNet, "energy": energy_score_net,
+                                           "classifier": NoisyClassifier,
+                                           "autoencoder": Autoencoder, "vae": Autoencoder,
+                                           "unet_xattn": CrossAttentionUNet}
 
 __all__ = ["MLP", "Autoencoder", "CrossAttentionUNet", "NETS", "NoisyClassifier", "TimeEmbedding", "UNet",
            "sinusoidal_embedding"]

@@ -7,11 +7,12 @@ import math
 from torch import Tensor
 
 from . import register
-from .common import coeffs, ddim_step, emit, noise_like, posterior_var
+from .common import coeffs, ddim_step, emit, noise_like, posterior_var, predict_limited
 
 
 @register("ddpm", stochastic=True)
-def ddpm(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, variance: str = "small") -> Tensor:
+def ddpm(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, variance: str = "small",
+         clip_x0: float | None = None, thresholding: float | None = None) -> Tensor:
     """Ancestral sampling (DDPM Algorithm 2): ``x_s = mu_tilde(x_t, x0_hat) + sigma z``, no noise at the end.
 
     ``variance="small"`` uses the posterior variance (beta-tilde_t), ``"large"`` the forward step variance
@@ -22,7 +23,7 @@ def ddpm(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, varianc
     proc = model.process
     for i in range(len(ts) - 1):
         t, s = ts[i], ts[i + 1]
-        x0, _ = model.predict(x, t)
+        x0, _ = predict_limited(model, x, t, clip_x0, thresholding)
         c_x, c_0, var = (float(c) for c in proc.posterior_coefficients(t, s))
         if variance == "large":
             var = float(proc.transition(t, s)[1])
@@ -34,7 +35,8 @@ def ddpm(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, varianc
 
 
 @register("ddim", stochastic=True)
-def ddim(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, eta: float = 0.0) -> Tensor:
+def ddim(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, eta: float = 0.0,
+         clip_x0: float | None = None, thresholding: float | None = None) -> Tensor:
     """DDIM (Song et al. 2021a): ``x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z`` with
     ``c = eta * sqrt(posterior variance)``; ``eta = 0`` is deterministic, ``eta = 1`` is ancestral (B-3)."""
     if eta < 0:
@@ -42,7 +44,7 @@ def ddim(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, eta: fl
     proc = model.process
     for i in range(len(ts) - 1):
         t, s = ts[i], ts[i + 1]
-        x0, eps = model.predict(x, t)
+        x0, eps = predict_limited(model, x, t, clip_x0, thresholding)
         a_s, s_s = coeffs(proc, s)
         c = eta * math.sqrt(posterior_var(proc, t, s)) if eta > 0 else 0.0
         x = ddim_step(x0, eps, a_s, s_s, c, noise_like(x, generator) if c > 0 else None)
@@ -59,12 +61,15 @@ def py24_levels(s_t: float, s_s: float, mu: float) -> tuple[float, float]:
 
 @register("py24", stochastic=True)
 def py24(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, mu: float = 0.0,
-         gamma: float = 1.0) -> Tensor:
+         gamma: float = 1.0, clip_x0: float | None = None, thresholding: float | None = None) -> Tensor:
     """Permenter & Yuan (2024) generalized sampler in VE coordinates ``y = x/alpha``:
     ``y_s = y_t + (s' - s_t) eps_bar + eta w`` with ``eps_bar = gamma eps_t + (1 - gamma) eps_prev``.
 
     ``mu = 0`` is DDIM, ``mu = 1/2`` is DDPM with beta-tilde; ``gamma = 1`` is no acceleration, ``gamma = 2``
     the suggested momentum (T-DDIM-2, T-DDIM-3). One network call per step.
+
+    All three samplers take ``clip_x0`` (clamp the x0 prediction to [-clip_x0, clip_x0], eps recomputed to
+    match, as diffusers' ``clip_sample``) and ``thresholding`` (Imagen's dynamic thresholding percentile).
     """
     if not 0 <= mu < 1:
         raise ValueError(f"mu must be in [0, 1), got {mu}")
@@ -72,7 +77,7 @@ def py24(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, mu: flo
     eps_prev = None
     for i in range(len(ts) - 1):
         t, s = ts[i], ts[i + 1]
-        x0, eps = model.predict(x, t)
+        x0, eps = predict_limited(model, x, t, clip_x0, thresholding)
         a_t, sig_t = coeffs(proc, t)
         a_s, sig_s = coeffs(proc, s)
         st, ss = sig_t / a_t, sig_s / a_s
