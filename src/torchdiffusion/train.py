@@ -221,6 +221,7 @@ class Trainer:
             self.gen = torch.Generator().manual_seed(int(t["seed"]) + 7919 * (self.dist.rank + 1))
             torch.manual_seed(int(t["seed"]) + self.dist.rank)
         self.step = 0
+        self._pending: list[float] = []  # losses since the last full log interval (checkpointed: exact log.csv)
         self.run_info = {"data_shape": list(self.data.shape), "num_classes": ncls, "levels": self.data.levels,
                          "value_range": list(self.data.value_range), "data_name": self.data.name,
                          **({"latent": self.data.meta["latent"]} if "latent" in self.data.meta else {})}
@@ -254,6 +255,7 @@ class Trainer:
             self.gen.set_state(tensors[f"rng.noise.{r}"])
             torch.set_rng_state(tensors[f"rng.torch.{r}"])
         self.step = int(meta["step"])
+        self._pending = [float(v) for v in meta.get("pending_losses", [])]
         if self.dist.is_main:
             self._truncate_log()
 
@@ -273,7 +275,8 @@ class Trainer:
                    **{f"ema.{k}": v for k, v in self.ema.state_dict().items()},
                    **opt_t, "rng.gen": self.data_gen.get_state(), "rng.torch": torch.get_rng_state(), **rngs}
         save_json({**self.cfg, "run": self.run_info}, self.out / "config.json")
-        save_tensors(tensors, self.out / "train_state.safetensors", {"step": self.step, "optimizer": opt_meta})
+        save_tensors(tensors, self.out / "train_state.safetensors", {"step": self.step, "optimizer": opt_meta,
+                                                                        "pending_losses": self._pending})
         save_tensors(self.net.state_dict(), self.out / "model.safetensors", {"step": self.step})
         save_tensors(self.ema.state_dict(), self.out / "ema.safetensors", {"step": self.step})
 
@@ -363,9 +366,13 @@ class Trainer:
             while self.step < end:
                 loss, gn = self.train_step()
                 losses.append(loss)
+                self._pending.append(loss)
                 bar.update(1)
                 if self.step % int(t["log_every"]) == 0 or self.step == end:
-                    avg = sum(losses[-int(t["log_every"]):]) / len(losses[-int(t["log_every"]):])
+                    # the mean over the interval, including its steps before a resume
+                    avg = sum(self._pending) / len(self._pending)
+                    if self.step % int(t["log_every"]) == 0:
+                        self._pending = []
                     bar.set_postfix(loss=f"{avg:.4f}")
                     self._log({"step": self.step, "loss": avg, "lr": lr_at(self.step - 1, t), "grad_norm": gn,
                                "seconds": round(time.time() - t0, 3)})
