@@ -38,6 +38,20 @@ def _accepts_cond(net: Callable) -> bool:
     return len(params) >= 3
 
 
+def prediction_from(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, prediction: str) -> Tensor:
+    """What a net of type ``prediction`` outputs, from ``(x0, eps)`` at ``x = alpha x0 + sigma eps``:
+    ``eps``, ``x0``, ``v = alpha eps - sigma x0`` (T-PAR-9) or ``score = -eps / sigma`` (T-PAR-5)."""
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        return alpha * eps - sigma * x0
+    if prediction == "score":
+        return -eps / sigma
+    raise ValueError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+
+
 class Denoiser(nn.Module):
     """``Denoiser(net, process, prediction="eps")``: the model a sampler asks, for any prediction type.
 
@@ -133,14 +147,8 @@ class Denoiser(nn.Module):
 
     def as_prediction(self, x: Tensor, t, x0: Tensor, eps: Tensor, prediction: str) -> Tensor:
         tt = self._times(x, t)
-        a, s = expand_like(self.process.alpha(tt), x), expand_like(self.process.sigma(tt), x)
-        if prediction == "eps":
-            return eps
-        if prediction == "x0":
-            return x0
-        if prediction == "v":
-            return a * eps - s * x0
-        return -eps / s
+        return prediction_from(x0, eps, expand_like(self.process.alpha(tt), x), expand_like(self.process.sigma(tt), x),
+                               prediction)
 
     def eps(self, x: Tensor, t, cond=None) -> Tensor:
         """``E[eps | x_t]``."""

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .denoiser import PREDICTIONS, prediction_from
 from .processes import Process, as_time, expand_like
 
 
@@ -222,8 +223,6 @@ class GaussianMixture:
         """A callable ``net(x, t, cond=None)`` predicting ``eps``, ``x0``, ``v`` or ``score`` exactly, for use
         inside :class:`torchdiffusion.Denoiser` (``t`` is the process time). ``cond`` is a class label
         (``-1``: unconditional)."""
-        from .denoiser import PREDICTIONS
-
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
 
@@ -232,14 +231,8 @@ class GaussianMixture:
             if tt.ndim == 0:
                 tt = tt.expand(len(x))
             eps, x0 = self.eps_x0(x, process, tt, cond)
-            a, s = expand_like(process.alpha(tt), x), expand_like(process.sigma(tt), x)
-            if prediction == "eps":
-                return eps
-            if prediction == "x0":
-                return x0
-            if prediction == "v":
-                return a * eps - s * x0
-            return -eps / s
+            return prediction_from(x0, eps, expand_like(process.alpha(tt), x), expand_like(process.sigma(tt), x),
+                                   prediction)
 
         f.oracle = self  # type: ignore[attr-defined]
         return f
