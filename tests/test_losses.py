@@ -302,7 +302,10 @@ def test_gradients_equal_those_of_the_closed_form_loss(pred):
     torch.manual_seed(0)
     proc = td.VP()
     net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
-    f = (lambda x, t: net(torch.cat([x, t[:, None].to(x.dtype)], 1)))
+
+    def f(x, t):
+        return net(torch.cat([x, t[:, None].to(x.dtype)], 1))
+
     model = td.Denoiser(f, proc, pred)
     n = 128
     t = _times(proc, n)
