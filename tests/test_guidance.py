@@ -139,6 +139,13 @@ def test_classifier_guidance_errors():
         cg.predict(points(4), 10, 3)
     with pytest.raises(ValueError, match="model_cond"):
         ClassifierGuidance(oracle_model(gmm, proc), bayes_classifier(gmm, proc), 1.0, model_cond="null")
+    from torchdiffusion.nets.classifier import NoisyClassifier
+
+    clf_vp = td.Denoiser(NoisyClassifier(1, 3, channels=8, groups=8), td.VP(), "eps")
+    with pytest.raises(ValueError, match="another process"):
+        ClassifierGuidance(oracle_model(gmm, proc), clf_vp, 1.0)
+    clf_ddpm = td.Denoiser(NoisyClassifier(1, 3, channels=8, groups=8), td.DDPM("linear", 1000), "eps")
+    ClassifierGuidance(oracle_model(gmm, proc), clf_ddpm, 1.0)  # same process: accepted
 
 
 def test_noisy_classifier_and_loss():
