@@ -183,8 +183,11 @@ def test_score_presets_resolve_and_build():
         cfg = C.resolve(p)
         assert cfg["data"]["name"] == "digits" and cfg["model"]["net"] == "unet"
         assert td.samplers.get(cfg["sample"]["sampler"])
-    with pytest.raises(ValueError, match="model.dim"):
-        build_model(C.resolve("ve", ["model.net=energy"]), (2,))
+    # the energy net takes its dimension from the data, and refuses image data with a clear error
+    model = build_model(C.resolve("ve", ["model.net=energy"]), (3,))
+    assert model.net.energy.dim == 3
+    with pytest.raises(ValueError, match="needs vector data"):
+        build_model(C.resolve("ve", ["model.net=energy"]), (1, 8, 8))
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------------
