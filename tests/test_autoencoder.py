@@ -291,3 +291,22 @@ def test_linear_denoising_autoencoder_is_the_posterior_mean():
     opt.step(closure)
     gain = v / (v + sigma**2)
     assert abs(net.a.item() - gain) < 0.01 and abs(net.b.item() - m * (1 - gain)) < 0.01
+
+
+def test_vae_trains_on_an_image_folder_with_periodic_grids(tmp_path):
+    """The image-folder preset trains through the ordinary trainer; ``train.sample_every`` writes prior samples
+    for an autoencoder run (instead of running a diffusion sampler)."""
+    import numpy as np
+    from PIL import Image
+
+    from torchdiffusion.train import train
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+    cfg = config.resolve("vae_images", [f"data.name={tmp_path}", "data.size=8", "model.channels=8",
+                                        "model.channel_mult=[1,2]", "train.steps=2", "train.batch=4",
+                                        "train.sample_every=2", "train.ckpt_every=0", "data.holdout=0"])
+    res = train(cfg, tmp_path / "run", progress=False)
+    assert res["step"] == 2 and (tmp_path / "run" / "samples" / "step_0000002.png").is_file()
+    assert (tmp_path / "run" / "reconstructions.png").is_file()

@@ -92,7 +92,9 @@ def test_latent_config_errors(tmp_path):
 def test_end_to_end_vae_then_latent_diffusion(tmp_path, capsys):
     ae_run, lat_run = tmp_path / "vae", tmp_path / "latent"
     train(config.resolve("vae_digits", TINY_AE), ae_run, progress=False)
-    train(config.resolve("latent", [*TINY_LATENT, f"data.autoencoder={ae_run}"]), lat_run, progress=False)
+    train(config.resolve("latent", [*TINY_LATENT, f"data.autoencoder={ae_run}", "train.sample_every=3",
+                                    "sample.n=4", "sample.steps=2"]), lat_run, progress=False)
+    assert (lat_run / "samples" / "step_0000003.png").is_file()  # periodic grids are decoded images
     info = json.loads((lat_run / "config.json").read_text())["run"]
     lat = info["latent"]
     assert info["data_shape"] == [4, 4, 4] and lat["image_shape"] == [1, 8, 8] and info["num_classes"] == 10
