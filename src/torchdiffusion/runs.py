@@ -69,7 +69,8 @@ def build_net(mcfg: dict, data_shape: tuple[int, ...], process: Process, num_cla
     if name == "unet_xattn":  # class conditioning through tau(y) and cross-attention (latent diffusion)
         if len(data_shape) != 3 or not num_classes:
             raise ValueError("net 'unet_xattn' needs labelled image (or latent) data: data.conditional=true and "
-                             f"(C, H, W) examples, got shape {data_shape} with num_classes={num_classes}")
+                             f"(C, H, W) examples, got shape {data_shape} with num_classes={num_classes} "
+                             "(for unconditional data use model.net=unet)")
         C, H, _ = data_shape
         ch = int(mcfg["channels"])
         return NETS[name](num_classes, tokens=int(mcfg["cond_tokens"]), in_channels=C, image_size=H, channels=ch,
