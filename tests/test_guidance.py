@@ -371,3 +371,37 @@ def test_classifier_guidance_min_alpha():
     torch.testing.assert_close(full[1], mixture(LABELS == 1).eps(x, proc, torch.full((16,), 999.0)),
                                rtol=1e-9, atol=1e-9)
     assert not torch.equal(full[1], plain[1])
+
+
+def test_classifier_loss_bayes_optimum_is_the_oracle_posterior():
+    """B-13: the training loss (cross-entropy of net(x_t, t) against y, t and x_t drawn as in DSM) is minimised
+    by the oracle's p(y | x_t): moving its logits along any direction h raises the expected loss, and the
+    derivative at the oracle, E[sum_k p_k h_k - h_y], is zero within Monte Carlo error."""
+    from torchdiffusion.train import LOSSES
+
+    means = torch.tensor([[-1.0, 0.0], [1.0, 0.3], [0.0, 1.2]], dtype=torch.float64)
+    gm = td.GaussianMixture(torch.tensor([0.5, 0.3, 0.2]), means, torch.full((3,), 0.3))
+    proc = td.DDPM()
+
+    def make(delta):
+        def net(x, t):
+            h = torch.stack([x[:, 0], torch.zeros_like(x[:, 0]), x[:, 1] ** 2], 1)
+            return gm.class_log_prob(x, proc, t) + delta * h
+        return td.Denoiser(net, proc, "eps")
+
+    diffs, grads = [], []
+    for b in range(20):
+        x0, y = gm.sample(2000, torch.Generator().manual_seed(100 + b))
+        loss = {d: LOSSES["classifier"](make(d), x0, cond=y, generator=torch.Generator().manual_seed(b), cfg={})
+                for d in (-0.3, -0.01, 0.0, 0.01, 0.3)}
+        diffs.append(min(loss[-0.3], loss[0.3]) - loss[0.0])
+        grads.append((loss[0.01] - loss[-0.01]) / 0.02)
+    diffs, grads = torch.stack(diffs), torch.stack(grads)
+    se = lambda v: v.std() / len(v) ** 0.5  # noqa: E731
+    assert diffs.mean() > 4 * se(diffs)  # the oracle is the minimum
+    assert grads.mean().abs() < 4 * se(grads)  # ... and a stationary point
+    # a wrong classifier (the prior, ignoring x) is not stationary
+    x0, y = gm.sample(20000, torch.Generator().manual_seed(1))
+    prior = td.Denoiser(lambda x, t: gm.weights.log().expand(len(x), 3), proc, "eps")
+    ce = LOSSES["classifier"](prior, x0, cond=y, generator=torch.Generator().manual_seed(0), cfg={})
+    assert ce > LOSSES["classifier"](make(0.0), x0, cond=y, generator=torch.Generator().manual_seed(0), cfg={}) + 0.05
