@@ -110,6 +110,37 @@ def test_interrupted_run_saves_and_resumes_bit_exactly(straight: Path, tmp_path:
     _assert_same_state(straight, out)
 
 
+def test_real_ctrl_c_mid_step_stops_at_the_step_boundary(straight: Path, tmp_path: Path, monkeypatch) -> None:
+    """A real SIGINT in the middle of step 7 (inside the loss) is deferred: step 7 completes, the checkpoint holds
+    the state after it, and resuming reaches exactly the uninterrupted state."""
+    import os
+    import signal
+
+    cfg, out = _cfg("train.steps=20"), tmp_path / "r"
+    real_loss = Trainer.__init__
+
+    def init(self, *a, **k):
+        real_loss(self, *a, **k)
+        inner = self.loss_fn
+
+        def loss_fn(model, x0, **kw):
+            value = inner(model, x0, **kw)
+            if self.step == 6:
+                os.kill(os.getpid(), signal.SIGINT)  # arrives after the loss, before the update
+            return value
+
+        self.loss_fn = loss_fn
+
+    monkeypatch.setattr(Trainer, "__init__", init)
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 7"):
+        train(cfg, out, progress=False)
+    monkeypatch.undo()
+    assert ckpt.load_tensors(out / "train_state.safetensors")[1]["step"] == 7
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    train(cfg, out, progress=False)
+    _assert_same_state(straight, out)
+
+
 def test_checkpoint_files_are_complete_and_written_atomically(straight: Path, tmp_path: Path, monkeypatch) -> None:
     names = sorted(p.name for p in straight.iterdir())
     assert names == sorted(FILES)  # nothing else (no temp files left behind)

@@ -14,8 +14,10 @@ import copy
 import csv
 import dataclasses
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -174,6 +176,28 @@ def split_dataset(ds: data_mod.Dataset, holdout: float,
 
 def _model_sections(cfg: dict) -> dict:
     return {k: cfg[k] for k in ("data", "process", "model", "loss")}
+
+
+@contextlib.contextmanager
+def _deferred_sigint(enabled: bool = True) -> Iterator[Callable[[], bool]]:
+    """Defer Ctrl-C (SIGINT) to the next step boundary, so that the checkpoint written on interrupt is the state
+    after a whole step and resuming stays bit-exact; a second Ctrl-C interrupts at once. Yields ``interrupted()``.
+    Only in the main thread of a single process (elsewhere Ctrl-C acts immediately, as usual)."""
+    hit = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if hit:
+            raise KeyboardInterrupt
+        hit.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(hit)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class Trainer:
@@ -363,23 +387,10 @@ class Trainer:
         bar = tqdm(total=end, initial=self.step, disable=not (self.progress and self.dist.is_main), desc="train",
                    dynamic_ncols=True)
         try:
-            while self.step < end:
-                loss, gn = self.train_step()
-                losses.append(loss)
-                self._pending.append(loss)
-                bar.update(1)
-                if self.step % int(t["log_every"]) == 0 or self.step == end:
-                    # the mean over the interval, including its steps before a resume
-                    avg = sum(self._pending) / len(self._pending)
-                    if self.step % int(t["log_every"]) == 0:
-                        self._pending = []
-                    bar.set_postfix(loss=f"{avg:.4f}")
-                    self._log({"step": self.step, "loss": avg, "lr": lr_at(self.step - 1, t), "grad_norm": gn,
-                               "seconds": round(time.time() - t0, 3)})
-                if int(t["ckpt_every"]) and self.step % int(t["ckpt_every"]) == 0:
-                    self.save()
-                if int(t["sample_every"]) and self.step % int(t["sample_every"]) == 0 and self.dist.is_main:
-                    self.sample_grid()
+            with _deferred_sigint(enabled=not self.dist.enabled) as interrupted:
+                self._loop(end, bar, losses, t0, interrupted)
+                if interrupted():
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             self.save(gather=False)  # other ranks may already be gone: no collective here
             bar.close()
@@ -392,6 +403,27 @@ class Trainer:
         return {"step": self.step, "steps_run": self.step - start, "seconds": time.time() - t0,
                 "loss": sum(losses[-50:]) / max(len(losses[-50:]), 1) if losses else float("nan"),
                 "out": str(self.out)}
+
+    def _loop(self, end: int, bar, losses: list[float], t0: float, interrupted: Callable[[], bool]) -> None:
+        """Steps until ``end``; returns early, at a step boundary, once ``interrupted()`` (a deferred Ctrl-C)."""
+        t = self.cfg["train"]
+        while self.step < end and not interrupted():
+            loss, gn = self.train_step()
+            losses.append(loss)
+            self._pending.append(loss)
+            bar.update(1)
+            if self.step % int(t["log_every"]) == 0 or self.step == end:
+                # the mean over the interval, including its steps before a resume
+                avg = sum(self._pending) / len(self._pending)
+                if self.step % int(t["log_every"]) == 0:
+                    self._pending = []
+                bar.set_postfix(loss=f"{avg:.4f}")
+                self._log({"step": self.step, "loss": avg, "lr": lr_at(self.step - 1, t), "grad_norm": gn,
+                           "seconds": round(time.time() - t0, 3)})
+            if int(t["ckpt_every"]) and self.step % int(t["ckpt_every"]) == 0:
+                self.save()
+            if int(t["sample_every"]) and self.step % int(t["sample_every"]) == 0 and self.dist.is_main:
+                self.sample_grid()
 
     def ema_model(self) -> Denoiser:
         return Denoiser(self.ema, self.model.process, self.model.prediction, self.model.precond,
