@@ -29,10 +29,7 @@ class CFG:
         if cond is None:
             raise ValueError("classifier-free guidance needs a class condition")
         n = x.shape[0]
-        c = torch.as_tensor(cond, device=x.device).long()
-        c = c.expand(n) if c.ndim == 0 else c
-        tt = torch.as_tensor(t)
-        tt = tt.expand(n) if tt.ndim == 0 else tt
+        c, tt = _labels(cond, n, x.device), _batch_time(t, n)
         x0, eps = self.model.predict(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([c, torch.full_like(c, -1)]))
         w = self.w
         return (1 + w) * x0[:n] - w * x0[n:], (1 + w) * eps[:n] - w * eps[n:]
