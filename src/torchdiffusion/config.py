@@ -60,15 +60,6 @@ PRESETS.update({
     "ebm": {**_SCORE_TOY, "process": _VE_TOY, "loss": {"weighting": "eps"},
             "model": {"net": "energy", "prediction": "eps", "hidden": 128, "depth": 3},
             "sample": {"sampler": "euler_maruyama", "steps": 500}},
-    "vp_digits": {"data": {"name": "digits"}, "model": {"net": "unet"}, "process": {"name": "vp"},
-                  "loss": {"weighting": "eps"}, "sample": {"sampler": "euler_maruyama", "steps": 500}},
-    "ve_digits": {"data": {"name": "digits"}, "model": {"net": "unet"},
-                  "process": {"name": "ve", "sigma_min": 0.01, "sigma_max": 20.0}, "loss": {"weighting": "eps"},
-                  "sample": {"sampler": "pc", "steps": 1000}},
-    "ncsn_digits": {"data": {"name": "digits"}, "model": {"net": "unet"},
-                    "process": {"name": "edm", "sigma_min": 0.01, "sigma_max": 20.0},
-                    "loss": {"name": "ncsn", "ncsn_levels": 20},
-                    "sample": {"sampler": "annealed_langevin", "steps": 2000, "grid": "logsnr"}},
 })
 
 
@@ -170,6 +161,22 @@ _DIGITS = {"data": {"name": "digits", "size": 8, "conditional": True},
            "train": {"steps": 2000, "batch": 128, "lr": 2e-3, "warmup": 100, "ema": 0.999, "ckpt_every": 500,
                      "log_every": 50, "threads": 1},
            "sample": {"sampler": "ddim", "steps": 50, "n": 100}}
+# Score family on digits: the digits U-Net and training settings, unconditional, eps-prediction
+def _score_digits(process: dict, loss: dict, sample: dict) -> dict:
+    cfg = deep_update(_DIGITS, {"data": {"conditional": False}, "model": {"prediction": "eps"}, "loss": loss,
+                                "sample": sample}, strict=False)
+    cfg["process"] = process
+    return cfg
+
+
+PRESETS.update({
+    "vp_digits": _score_digits({"name": "vp"}, {"weighting": "eps"}, {"sampler": "euler_maruyama", "steps": 500}),
+    "ve_digits": _score_digits({"name": "ve", "sigma_min": 0.01, "sigma_max": 20.0}, {"weighting": "eps"},
+                               {"sampler": "pc", "steps": 1000}),
+    "ncsn_digits": _score_digits({"name": "edm", "sigma_min": 0.01, "sigma_max": 20.0},
+                                 {"name": "ncsn", "ncsn_levels": 20},
+                                 {"sampler": "annealed_langevin", "steps": 2000, "grid": "logsnr"}),
+})
 PRESETS.update({
     "digits": _DIGITS,
     "digits16": deep_update(_DIGITS, {"data": {"size": 16},
