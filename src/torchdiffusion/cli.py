@@ -101,8 +101,9 @@ def _sample_run(a) -> int:
     model, cond = _guided_model(a, model, info)
     frames = []
     cb = (lambda d: frames.append(d["x"].clone())) if a.gif else None
-    x = generate(model, tuple(info["data_shape"]), a.n, sampler=sampler, steps=steps, grid=a.grid,
-                 seed=a.seed, cond=cond, device=a.device, callback=cb, **opts)
+    grid = a.grid or cfg["sample"].get("grid")
+    x = generate(model, tuple(info["data_shape"]), a.n, sampler=sampler, steps=steps, grid=grid, seed=a.seed,
+                 cond=cond, device=a.device, callback=cb, **opts)
     if info.get("latent"):  # latent diffusion: decode the latents (and GIF frames) to images (issue 9)
         x, frames = to_images(x, info)[0], [to_images(f, info)[0] for f in frames]
         info = {**info, "data_shape": info["latent"]["image_shape"], "value_range": info["latent"]["value_range"]}
