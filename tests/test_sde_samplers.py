@@ -225,3 +225,18 @@ def test_annealed_langevin_sampler_matches_the_function():  # T-NCSN-2 as a td.s
     ref = annealed_langevin(lambda y, s: GMM.score(y, proc, torch.full((len(y),), s, dtype=D)), x_T, ts, eps=0.05,
                             n_steps_each=20, generator=gen(1), final_denoise=False)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_adaptive_ode_solves_to_t_min_whatever_the_grid():
+    """The adaptive solve covers the whole trajectory for any grid (a 2-step trailing DDPM grid ends at t = 499);
+    ``t_end`` stops it earlier, and a t_end outside the grid is refused."""
+    proc = td.DDPM()
+    model = oracle_model(proc)
+    x_T = torch.randn(200, 1, generator=gen(5), dtype=D)
+    a = td.sample(model, x_T, "ode", 2, grid="trailing", rtol=1e-7, atol=1e-7)
+    b = td.sample(model, x_T, "ode", 5, grid="uniform", rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+    c = td.sample(model, x_T, "ode", 2, grid="trailing", rtol=1e-7, atol=1e-7, t_end=499.0)
+    assert float((c - a).abs().max()) > 0.05  # Tweedie from t = 499 is a different (blurred) output
+    with pytest.raises(ValueError, match="t_end must be in"):
+        td.sample(model, x_T, "ode", 2, t_end=5000.0)

@@ -54,26 +54,31 @@ def _any_steps(steps: int) -> int:
 
 @register("ode", intervals=_any_steps)
 def ode(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, method: str = "dopri5",
-        rtol: float = 1e-5, atol: float = 1e-5) -> Tensor:
-    """Adaptive PF-ODE solve with ``torchdiffeq.odeint`` (default ``dopri5``) from ``ts[0]`` to ``ts[-2]``,
-    then Tweedie's x0_hat (T-SDE-10).
+        rtol: float = 1e-5, atol: float = 1e-5, t_end: float | None = None) -> Tensor:
+    """Adaptive PF-ODE solve with ``torchdiffeq.odeint`` (default ``dopri5``) from ``ts[0]`` down to ``t_end``,
+    then Tweedie's x0_hat there (T-SDE-10).
 
-    The number of network calls is chosen by the solver from ``rtol``/``atol``, so ``steps`` does **not**
-    bound it: ``steps`` only builds the grid (at least 2 points) whose last positive time ``ts[-2]`` is where
-    the solve stops (``t_min`` for the ``uniform``, ``logsnr`` and ``karras`` grids); the interior grid points
-    are not visited. The calls made are counted in ``model.nfe`` like any sampler's. ``callback`` is called
-    twice: after the solve (``x0=None``) and after the denoising step.
+    ``t_end`` defaults to the process's smallest time ``t_min`` whatever the grid, so the solve always covers
+    the whole trajectory (a ``trailing`` DDPM grid of 2 steps would otherwise stop at t = 499); give ``t_end``
+    to stop earlier. The number of network calls is chosen by the solver from ``rtol``/``atol``, so ``steps``
+    does **not** bound it (it only builds the grid, whose interior points are not visited). The calls made are
+    counted in ``model.nfe`` like any sampler's. ``callback`` is called twice: after the solve (``x0=None``) and
+    after the denoising step.
     """
     from torchdiffeq import odeint
 
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol and atol must be > 0, got {rtol}, {atol}")
-    t_span = torch.stack([ts[0], ts[-2]])
+    proc = model.process
+    end = torch.as_tensor(proc.t_min if t_end is None else float(t_end), dtype=torch.float64)
+    if not (float(ts[-1]) < float(end) <= float(ts[0])):
+        raise ValueError(f"t_end must be in ({float(ts[-1])}, {float(ts[0])}], got {float(end)}")
+    t_span = torch.stack([ts[0].to(torch.float64), end])
 
     def func(t: Tensor, y: Tensor) -> Tensor:
         return pf_ode_drift(model, y, t.to(torch.float64))[0].to(y.dtype)
 
-    if ts[0] > ts[-2]:
+    if ts[0] > end:
         # step_t makes adaptive solvers land on the end time instead of stepping past it (where the drift may
         # be undefined) and interpolating back
         opts = {"step_t": t_span} if method in ADAPTIVE else None
@@ -82,6 +87,6 @@ def ode(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, method: 
         except ValueError as e:
             raise ValueError(f"ode sampler: {e}") from None
         emit(callback, 0, ts[0], x, None)
-    x, _ = model.predict(x, ts[-2])
-    emit(callback, 1, ts[-2], x, x)
+    x, _ = model.predict(x, end)
+    emit(callback, 1, end, x, x)
     return x
