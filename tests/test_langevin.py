@@ -260,8 +260,7 @@ def test_annealed_langevin_recovers_mixture_weights():  # T-NCSN-2
     assert abs(frac - 0.2) < 0.04  # THEORY's recipe gives ~0.22: mode weights freeze while sigma ~ 3-4
 
 
-@pytest.mark.slow
-def test_annealed_langevin_longer_schedule_within_standard_errors():  # T-NCSN-2, 3000 NFE
+def test_annealed_langevin_longer_schedule_within_standard_errors():  # T-NCSN-2, 3000 NFE (about 5 s)
     gm = td.GaussianMixture(torch.tensor([0.2, 0.8]), torch.tensor([[-5.0], [5.0]]), torch.tensor([1.0, 1.0]))
     proc = td.EDM(sigma_min=0.5, sigma_max=30.0)
     N = 20_000
@@ -269,4 +268,4 @@ def test_annealed_langevin_longer_schedule_within_standard_errors():  # T-NCSN-2
     sig = torch.logspace(math.log10(20.0), 0.0, 10, dtype=D)
     ann = annealed_langevin(lambda y, s: gm.score(y, proc, torch.full((len(y),), s, dtype=D)), x, sig, eps=0.5,
                             n_steps_each=300, generator=gen(2), final_denoise=False)
-    assert abs(float((ann < 0).to(D).mean()) - 0.2) < 4 * math.sqrt(0.16 / N)
+    assert abs(float((ann < 0).to(D).mean()) - 0.2) < 3 * math.sqrt(0.16 / N)  # measured: 0.4 SE
