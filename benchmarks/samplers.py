@@ -233,20 +233,31 @@ def our_configs(case: Case) -> dict[str, tuple[str, dict]]:
     return configs
 
 
-def run_ours(case: Case, configs: dict, nfe: int) -> list[dict]:
-    rows = []
+def our_runs(make_net, process, prediction: str, x_start: torch.Tensor, configs: dict, nfe: int, grids=None,
+             cond=None):
+    """Yield ``(label, grid, nfe used, samples, seconds)`` for every configuration ``label -> (sampler, options)``
+    and grid (default: every registered grid) that accepts ``nfe`` steps, sampling ``Denoiser(Counter(make_net()),
+    process, prediction)``; the NFE used is what the counter saw, and more than ``nfe`` is an error."""
     for label, (name, opts) in configs.items():
-        for grid in td.grids.names():
-            net = Counter(case.mixture.net(case.process, "eps"))
-            model = td.Denoiser(net, case.process, "eps")
+        for grid in (td.grids.names() if grids is None else grids):
+            net = Counter(make_net())
+            model = td.Denoiser(net, process, prediction)
+            t0 = time.time()
             try:
-                x = td.sample(model, case.x_start, name, nfe, grid=grid, **opts)
+                x = td.sample(model, x_start, name, nfe, grid=grid, cond=cond, **opts)
             except ValueError:
                 continue  # e.g. a grid that cannot have this many distinct timesteps
             if net.calls > nfe:
                 raise RuntimeError(f"{label} used {net.calls} > {nfe} NFE")
-            rms, nll = metrics(case, x)
-            rows.append({"lib": "ours", "sampler": label, "grid": grid, "nfe": net.calls, "rms": rms, "nll": nll})
+            yield label, grid, net.calls, x, time.time() - t0
+
+
+def run_ours(case: Case, configs: dict, nfe: int) -> list[dict]:
+    rows = []
+    make_net = lambda: case.mixture.net(case.process, "eps")  # noqa: E731
+    for label, grid, calls, x, _ in our_runs(make_net, case.process, "eps", case.x_start, configs, nfe):
+        rms, nll = metrics(case, x)
+        rows.append({"lib": "ours", "sampler": label, "grid": grid, "nfe": calls, "rms": rms, "nll": nll})
     return rows
 
 
@@ -289,30 +300,37 @@ def _diffusers_loop(sch, net, x_start: torch.Tensor, steps: int) -> torch.Tensor
     return x
 
 
-def run_diffusers(case: Case, nfe: int) -> list[dict]:
+def diffusers_runs(config: dict, net_fn, x_start: torch.Tensor, nfe: int, configs: dict | None = None,
+                   spacings: dict | None = None, failures: list | None = None):
+    """Yield ``(label, spacing, nfe used, samples, seconds)`` for every diffusers scheduler of ``configs`` (default
+    :func:`diffusers_configs`) x spacing of ``spacings`` (default :data:`SPACINGS`) that it supports, built from
+    the scheduler ``config`` and driven by :func:`_diffusers_loop` around ``net_fn(x, t)`` (``t``: diffusers'
+    timestep) with the most steps whose counted NFE fit ``nfe``. A scheduler that raises is skipped (appended to
+    ``failures`` as ``(label, spacing, error)`` when a list is given)."""
     import diffusers
 
-    rows = []
-    for label, (cls_name, extra, per_step) in diffusers_configs().items():
+    for label, (cls_name, extra, per_step) in (diffusers_configs() if configs is None else configs).items():
         cls = getattr(diffusers, cls_name, None)
         if cls is None:
             continue
-        for spacing, sp in SPACINGS.items():
+        for spacing, sp in (SPACINGS if spacings is None else spacings).items():
             try:
-                cls(**case.config, **extra, **sp)
+                cls(**config, **extra, **sp)
             except (TypeError, ValueError):
                 continue
-            if sp.get("use_karras_sigmas") and not cls(**case.config, **extra, **sp).config.get("use_karras_sigmas"):
+            if sp.get("use_karras_sigmas") and not cls(**config, **extra, **sp).config.get("use_karras_sigmas"):
                 continue  # the scheduler ignores the option
             steps = max(1, (nfe + per_step - 1) // per_step)
             while steps >= 1:
-                sch = cls(**case.config, **extra, **sp)
-                oracle = case.mixture.net(case.process, "eps")
-                net = Counter(lambda x, t, o=oracle: o(x, torch.as_tensor(t, dtype=torch.float64)))
+                sch = cls(**config, **extra, **sp)
+                net = Counter(net_fn)
+                t0 = time.time()
                 try:
                     with torch.no_grad():
-                        x = _diffusers_loop(sch, net, case.x_start.clone(), steps)
-                except (ValueError, IndexError, RuntimeError, AssertionError):
+                        x = _diffusers_loop(sch, net, x_start.clone(), steps)
+                except (ValueError, IndexError, RuntimeError, AssertionError) as e:
+                    if failures is not None:
+                        failures.append((label, spacing, f"{type(e).__name__}: {e}"))
                     x = None
                     break
                 if net.calls <= nfe:
@@ -320,9 +338,16 @@ def run_diffusers(case: Case, nfe: int) -> list[dict]:
                 steps -= 1
             if x is None or steps < 1:
                 continue
-            rms, nll = metrics(case, x)
-            rows.append({"lib": "diffusers", "sampler": label, "grid": spacing, "nfe": net.calls, "rms": rms,
-                         "nll": nll})
+            yield label, spacing, net.calls, x, time.time() - t0
+
+
+def run_diffusers(case: Case, nfe: int) -> list[dict]:
+    oracle = case.mixture.net(case.process, "eps")
+    net_fn = lambda x, t: oracle(x, torch.as_tensor(t, dtype=torch.float64))  # noqa: E731
+    rows = []
+    for label, spacing, calls, x, _ in diffusers_runs(case.config, net_fn, case.x_start, nfe):
+        rms, nll = metrics(case, x)
+        rows.append({"lib": "diffusers", "sampler": label, "grid": spacing, "nfe": calls, "rms": rms, "nll": nll})
     return rows
 
 
