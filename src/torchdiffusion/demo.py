@@ -1,6 +1,6 @@
 """``torchdiffusion demo``: train on the embedded defaults and write the pictures people look at.
 
-1. ``ring/samples.png``: a DDPM on the 8-Gaussian ring, DDIM samples beside the data.
+1. ``ring/samples.png``: a DDPM on the 8-Gaussian ring, ancestral samples beside the data.
 2. ``digits/digits_grid.png`` (10x10, one row per digit 0..9) and ``digits/digits_reverse.gif`` (the reverse
    process of one row per digit): a class-conditional U-Net DDPM (``digits`` preset) on scikit-learn's 8x8
    digits, sampled with DDIM and classifier-free guidance, scored by a classifier trained on real digits.
@@ -30,7 +30,7 @@ def _trained(name: str, res: dict) -> str:
 
 
 def toy_demo(out: Path, quick: bool = False) -> Iterator[str]:
-    """A DDPM on the 8-Gaussian ring with an MLP; DDIM samples beside the data, NLL under the true density."""
+    """A DDPM on the 8-Gaussian ring with an MLP; ancestral samples (200 steps) beside the data, their NLL."""
     steps = 300 if quick else 3000
     # one intra-op thread: this small MLP is many times slower with 2 threads on a busy 2-core machine
     cfg = config_mod.resolve("ring", [f"train.steps={steps}", "train.ckpt_every=1000", "train.threads=1"])
@@ -38,13 +38,15 @@ def toy_demo(out: Path, quick: bool = False) -> Iterator[str]:
     res = tr.run()
     yield _trained("ring", res)
     model = tr.ema_model()
-    x = generate(model, (2,), 2000, sampler="ddim", steps=50, seed=0)
+    # ancestral sampling: with this learned MLP it reaches the data's entropy (0.32 vs 0.32 nats), while the
+    # deterministic PF-ODE samplers stop at about 0.58 whatever the steps (the net's error, not the solver's)
+    x = generate(model, (2,), 2000, sampler="ddpm", steps=200, seed=0)
     dens = toy_density("ring")
     exact, _ = dens.sample(2000, torch.Generator().manual_seed(1))
     nll, nll_exact = -dens.log_prob(x.double()).mean().item(), -dens.log_prob(exact).mean().item()
     p = save_samples(x, out / "ring" / "samples.png", data=tr.data.x[:2000],
-                     title=f"DDIM 50 steps: NLL {nll:.3f} (exact samples {nll_exact:.3f})")
-    yield f"ring: DDIM-50 samples NLL {nll:.3f} nats vs {nll_exact:.3f} for exact samples -> {p}"
+                     title=f"DDPM 200 steps: NLL {nll:.3f} (exact samples {nll_exact:.3f})")
+    yield f"ring: DDPM-200 samples NLL {nll:.3f} nats vs {nll_exact:.3f} for exact samples -> {p}"
 
 
 def digits_demo(out: Path, quick: bool = False) -> Iterator[str]:
