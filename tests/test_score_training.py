@@ -98,10 +98,11 @@ def test_noise_conditional_score_learns_the_oracle():  # T-SM-6, T-NCSN-1 (fast:
 
 
 @pytest.mark.slow
-def test_noise_conditional_score_within_ten_percent():  # T-SM-6 as stated (8000 steps)
-    errors = train_noise_conditional(8000, 1024)
-    # measured: <= 0.072 down to sigma = 0.035, 0.115 at sigma = 0.02 (eps* ~ 0.07 there)
-    assert max(errors[:-1]) < 0.10 and errors[-1] < 0.15, errors
+def test_noise_conditional_score_within_ten_percent():  # T-SM-6 as stated (8000 steps of 4096, ~110 s)
+    errors = train_noise_conditional(8000, 4096)
+    # measured: 0.004 at sigma = 10 .. 0.073 at sigma = 0.02 (with batch 1024: 0.115 at sigma = 0.02, where
+    # eps* ~ 0.07 lies under the loss's unit noise, so the smallest level needs the larger batch)
+    assert max(errors) < 0.10, errors
 
 
 # --- models trained through the Trainer and sampled ------------------------------------------------------------
