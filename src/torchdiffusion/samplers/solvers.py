@@ -108,11 +108,19 @@ def euler(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, final_
 
 @register("heun", intervals=heun_intervals)
 def heun(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, final_step: str = "denoise",
-         clip_x0: float | None = None, thresholding: float | None = None) -> Tensor:
+         clip_x0: float | None = None, thresholding: float | None = None, max_ratio: float = 10.0) -> Tensor:
     """Heun's method on ``dy/ds = eps`` (EDM Algorithm 1, deterministic; THEORY B-9): an Euler step, then the
     trapezoidal correction ``y_s = y_t + (s_s - s_t)(eps_t + eps_s') / 2``; the last step, to noise 0, is Euler.
-    ``steps`` NFE buy ``(steps + 1) // 2`` intervals."""
+    ``steps`` NFE buy ``(steps + 1) // 2`` intervals.
+
+    An interval over which the noise level falls by more than ``max_ratio`` (``s_t / s_s``, default 10) takes
+    the Euler step alone (saving its second evaluation): there the correction multiplies ``eps_s' - eps_t`` by
+    ``(s_t - s_s) / 2``, which is unstable from a start like the cosine schedule's ``s = 2e4`` (t = 999; with a
+    trained digits model the textbook scheme gives FD 230 at 5-20 NFE, this one 7.4 / 5.1 / 4.7). Grids of
+    many steps never trigger it; ``max_ratio = inf`` is the textbook scheme."""
     _check(final_step, clip_x0, thresholding)
+    if not max_ratio > 1:
+        raise ValueError(f"max_ratio must be > 1, got {max_ratio}")
     proc = model.process
     s_hist, x0_hist = [], []
     for i in range(len(ts) - 1):
@@ -125,9 +133,10 @@ def heun(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, final_s
         if sig_s == 0:
             x = _finish(final_step, x0, s_hist, x0_hist)
         else:
-            x_e = ddim_step(x0, eps, a_s, sig_s)
-            _, eps_e = predict_limited(model, x_e, s, clip_x0, thresholding)
-            x = x_e + (a_s * (sig_s / a_s - sig_t / a_t) / 2) * (eps_e - eps)
+            x = ddim_step(x0, eps, a_s, sig_s)
+            if (sig_t / a_t) <= max_ratio * (sig_s / a_s):
+                _, eps_e = predict_limited(model, x, s, clip_x0, thresholding)
+                x = x + (a_s * (sig_s / a_s - sig_t / a_t) / 2) * (eps_e - eps)
         emit(callback, i, t, x, x0)
     return x
 
