@@ -276,6 +276,9 @@ def diffusers_configs() -> dict[str, tuple[str, dict, int]]:
         "DPM++3S": ("DPMSolverSinglestepScheduler", {"solver_order": 3}, 1),
         "UniPC[2,bh2]": ("UniPCMultistepScheduler", {"solver_order": 2}, 1),
         "UniPC[3,bh1]": ("UniPCMultistepScheduler", {"solver_order": 3, "solver_type": "bh1"}, 1),
+        # bh1 returns NaN on its last step to sigma = 0 (B(h) = h is infinite there): stop at sigma_min instead
+        "UniPC[3,bh1,sigma_min]": ("UniPCMultistepScheduler",
+                                   {"solver_order": 3, "solver_type": "bh1", "final_sigmas_type": "sigma_min"}, 1),
         "DEIS[2]": ("DEISMultistepScheduler", {"solver_order": 2}, 1),
         "DEIS[3]": ("DEISMultistepScheduler", {"solver_order": 3}, 1),
         "Euler": ("EulerDiscreteScheduler", {}, 1),
