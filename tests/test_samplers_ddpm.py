@@ -82,16 +82,17 @@ def affine_recursion(proc, m, v, variance):
 def test_algorithm2_affine_oracle(variance, expected_var):  # T-ALG-2
     m, v = 0.3, 0.25
     proc = td.DDPM()
-    M, V = affine_recursion(proc, m, v, variance)
-    assert M == pytest.approx(0.29999, abs=1e-5) and V == pytest.approx(expected_var, abs=1e-4)
+    mu, var = affine_recursion(proc, m, v, variance)
+    assert mu == pytest.approx(0.29999, abs=1e-5)
+    assert var == pytest.approx(expected_var, abs=1e-4)
     oracle = td.GaussianMixture.gaussian(m, v)
     g = torch.Generator().manual_seed(3)
     n = 100_000
     x_T = torch.randn(n, 1, generator=g, dtype=F64)
     model = td.Denoiser(oracle.net(proc, "eps"), proc)
     x = td.sample(model, x_T, "ddpm", steps=1000, grid="uniform", generator=g, variance=variance)[:, 0]
-    assert abs(x.mean().item() - M) < 4 * math.sqrt(V / n)
-    assert abs(x.var().item() - V) < 4 * V * math.sqrt(2 / n)
+    assert abs(x.mean().item() - mu) < 4 * math.sqrt(var / n)
+    assert abs(x.var().item() - var) < 4 * var * math.sqrt(2 / n)
 
 
 def test_ddim_matches_song_formula_and_point_mass():  # T-DDIM-1 (a), (b); B-5 F-PT exactness
@@ -195,7 +196,7 @@ def test_sampler_invariants():  # B-14
         b = td.sample(model, x_T, name, steps=12, generator=torch.Generator().manual_seed(1))
         assert torch.equal(a, b)
         calls = []
-        td.sample(model, x_T, name, steps=12, callback=lambda d: calls.append(d), generator=g)
+        td.sample(model, x_T, name, steps=12, callback=calls.append, generator=g)
         assert len(calls) == 12 and all("x0" in c and "x" in c for c in calls)
     for gname in ("uniform", "leading", "trailing"):
         ts = td.grids.get(gname, proc, 10)
