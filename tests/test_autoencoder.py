@@ -28,12 +28,7 @@ from torchdiffusion.train import get_loss
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # small convolutions on a shared machine: intra-op threads cost more than they gain
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _se_ok(samples: torch.Tensor, target: torch.Tensor, k: float = 4.0) -> bool:

@@ -25,12 +25,7 @@ TINY = ["--set", "train.steps=30", "--set", "model.hidden=32", "--set", "model.d
         "--set", "data.n=2000", "--set", "train.device=cpu", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -24,13 +24,7 @@ TINY = ["model.channels=8", "model.num_res_blocks=1", "train.batch=16", "train.c
         "train.threads=0", "train.warmup=2", "train.device=cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convolutions: one intra-op thread is faster (and far faster on a busy machine); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _digits_cfg(*sets: str) -> dict:

@@ -22,12 +22,7 @@ TINY_LATENT = ["model.channels=8", "model.channel_mult=[1,2]", "model.attn_resol
                "train.batch=16", "train.ckpt_every=0", "train.log_every=1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # small convolutions on a shared machine: intra-op threads cost more than they gain
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _xattn_net(**kw):

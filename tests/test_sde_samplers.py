@@ -19,12 +19,7 @@ PROCS = {"vp": td.VP(), "ve": td.VE(sigma_min=0.01, sigma_max=50.0), "subvp": td
 N = 6_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -31,12 +31,7 @@ TINY = ["train.batch=64", "model.hidden=32", "model.depth=2", "data.n=2000", "tr
 FILES = ("config.json", "model.safetensors", "ema.safetensors", "train_state.safetensors", "log.csv")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _cfg(*sets: str) -> dict:
