@@ -113,13 +113,21 @@ def reconstruction_grid(net: Autoencoder, x: Tensor) -> tuple[Tensor, int]:
 
 def sample_autoencoder_run(run: str | Path, *, n: int = 64, seed: int = 0, out: str | Path | None = None,
                            ema: bool = True) -> list[Path]:
+    """:func:`write_autoencoder_samples` for the trained autoencoder run folder ``run``."""
+    net, cfg = load_autoencoder(run, ema=ema)
+    return write_autoencoder_samples(net, cfg, run, n=n, seed=seed, out=out)
+
+
+@torch.no_grad()
+def write_autoencoder_samples(net: Autoencoder, cfg: dict, run: str | Path, *, n: int = 64, seed: int = 0,
+                              out: str | Path | None = None) -> list[Path]:
     """Write a VAE's prior samples ``D(z), z ~ N(0, I)`` (to ``out``, default ``RUN/samples.png``) and a
     reconstruction grid of held-out data (``RUN/reconstructions.png``); a plain autoencoder has no prior, so
-    only the reconstructions are written (to ``out`` if given). Returns the written paths."""
+    only the reconstructions are written (to ``out`` if given). ``cfg`` is the run's config (with its ``run``
+    section). Returns the written paths."""
     from .generate import save_samples
     from .train import split_dataset
 
-    net, cfg = load_autoencoder(run, ema=ema)
     if int(n) < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     vr = tuple(cfg["run"].get("value_range", (-1, 1)))

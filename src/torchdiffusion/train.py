@@ -432,12 +432,12 @@ class Trainer:
     def sample_grid(self) -> Path:
         """Samples from the EMA model into ``samples/step_XXXXXX.png``."""
         from .generate import generate_to_file
+        from .latent import is_autoencoder_config, write_autoencoder_samples
 
-        if self.cfg["model"]["net"] in ("autoencoder", "vae"):  # prior samples / reconstructions (issue 9)
-            from .latent import sample_autoencoder_run
-
-            self.save()
-            return sample_autoencoder_run(self.out, out=self.out / "samples" / f"step_{self.step:07d}.png")[0]
+        if is_autoencoder_config(self.cfg):  # prior samples / reconstructions of the EMA net (issue 9)
+            net = copy.deepcopy(self.ema).eval()
+            return write_autoencoder_samples(net, {**self.cfg, "run": self.run_info}, self.out,
+                                             out=self.out / "samples" / f"step_{self.step:07d}.png")[0]
         return generate_to_file(self.ema_model(), self.cfg, self.run_info,
                                 self.out / "samples" / f"step_{self.step:07d}.png", data=self.data)
 
