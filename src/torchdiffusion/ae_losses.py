@@ -103,7 +103,7 @@ def _dims(x: Tensor) -> int:
 
 def ae_loss(net: Autoencoder, x: Tensor) -> Tensor:
     """``E |x - D(E(x))|^2`` per dimension (T-AE-1); a VAE's encoder mean is used as its code."""
-    return ((net(x) - x) ** 2).mean()  # net(x) = D_mu(E_mu(x))
+    return ((net.decode(net.encode(x)[0])[0] - x) ** 2).mean()
 
 
 def dae_loss(net: Autoencoder, x: Tensor, sigma: float, *, generator: torch.Generator | None = None) -> Tensor:
@@ -112,7 +112,7 @@ def dae_loss(net: Autoencoder, x: Tensor, sigma: float, *, generator: torch.Gene
     if not float(sigma) >= 0:
         raise ValueError(f"the denoising autoencoder's noise level must be >= 0, got {sigma}")
     y = x + float(sigma) * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-    return ((net(y) - x) ** 2).mean()
+    return ((net.decode(net.encode(y)[0])[0] - x) ** 2).mean()
 
 
 def vae_loss(net: Autoencoder, x: Tensor, *, beta: float = 1.0, likelihood: str = "gaussian",
