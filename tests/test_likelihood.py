@@ -650,6 +650,8 @@ def test_cli_likelihood(tmp_path, capsys):
     assert main(["likelihood", str(run), "--method", "ode", "--n", "4", "--rtol", "1e-3", "--atol", "1e-3",
                  "--data", "train", "--json", str(js)]) == 0
     assert "method ode" in capsys.readouterr().out
+    assert main(["likelihood", str(run), "--method", "ode", "--n", "4", "--x0-in-range"]) == 2
+    assert "exceed their value range" in capsys.readouterr().err  # the gmm data are not within [-1, 1]
     assert main(["likelihood", str(run), "--n-t", "2", "--min-sigma", "0.3"]) == 0
     out = capsys.readouterr().out
     assert "L_1..L_" in out and "L_10..L_19" not in out  # fewer steps: the chain decodes at sigma >= 0.3
@@ -661,3 +663,85 @@ def test_cli_likelihood(tmp_path, capsys):
                  *sum([["--set", s] for s in sets], [])]) == 0
     assert main(["likelihood", str(run0)]) == 2
     assert "holds no data out" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A diverging solve is an error, never a number (issue 13)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def runaway_model(proc, v: float = 0.1, k: float = 4.0, marked=lambda x: x[:, :1] > 2.0, nan: bool = False):
+    """The exact eps of N(0, v I) data, except for the examples with a marked first coordinate: there
+    ``eps_hat = k x`` (an eps-net extrapolating with slope k > 1, so ``dx/dt = beta/2 (k/sigma - 1) x`` runs
+    away and the mark is kept), or NaN."""
+
+    def net(x, t):
+        a, s = proc.alpha(t)[:, None].to(x), proc.sigma(t)[:, None].to(x)
+        eps = s * x / (a**2 * v + s**2)
+        bad = marked(x)
+        return torch.where(bad, torch.full_like(x, math.nan) if nan else k * x, eps)
+
+    return td.Denoiser(net, proc, "eps")
+
+
+def runaway_batch() -> torch.Tensor:
+    x = 0.3 * torch.randn(6, 3, generator=gen(40), dtype=F64)
+    x[[1, 4], 0] = 3.0
+    return x
+
+
+def test_ode_likelihood_divergence_names_the_examples():
+    proc = td.VP()
+    x = runaway_batch()
+    with pytest.raises(ValueError, match=r"diverged for examples \[1 \(\S+\), 4 \(\S+\)\] of 6") as e:
+        L.ode_log_likelihood(runaway_model(proc), x, divergence="exact", rtol=1e-4, atol=1e-4)
+    assert "x0_range" in str(e.value)
+    with pytest.raises(ValueError, match=r"diverged for examples \[1 \(\S+\), 4 \(\S+\)\] of 6"):
+        L.bits_per_dim(runaway_model(proc), x, method="ode", divergence="exact", rtol=1e-4, atol=1e-4)
+    # the well-behaved examples alone are fine
+    ok = L.ode_log_likelihood(runaway_model(proc), x[[0, 2, 3, 5]], divergence="exact", rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(ok.logp).all()
+
+
+def test_ode_likelihood_non_finite_drift_names_the_examples():
+    proc = td.VP()
+    with pytest.raises(ValueError, match=r"ODE likelihood solve failed .*in a batch of 6.*: \[1 \(nan\), 4 \(nan\)\]$"):
+        L.ode_log_likelihood(runaway_model(proc, nan=True), runaway_batch(), divergence="exact", rtol=1e-4,
+                             atol=1e-4, max_steps=200)
+
+
+def test_ode_likelihood_step_limit_is_an_error():
+    proc = td.VP()
+    model = oracle_model(td.GaussianMixture.gaussian(0.0, 0.3, dim=2), proc)
+    x = 0.3 * torch.randn(4, 2, generator=gen(41), dtype=F64)
+    with pytest.raises(ValueError, match=r"max_num_steps exceeded.*max_num_steps = 3.*of 4"):
+        L.ode_log_likelihood(model, x, divergence="exact", max_steps=3)
+    assert torch.isfinite(L.ode_log_likelihood(model, x, divergence="exact", rtol=1e-4, atol=1e-4).logp).all()
+
+
+def test_ode_likelihood_x0_range():
+    proc = td.VP()
+    # x0_hat of the exact Gaussian model never leaves [-1, 1] along the flow of in-range data: nothing changes
+    x = (0.3 * torch.randn(5, 2, generator=gen(42), dtype=F64)).clamp(-0.9, 0.9)
+    model = oracle_model(td.GaussianMixture.gaussian(0.0, 0.3, dim=2), proc)
+    free = L.ode_log_likelihood(model, x, divergence="exact", rtol=1e-7, atol=1e-7)
+    kept = L.ode_log_likelihood(model, x, divergence="exact", rtol=1e-7, atol=1e-7, x0_range=(-1, 1))
+    torch.testing.assert_close(kept.logp, free.logp, rtol=0, atol=1e-6)
+    # an eps-net extrapolating x0_hat out of the range runs away; with x0_hat kept in it, x / sigma moves by at
+    # most alpha/sigma at t_eps per coordinate (docstring), and the solve stays bounded
+    xr = (0.3 * torch.randn(6, 3, generator=gen(43), dtype=F64)).clamp(-0.7, 0.7)
+    xr[[1, 4], 0] = 0.9
+    runaway = runaway_model(proc, marked=lambda x: x[:, :1] > 0.8)
+    with pytest.raises(ValueError, match=r"diverged for examples \[.*1 .*4 .*\] of 6"):
+        L.ode_log_likelihood(runaway, xr, divergence="exact", rtol=1e-4, atol=1e-4, t_eps=0.3)
+    res = L.ode_log_likelihood(runaway, xr, divergence="exact", rtol=1e-4, atol=1e-4, t_eps=0.3, x0_range=(-1, 1))
+    assert torch.isfinite(res.logp).all()
+    with pytest.raises(ValueError, match="x0_range"):
+        L.ode_log_likelihood(model, x, x0_range=(1, -1))
+
+
+def test_prior_norm_bound():
+    r = L.prior_norm_bound()
+    assert abs((r - 1 - math.log(r)) / 2 - 12 * math.log(10)) < 1e-9 and 60 < r < 61
+    # the Chernoff bound holds: chi2_D tail at r D (exact, D = 2: exp(-r D / 2)) is below 1e-12^D
+    assert math.exp(-r) <= 1e-24

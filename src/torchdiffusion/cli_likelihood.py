@@ -31,6 +31,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=float, default=1e-5, help="ode: solver relative tolerance")
     p.add_argument("--atol", type=float, default=1e-5, help="ode: solver absolute tolerance")
     p.add_argument("--t-eps", type=float, default=None, help="ode: start time (default: the process's t_min)")
+    p.add_argument("--x0-in-range", action="store_true",
+                   help="ode: clamp x0_hat to the data's value range (likelihood.ode_log_likelihood x0_range): "
+                        "keeps an eps-net whose x0_hat runs outside the range from diverging")
     p.add_argument("--min-sigma", type=float, default=None,
                    help="vlb: decode from the first step with noise sigma >= S (a shorter chain); "
                         "ode: start at the time where sigma = S (instead of --t-eps)")
@@ -107,12 +110,21 @@ def _run(a) -> int:
         t_eps = time_at_sigma(proc, a.min_sigma) if a.min_sigma is not None else a.t_eps
         opts = {"divergence": "exact" if a.exact else "hutchinson", "noise": a.noise, "rtol": a.rtol,
                 "atol": a.atol, "t_eps": t_eps}
+        if a.x0_in_range:
+            lo, hi = (float(v) for v in ds.value_range)
+            if not (float(x.min()) >= lo and float(x.max()) <= hi):
+                raise ValueError(f"--x0-in-range: the data exceed their value range [{lo:g}, {hi:g}] "
+                                 f"(min {float(x.min()):.3g}, max {float(x.max()):.3g})")
+            opts["x0_range"] = (lo, hi)
     g = torch.Generator().manual_seed(a.seed)
     results = []
     for i in tqdm(range(0, len(x), a.batch), desc=f"likelihood ({method})", dynamic_ncols=True):
         xb = x[i: i + a.batch].to(a.device)
-        results.append(bits_per_dim(model, xb, method=method, levels=ds.levels, value_range=ds.value_range,
-                                    generator=g, **opts))
+        try:
+            results.append(bits_per_dim(model, xb, method=method, levels=ds.levels, value_range=ds.value_range,
+                                        generator=g, **opts))
+        except ValueError as e:  # name the batch (the indices in the message count from its start)
+            raise ValueError(f"examples {i}..{i + len(xb) - 1}: {e}") from e
     res = LikelihoodResult.cat(results)
     mean, se = res.mean_se()
     what = (f"all {res.per_step.shape[1]} terms" if a.exact else f"{a.n_t} sampled terms per example") \
