@@ -156,7 +156,7 @@ class Counting:
 
 
 @pytest.mark.parametrize("sampler,steps,expected", [("euler_maruyama", 10, 10), ("reverse_diffusion", 10, 10),
-                                                    ("pc", 10, 10), ("pc", 11, 10), ("rk4", 10, 9),
+                                                    ("pc", 10, 9), ("pc", 11, 11), ("rk4", 10, 9),
                                                     ("rk4", 12, 9), ("annealed_langevin", 300, 300)])
 def test_nfe_budget(sampler, steps, expected):  # B-14: NFE <= steps
     proc = PROCS["ve"]
@@ -169,11 +169,13 @@ def test_nfe_budget(sampler, steps, expected):  # B-14: NFE <= steps
 
 
 def test_pc_nfe_is_one_plus_n_corrector_per_grid_point():  # T-SDE-11: NFE = (1 + n_corr) x grid points
+    """... except the last point, which only denoises: n points cost (n - 1)(1 + n_corrector) + 1."""
     proc = PROCS["ve"]
-    net = Counting(GMM.net(proc, "eps"))
-    x_T = proc.prior_sample((5, 1), gen(), dtype=D)
-    td.sample(td.Denoiser(net, proc, prediction="eps"), x_T, "pc", 10, generator=gen(1), n_corrector=2)
-    assert net.calls == (10 // 2) * 3
+    for n_corr, steps, points in ((2, 10, 4), (2, 13, 5), (0, 7, 7), (3, 1, 1)):
+        net = Counting(GMM.net(proc, "eps"))
+        x_T = proc.prior_sample((5, 1), gen(), dtype=D)
+        td.sample(td.Denoiser(net, proc, prediction="eps"), x_T, "pc", steps, generator=gen(1), n_corrector=n_corr)
+        assert net.calls == (points - 1) * (1 + n_corr) + 1 <= steps
 
 
 @pytest.mark.parametrize("sampler", ["euler_maruyama", "reverse_diffusion", "pc", "rk4", "ode",
@@ -204,8 +206,12 @@ def test_sampler_options_are_checked():
         td.sample(model, x_T, "pc", 10, predictor="heun")
     with pytest.raises(ValueError, match="allowed"):
         td.sample(model, x_T, "euler_maruyama", 10, snr=0.1)
-    with pytest.raises(ValueError, match="more than"):
-        td.sample(model, x_T, "annealed_langevin", 50)
+    with pytest.raises(ValueError, match="levels x n_steps_each"):
+        td.sample(model, x_T, "annealed_langevin", 50, n_steps_each=100)
+    with pytest.raises(ValueError, match="give eps"):
+        td.sample(model, x_T, "annealed_langevin", 50, eps=0.1, snr=0.1)
+    with pytest.raises(ValueError, match="n_corrector"):
+        td.sample(model, x_T, "pc", 10, n_corrector=1.5)
     with pytest.raises(ValueError, match="n_steps_each"):
         td.sample(model, x_T, "annealed_langevin", 100, n_steps_each=0)
 
@@ -216,7 +222,7 @@ def test_annealed_langevin_sampler_matches_the_function():  # T-NCSN-2 as a td.s
     x_T = proc.prior_sample((50, 1), gen(), dtype=D)
     out = td.sample(model, x_T, "annealed_langevin", 200, grid="logsnr", generator=gen(1), n_steps_each=20,
                     eps=0.05, final_denoise=False)
-    ts = td.grids.get("logsnr", proc, 2)[:-1]
+    ts = td.grids.get("logsnr", proc, 10)[:-1]  # 200 calls = 10 levels x 20
     ref = annealed_langevin(lambda y, s: GMM.score(y, proc, torch.full((len(y),), s, dtype=D)), x_T, ts, eps=0.05,
                             n_steps_each=20, generator=gen(1), final_denoise=False)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)

@@ -20,7 +20,7 @@ from .processes import Process, as_time
 
 GridFn = Callable[[Process, int], Tensor]
 _GRIDS: dict[str, GridFn] = {}
-_DEFAULTS: dict[str, str] = {"ddpm": "trailing", "vp": "logsnr", "subvp": "logsnr", "ve": "karras", "edm": "karras"}
+_DEFAULTS: dict[str, str] = {"ddpm": "logsnr", "vp": "logsnr", "subvp": "logsnr", "ve": "karras", "edm": "karras"}
 
 
 def register(name: str) -> Callable[[GridFn], GridFn]:
@@ -52,10 +52,14 @@ def _finish(process: Process, ts: Tensor) -> Tensor:
 def get(name: str | Tensor, process: Process, n: int) -> Tensor:
     """Grid ``name`` with ``n`` evaluation points, or validate a user-given tensor of times."""
     if isinstance(name, Tensor):
-        ts = as_time(name).reshape(-1)
-        if len(ts) < 2 or not (ts[1:] < ts[:-1]).all():
-            raise ValueError("a custom grid must be a strictly decreasing 1-D tensor with at least 2 times")
+        ts = as_time(name).detach().cpu().reshape(-1)
+        if len(ts) < 2 or not torch.isfinite(ts).all() or not (ts[1:] < ts[:-1]).all():
+            raise ValueError("a custom grid must be a strictly decreasing 1-D tensor of finite times with at "
+                             f"least 2 entries (got {len(ts)})")
         process.check_time(ts)
+        if float(ts[-1]) != process.t_zero:
+            raise ValueError(f"a custom grid must end at the clean time t_zero = {process.t_zero:g} of "
+                             f"{process!r}, got {float(ts[-1]):g}")
         return ts
     if name not in _GRIDS:
         raise ValueError(f"unknown grid {name!r}; allowed: {', '.join(names())}")

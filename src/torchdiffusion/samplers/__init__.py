@@ -25,23 +25,31 @@ class SamplerSpec:
     """A registered sampler: its function and how many grid intervals ``steps`` evaluations buy."""
 
     fn: Callable[..., Tensor]
-    intervals: Callable[[int], int]
+    intervals: Callable[..., int]
     stochastic: bool
     doc: str
+    prepare: Callable[[int | None, int, dict], dict] | None = None
 
 
 _SAMPLERS: dict[str, SamplerSpec] = {}
 
 
-def register(name: str, *, intervals: Callable[[int], int] = lambda steps: steps,
-             stochastic: bool = False) -> Callable:
+def _one_per_step(steps: int, **_) -> int:
+    return steps
+
+
+def register(name: str, *, intervals: Callable[..., int] = _one_per_step, stochastic: bool = False,
+             prepare: Callable[[int | None, int, dict], dict] | None = None) -> Callable:
     """Decorator registering a sampler function under ``name``.
 
-    ``intervals(steps)`` converts a budget of network evaluations into the number of grid intervals the
-    sampler walks (1:1 for first-order samplers).
+    ``intervals(steps, **options)`` converts a budget of network evaluations into the number of grid
+    intervals the sampler walks (1:1 for first-order samplers; it may read the sampler's options).
+    ``prepare(steps, intervals, options)`` returns the options completed from the budget (``steps`` is None
+    when a tensor grid alone fixed the intervals).
     """
     def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        _SAMPLERS[name] = SamplerSpec(fn, intervals, stochastic, (fn.__doc__ or "").strip().split("\n")[0])
+        _SAMPLERS[name] = SamplerSpec(fn, intervals, stochastic, (fn.__doc__ or "").strip().split("\n")[0],
+                                      prepare)
         return fn
     return deco
 
@@ -71,18 +79,29 @@ class Bound:
         return self.model.predict(x, t, self.cond)
 
 
-def sample(model, x_T: Tensor, sampler: str = "ddim", steps: int = 50, *, grid: str | Tensor | None = None,
-           generator: torch.Generator | None = None, callback: Callable[[dict], None] | None = None,
-           cond=None, **options) -> Tensor:
+DEFAULT_STEPS = 50
+
+
+def _interval_options(spec: SamplerSpec, options: dict) -> dict:
+    """The sampler options that its ``intervals`` function reads (e.g. ``n_corrector``, ``levels``)."""
+    params = inspect.signature(spec.intervals).parameters
+    return {k: v for k, v in options.items() if k in params and k != "steps"}
+
+
+def sample(model, x_T: Tensor, sampler: str = "ddim", steps: int | None = None, *,
+           grid: str | Tensor | None = None, generator: torch.Generator | None = None,
+           callback: Callable[[dict], None] | None = None, cond=None, **options) -> Tensor:
     """Generate: walk from ``x_T`` (the state at ``process.t_max``) to a clean sample.
 
-    ``steps`` is the number of network evaluations (NFE) the sampler may spend; ``grid`` names a grid of
-    :mod:`torchdiffusion.grids` (default: the process's own) or is a decreasing tensor of times ending at
-    ``process.t_zero``. Randomness comes only from ``generator``. ``callback`` receives a dict with ``i``,
-    ``t``, ``x`` (the new state) and ``x0`` (the current prediction) after every step.
+    ``steps`` is the number of network evaluations (NFE) the sampler may spend (default 50); ``grid`` names a
+    grid of :mod:`torchdiffusion.grids` (default: the process's own) or is a strictly decreasing tensor of
+    times ending at ``process.t_zero``. A tensor grid fixes the number of intervals: ``steps`` may then be left
+    out, and if given it must buy exactly that many intervals for this sampler. Randomness comes only from
+    ``generator``. ``callback`` receives a dict with ``i``, ``t``, ``x`` (the new state) and ``x0`` (the
+    current prediction) after every step.
     """
     spec = get(sampler)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if not isinstance(x_T, Tensor):
         raise TypeError("x_T must be a tensor")
@@ -95,10 +114,21 @@ def sample(model, x_T: Tensor, sampler: str = "ddim", steps: int = 50, *, grid: 
         raise ValueError(f"sampler {sampler!r} has no option {', '.join(map(repr, bad))}; "
                          f"allowed: {', '.join(allowed) or 'none'}")
     process = model.process
-    n = spec.intervals(steps)
-    if n < 1:
-        raise ValueError(f"sampler {sampler!r} needs more than {steps} evaluation(s)")
-    ts = _grids.get(grid if grid is not None else _grids.default_for(process), process, n)
+    iopts = _interval_options(spec, options)
+    if isinstance(grid, Tensor):
+        ts = _grids.get(grid, process, 0)
+        if steps is not None and spec.intervals(steps, **iopts) != len(ts) - 1:
+            raise ValueError(f"the grid has {len(ts) - 1} intervals but sampler {sampler!r} walks "
+                             f"{spec.intervals(steps, **iopts)} with steps={steps}; give matching steps or leave "
+                             "steps out")
+    else:
+        steps = DEFAULT_STEPS if steps is None else steps
+        n = spec.intervals(steps, **iopts)
+        if n < 1:
+            raise ValueError(f"sampler {sampler!r} needs more than {steps} evaluation(s)")
+        ts = _grids.get(grid if grid is not None else _grids.default_for(process), process, n)
+    if spec.prepare is not None:
+        options = spec.prepare(steps, len(ts) - 1, options)
     bound = Bound(model, cond)
     with torch.no_grad():
         return spec.fn(bound, x_T, ts, generator=generator, callback=callback, **options)

@@ -16,7 +16,7 @@ from . import register
 from .common import emit, pf_ode_drift
 
 
-def rk4_intervals(steps: int) -> int:
+def rk4_intervals(steps: int, **_) -> int:
     """Grid points for ``steps`` NFE: ``n`` points cost ``4 (n - 1) + 1`` calls, so ``n = (steps + 3) // 4``."""
     return (steps + 3) // 4
 
@@ -48,7 +48,13 @@ def rk4(model, x: Tensor, ts: Tensor, *, generator=None, callback=None) -> Tenso
 ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
 
-def _any_steps(steps: int) -> int:
+def first_step(span: Tensor) -> float:
+    """A first trial step for an adaptive solve over ``span`` (1 % of it): the solver then adapts it, and no
+    evaluation falls outside the span (torchdiffeq's own guess can)."""
+    return 0.01 * abs(float(span[-1] - span[0]))
+
+
+def _any_steps(steps: int, **_) -> int:
     return max(int(steps), 2)
 
 
@@ -80,8 +86,9 @@ def ode(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, method: 
 
     if ts[0] > end:
         # step_t makes adaptive solvers land on the end time instead of stepping past it (where the drift may
-        # be undefined) and interpolating back
-        opts = {"step_t": t_span} if method in ADAPTIVE else None
+        # be undefined) and interpolating back; first_step replaces torchdiffeq's initial-step guess, which probes
+        # the drift at t0 + h0 with an unbounded h0 (t = -48617 on DDPM) outside the process's time range
+        opts = {"step_t": t_span, "first_step": first_step(t_span)} if method in ADAPTIVE else None
         try:
             x = odeint(func, x, t_span.to(x.device), rtol=rtol, atol=atol, method=method, options=opts)[-1]
         except ValueError as e:

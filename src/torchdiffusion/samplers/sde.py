@@ -77,7 +77,9 @@ def reverse_diffusion(model, x: Tensor, ts: Tensor, *, generator=None, callback=
     return _walk(model, x, ts, reverse_diffusion_step, generator, callback)
 
 
-def _walk(model, x: Tensor, ts: Tensor, step, generator, callback) -> Tensor:
+def _walk(model, x: Tensor, ts: Tensor, step, generator, callback, correct=None) -> Tensor:
+    """Walk the positive grid times with ``step`` (after ``correct(x, t, s)`` when given); the last move returns
+    Tweedie's x0_hat (module doc)."""
     n = len(ts) - 1
     for i in range(n):
         t, s = ts[i], ts[i + 1]
@@ -85,6 +87,8 @@ def _walk(model, x: Tensor, ts: Tensor, step, generator, callback) -> Tensor:
             _, x = score_x0(model, x, t)
             emit(callback, i, t, x, x)
             break
+        if correct is not None:
+            x = correct(x, t, s)
         x, x0 = step(model, x, t, s, noise_like(x, generator))
         emit(callback, i, t, x, x0)
     return x
@@ -112,9 +116,17 @@ def corrector(model, x: Tensor, t: Tensor, *, snr: float = 0.16, n_steps: int = 
     return x
 
 
-def pc_intervals(steps: int) -> int:
-    """Grid points for a budget of ``steps`` NFE with the default ``n_corrector = 1``: ``steps // 2``."""
-    return steps // 2
+def pc_intervals(steps: int, n_corrector: int = 1, **_) -> int:
+    """Grid points for a budget of ``steps`` NFE: ``n`` points cost ``(n - 1)(1 + n_corrector) + 1`` (no
+    corrector before the final denoising call), so ``n = (steps + n_corrector) // (1 + n_corrector)``."""
+    nc = _corrector_count(n_corrector)
+    return (steps + nc) // (1 + nc)
+
+
+def _corrector_count(n_corrector) -> int:
+    if isinstance(n_corrector, bool) or not isinstance(n_corrector, int) or n_corrector < 0:
+        raise ValueError(f"pc: n_corrector must be an integer >= 0, got {n_corrector!r}")
+    return n_corrector
 
 
 @register("pc", intervals=pc_intervals, stochastic=True)
@@ -125,26 +137,18 @@ def pc(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, predictor
     At every positive grid time: ``n_corrector`` Langevin corrector steps with the SNR rule
     ``eps = 2 alpha_i (snr ||z|| / ||score||)^2`` (``alpha_i = (alpha_t / alpha_s)^2``: 1 for VE,
     ``1 - beta_i`` for VP), then one predictor step (``reverse_diffusion`` or ``euler_maruyama``) to the next
-    time; the last predictor step returns Tweedie's x0_hat. NFE = (1 + n_corrector) per grid point: ``steps``
-    buys ``steps // 2`` grid points assuming the default ``n_corrector = 1`` (with another ``n_corrector``
-    the sampler makes ``(steps // 2) * (1 + n_corrector)`` calls).
+    time; from the last positive time the sampler returns Tweedie's x0_hat (no corrector there). NFE =
+    ``(n - 1)(1 + n_corrector) + 1`` for ``n`` grid points, so ``steps`` buys :func:`pc_intervals` of them.
     """
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; allowed: {', '.join(PREDICTORS)}")
-    if int(n_corrector) < 0 or not snr > 0:
-        raise ValueError(f"need n_corrector >= 0 and snr > 0, got {n_corrector}, {snr}")
-    step = PREDICTORS[predictor]
+    n_corrector = _corrector_count(n_corrector)
+    if not (isinstance(snr, (int, float)) and math.isfinite(snr) and snr > 0):
+        raise ValueError(f"pc: snr must be a finite number > 0, got {snr!r}")
     proc = model.process
-    n = len(ts) - 1
-    for i in range(n):
-        t, s = ts[i], ts[i + 1]
-        alpha = float(proc.transition(t, s)[0]) ** 2
-        x = corrector(model, x, t, snr=snr, n_steps=n_corrector, alpha=alpha, generator=generator)
-        if i == n - 1:
-            _, x = score_x0(model, x, t)
-            emit(callback, i, t, x, x)
-            break
-        x, x0 = step(model, x, t, s, noise_like(x, generator))
-        emit(callback, i, t, x, x0)
-    return x
 
+    def correct(x: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        alpha = float(proc.transition(t, s)[0]) ** 2
+        return corrector(model, x, t, snr=snr, n_steps=n_corrector, alpha=alpha, generator=generator)
+
+    return _walk(model, x, ts, PREDICTORS[predictor], generator, callback, correct)

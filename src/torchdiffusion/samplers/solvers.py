@@ -49,7 +49,7 @@ SOLVER_TYPES = ("midpoint", "taylor")
 UNIPC_VARIANTS = ("bh1", "bh2")
 
 
-def heun_intervals(steps: int) -> int:
+def heun_intervals(steps: int, **_) -> int:
     """Two evaluations per interval except the last one (to noise 0): ``n`` intervals cost ``2n - 1`` NFE."""
     return (steps + 1) // 2
 
