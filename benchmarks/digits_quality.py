@@ -7,7 +7,7 @@ Run (about 10 minutes on 2 CPU cores, training included):
 
 For every sampler setting (DDIM 10/20/50 steps, ancestral DDPM on a 100-step sub-grid) and classifier-free
 guidance scale w (eps = (1+w) eps(x, y) - w eps(x, null)), ``--chunks`` x 359 samples are drawn, for the labels
-of the 359 real held-out digits repeated, and scored by :class:`torchdiffusion.metrics.DigitsEvaluator`:
+of the 359 real held-out digits repeated, and scored by :class:`torchdiffusion.evaluation.metrics.DigitsEvaluator`:
 
 - conditional accuracy: the fraction the real-data classifier assigns to the requested digit;
 - FD: the Frechet distance in the classifier's 64-d penultimate features to the real training split, averaged
@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from torchdiffusion import config as config_mod
-from torchdiffusion.generate import generate
-from torchdiffusion.guidance import CFG
-from torchdiffusion.metrics import HOLDOUT, DigitsEvaluator
-from torchdiffusion.runs import load_run
-from torchdiffusion.train import Trainer
+from torchdiffusion.evaluation.metrics import HOLDOUT, DigitsEvaluator
+from torchdiffusion.parameterization.guidance import CFG
+from torchdiffusion.runs import config as config_mod
+from torchdiffusion.runs.build import load_run
+from torchdiffusion.runs.generate import generate
+from torchdiffusion.runs.train import build_trainer, ema_model
 
 GUIDANCE = (0.0, 0.5, 1.0, 2.0, 4.0)
 SAMPLERS = (("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddpm", 100))
@@ -47,11 +47,11 @@ def get_model(a) -> tuple[object, dict, str]:
         model, cfg = load_run(a.run)
         return model, cfg, f"run folder `{a.run}` (EMA weights)"
     cfg = config_mod.resolve(a.preset, a.set)
-    tr = Trainer(cfg, a.train_out, progress=not a.quiet)
+    tr = build_trainer(cfg, a.train_out, progress=not a.quiet)
     res = tr.run()
     desc = (f"`{a.preset}` preset{''.join(' ' + x for x in a.set)} trained into `{a.train_out}`: {res['step']} steps "
             f"(this invocation ran {res['steps_run']} in {res['seconds']:.0f}s)")
-    return tr.ema_model(), {**cfg, "run": tr.run_info}, desc
+    return ema_model(tr), tr.config, desc
 
 
 def main(argv: list[str] | None = None) -> None:

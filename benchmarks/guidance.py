@@ -12,7 +12,8 @@ trained with label dropout p_uncond = 0.1) and a noise-conditional classifier ``
    with its null class (cond = -1: the jointly trained unconditional half of the CFG model), guided by
    ``eps - s sigma grad log p_phi(y | x_t, t)`` (``guidance.ClassifierGuidance``, model_cond=-1) for a sweep of s.
 2. Classifier-free guidance ``(1 + w) eps(x, y) - w eps(x, null)`` for a sweep of w.
-   Both are scored by :class:`torchdiffusion.metrics.DigitsEvaluator` (a classifier trained only on real digits,
+   Both are scored by :class:`torchdiffusion.evaluation.metrics.DigitsEvaluator` (a classifier trained only on real
+   digits,
    independent of p_phi): conditional accuracy and Frechet distance (matched chunks of the held-out size; floor
    = real held-out digits), and plotted as accuracy against FD.
 3. Visual anagrams (``guidance.MultiView`` with CFG): x should read as digit a, and v(x) as digit b. Reported: the
@@ -32,12 +33,12 @@ from pathlib import Path
 
 import torch
 
-from torchdiffusion import config as config_mod
-from torchdiffusion.generate import generate
-from torchdiffusion.guidance import CFG, VIEWS, ClassifierGuidance, MultiView
-from torchdiffusion.metrics import DigitsEvaluator
-from torchdiffusion.runs import load_classifier, load_run
-from torchdiffusion.train import Trainer
+from torchdiffusion.evaluation.metrics import DigitsEvaluator
+from torchdiffusion.parameterization.guidance import CFG, VIEWS, ClassifierGuidance, MultiView
+from torchdiffusion.runs import config as config_mod
+from torchdiffusion.runs.build import load_classifier, load_run
+from torchdiffusion.runs.generate import generate
+from torchdiffusion.runs.train import build_trainer
 
 HERE = Path(__file__).parent
 CG_SCALES = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0)
@@ -50,7 +51,7 @@ ANAGRAM_W = (0.0, 1.0, 3.0)
 def classifier(path: str, quiet: bool) -> tuple[object, str]:
     p = Path(path)
     if not (p / "ema.safetensors").is_file():
-        res = Trainer(config_mod.resolve("classifier_digits"), p, progress=not quiet).run()
+        res = build_trainer(config_mod.resolve("classifier_digits"), p, progress=not quiet).run()
         how = f"trained here: {res['step']} steps in {res['seconds']:.0f}s"
     else:
         how = "existing run"
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
                    f"both views): best {best69:.3f}.")
     print(verdict_ana)
     if grid_x is not None:
-        from torchdiffusion.viz import save_image_grid
+        from torchdiffusion.evaluation.viz import save_image_grid
 
         pairs_x = torch.stack([grid_x, VIEWS["rot180"].forward(grid_x)], 1).flatten(0, 1)
         save_image_grid(pairs_x, HERE.parent / "docs" / "images" / "anagram_6_9.png", nrow=8, scale=6)

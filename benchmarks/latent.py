@@ -29,15 +29,15 @@ from pathlib import Path
 
 import torch
 
-from torchdiffusion import config as config_mod
-from torchdiffusion import latent
-from torchdiffusion.data import digits
-from torchdiffusion.generate import generate
-from torchdiffusion.guidance import CFG
-from torchdiffusion.metrics import DigitsEvaluator
-from torchdiffusion.runs import load_run
-from torchdiffusion.train import train
-from torchdiffusion.viz import _mpl, save_image_grid
+from torchdiffusion.data.datasets import digits
+from torchdiffusion.evaluation.metrics import DigitsEvaluator
+from torchdiffusion.evaluation.viz import _mpl, save_image_grid
+from torchdiffusion.parameterization.guidance import CFG
+from torchdiffusion.runs import config as config_mod
+from torchdiffusion.runs import latent
+from torchdiffusion.runs.build import load_run
+from torchdiffusion.runs.generate import generate
+from torchdiffusion.runs.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from torchdiffusion import config
-from torchdiffusion.data import Dataset, load
+from torchdiffusion.data.datasets import Dataset, load, split_dataset
 from torchdiffusion.likelihood import bits_per_dim, time_at_sigma, truncate_times, vlb_times
-from torchdiffusion.train import Trainer, split_dataset
+from torchdiffusion.runs import config
+from torchdiffusion.runs.train import build_trainer, ema_model
 
 SIGMA_LOW = 0.125 / 4  # a quarter of the digits' grey-level spacing 2/16
 MODELS = {
@@ -81,9 +81,9 @@ def train_model(name: str, net: str, train: Dataset, steps: int, out: Path) -> t
                           "train": {"steps": steps, "batch": 128, "lr": 1e-3, "warmup": 100, "ckpt_every": 0,
                                     "log_every": 100, "device": "cpu"}, **MODELS[name]})
     t0 = time.time()
-    tr = Trainer(cfg, out / f"{name}-{net}", dataset=train, progress=False, resume=False)
+    tr = build_trainer(cfg, out / f"{name}-{net}", dataset=train, progress=False, resume=False)
     res = tr.run()
-    return tr.ema_model(), time.time() - t0, res["loss"]
+    return ema_model(tr), time.time() - t0, res["loss"]
 
 
 def evaluate(model, x: torch.Tensor, method: str, opts: dict, batch: int, seed: int = 0) -> dict:

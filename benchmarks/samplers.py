@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 import torchdiffusion as td
-from torchdiffusion.interop import process_from_diffusers
+from torchdiffusion.parameterization.interop import process_from_diffusers
 
 NFES = (5, 10, 20, 50)
 SCHEDULES = {"linear": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
@@ -103,7 +103,7 @@ def proxy_case(n: int = 200) -> Case:
 def optimize_grid(sampler: str = "unipc", keys: tuple[int, ...] = (5, 10, 20, 50)) -> dict:
     """Search ``grids.capped_grid``'s (s_hi, s_lo, rho) for the lowest RMS of ``sampler`` on :func:`proxy_case`
     at each number of intervals in ``keys``; prints the table stored as ``grids.OPTIMIZED``."""
-    from torchdiffusion.grids import capped_grid
+    from torchdiffusion.samplers.grids import capped_grid
 
     case = proxy_case()
     case.ref = reference(case)

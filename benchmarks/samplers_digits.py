@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 import torchdiffusion as td
-from torchdiffusion.interop import process_from_diffusers
-from torchdiffusion.metrics import DigitsEvaluator
+from torchdiffusion.evaluation.metrics import DigitsEvaluator
+from torchdiffusion.parameterization.interop import process_from_diffusers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from samplers import A_PRIORI, diffusers_configs, diffusers_runs, our_runs  # noqa: E402
@@ -55,11 +55,11 @@ CHECK = ("dpmpp_2m", 200, "logsnr")  # an independent solver that must agree wit
 
 def load_model(run: str):
     """The EMA model of ``run``; trains the ``digits`` preset there first if the folder is missing."""
-    from torchdiffusion import config
-    from torchdiffusion.runs import load_run
+    from torchdiffusion.runs import config
+    from torchdiffusion.runs.build import load_run
 
     if not Path(run, "config.json").exists():
-        from torchdiffusion.train import train
+        from torchdiffusion.runs.train import train
 
         print(f"{run} missing: training the digits preset (several minutes)", flush=True)
         train(config.resolve("digits", ["train.threads=1"]), run)

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 import torchdiffusion as td
-from torchdiffusion import config as config_mod
-from torchdiffusion.runs import build_model
+from torchdiffusion.runs import config as config_mod
+from torchdiffusion.runs.build import build_model
 
 CASES = {"digits": ((1, 8, 8), 128, 10), "images": ((3, 32, 32), 64, None)}  # shape, batch, classes
 
@@ -117,7 +117,7 @@ def train_rows(threads: list[int], reps: int) -> list[str]:
 
 
 def sample_rows(threads: int, n: int, budgets: list[tuple[str, int]]) -> list[str]:
-    from torchdiffusion.interop import DiffusersNet
+    from torchdiffusion.parameterization.interop import DiffusersNet
 
     torch.set_num_threads(threads)
     shape, _, ncls = CASES["digits"]

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
-from torchdiffusion import config
-from torchdiffusion.ae_losses import (
+from torchdiffusion.likelihood import discretized_gaussian_log_likelihood, gaussian_kl, gaussian_log_density
+from torchdiffusion.losses.autoencoder import (
     ae_loss,
     dae_loss,
     decoder_log_likelihood,
@@ -21,9 +21,9 @@ from torchdiffusion.ae_losses import (
     reparameterize,
     vae_loss,
 )
-from torchdiffusion.likelihood import discretized_gaussian_log_likelihood, gaussian_kl, gaussian_log_density
 from torchdiffusion.nets.autoencoder import Autoencoder
-from torchdiffusion.train import get_loss
+from torchdiffusion.runs import config
+from torchdiffusion.runs.losses import get_loss
 
 D = torch.float64
 
@@ -198,7 +198,7 @@ def test_plain_and_denoising_losses():
 
 
 def test_autoencoder_losses_need_an_autoencoder_net():
-    from torchdiffusion.runs import build_model
+    from torchdiffusion.runs.build import build_model
 
     cfg = config.resolve("digits")
     model = build_model(cfg, (1, 8, 8), 10)
@@ -208,7 +208,7 @@ def test_autoencoder_losses_need_an_autoencoder_net():
 
 
 def test_presets_build():
-    from torchdiffusion.runs import build_model
+    from torchdiffusion.runs.build import build_model
 
     for name, shape in (("ae_digits", (1, 16, 16)), ("dae_digits", (1, 16, 16)), ("vae_digits", (1, 16, 16)),
                         ("vae2d_digits", (1, 8, 8)), ("vae_images", (3, 32, 32))):
@@ -294,7 +294,7 @@ def test_vae_trains_on_an_image_folder_with_periodic_grids(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from torchdiffusion.train import train
+    from torchdiffusion.runs.train import train
 
     rng = np.random.default_rng(0)
     for i in range(6):

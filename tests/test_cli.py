@@ -3,7 +3,7 @@ every user error (bad preset, config key or value, sampler, grid, steps, run fol
 exiting with status 2 and one line on stderr that says what was wrong and what is allowed, without a traceback.
 
 Subprocesses cost seconds each (importing torch), so only the round trip, ``--help`` and one error run as real
-processes; the other error cases call ``torchdiffusion.cli.main`` in-process (the same code path after argv).
+processes; the other error cases call ``torchdiffusion.cli.main.main`` in-process (the same code path after argv).
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from torchdiffusion.cli import main
-from torchdiffusion.generate import generate
-from torchdiffusion.runs import load_run
+import torchdiffusion as td
+from torchdiffusion.cli.main import main
 
 TINY = ["--set", "train.steps=30", "--set", "model.hidden=32", "--set", "model.depth=2", "--set", "train.batch=64",
         "--set", "data.n=2000", "--set", "train.device=cpu", "--quiet"]
@@ -96,9 +95,7 @@ def test_sample_round_trip_png_and_npz(run: Path, tmp_path: Path, capsys) -> Non
         outs.append(x)
     assert np.array_equal(outs[0], outs[1])
     # exactly what the library gives for that run, seed, sampler and steps
-    model, _ = load_run(run)
-    with torch.no_grad():
-        ref = generate(model, (2,), 16, sampler="ddim", steps=5, seed=3)
+    ref = td.Pipeline.from_pretrained(run)(n=16, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(3))
     np.testing.assert_allclose(outs[0], ref.numpy(), rtol=1e-6, atol=1e-6)
 
 
@@ -134,7 +131,7 @@ def test_train_errors(capsys, tmp_path: Path) -> None:
     assert "--set expects key=value" in _error(capsys, "train", "ring", "--out", out, "--set", "train.steps")
     assert "section.key" in _error(capsys, "train", "ring", "--out", out, "--set", "steps=3")
     msg = _error(capsys, "train", "ring", "--out", out, "--set", "train.steps=0")
-    assert "train.steps must be >= 1, got 0" in msg
+    assert "train.steps must be a whole number >= 1, got 0" in msg
     msg = _error(capsys, "train", "ring", "--out", out, "--set", "process.name=foo")
     assert "unknown process 'foo'" in msg and "ddpm" in msg
     msg = _error(capsys, "train", "ring", "--out", out, "--set", "model.prediction=foo")
@@ -198,5 +195,7 @@ def test_no_command_prints_help(capsys) -> None:
     assert main([]) == 2
     assert "train" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:  # argparse usage errors also exit with status 2
-        main(["sample"])
+        main(["sample", "--n", "x"])
     assert e.value.code == 2
+    assert main(["sample"]) == 2  # no RUN (and no --list): one line
+    assert "sample needs a RUN folder" in capsys.readouterr().err

@@ -13,11 +13,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from torchdiffusion import config as config_mod
-from torchdiffusion import distributed
-from torchdiffusion.checkpoint import load_tensors
-from torchdiffusion.losses import dsm_loss
-from torchdiffusion.train import LOSSES, Trainer, train
+from torchdiffusion.losses.score import dsm_loss
+from torchdiffusion.runs import config as config_mod
+from torchdiffusion.runs import train as runs_train
+from torchdiffusion.runs.losses import LOSSES
+from torchdiffusion.runs.train import build_trainer, train
+from torchdiffusion.training import distributed
+from torchdiffusion.training.checkpoint import load_tensors
 
 _SEEN: list[torch.Tensor] = []  # the batches the loss saw in this process
 
@@ -54,7 +56,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     assert info.world_size == world and info.rank == rank
     root_p = Path(root)
     # (1) fixed-noise loss, with gradient accumulation: compared with one process in the test
-    res = distributed.maybe_distributed_train(_cfg("fixed_noise_test", 5, accum=2), root_p / "fixed",
+    res = runs_train.maybe_distributed_train(_cfg("fixed_noise_test", 5, accum=2), root_p / "fixed",
                                               progress=False)
     assert (res is None) == (rank != 0)
     torch.save(_SEEN, root_p / f"seen{rank}.pt")
@@ -62,7 +64,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     cfg = _cfg("dsm", 6)
     train(cfg, root_p / "straight", progress=False)
     train(cfg, root_p / "resumed", progress=False, stop_after=3)
-    tr = Trainer(cfg, root_p / "resumed", progress=False)
+    tr = build_trainer(cfg, root_p / "resumed", progress=False)
     assert tr.step == 3
     tr.run()
     torch.save({k: v.clone() for k, v in tr.net.state_dict().items()}, root_p / f"rank{rank}.pt")
@@ -96,7 +98,7 @@ def test_ddp_update_equals_single_process_on_combined_batch(ddp_runs: Path, tmp_
         assert full.shape == (64, 2) and a.shape == b.shape == (32, 2)
         assert torch.equal(torch.cat([a, b]), full)
     ddp, single = _weights(ddp_runs / "fixed"), _weights(tmp_path / "single")
-    init = Trainer(_cfg("fixed_noise_test", 5, accum=2), tmp_path / "init", progress=False).net.state_dict()
+    init = build_trainer(_cfg("fixed_noise_test", 5, accum=2), tmp_path / "init", progress=False).net.state_dict()
     moved = 0.0
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], atol=1e-5, rtol=0)

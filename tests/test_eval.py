@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from torchdiffusion import cli, config
-from torchdiffusion.data import toy_density
-from torchdiffusion.train import train
+from torchdiffusion import cli
+from torchdiffusion.data.datasets import toy_density
+from torchdiffusion.runs import config
+from torchdiffusion.runs.train import train
 
 
 @pytest.fixture(scope="module")

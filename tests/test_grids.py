@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import torchdiffusion as td
-from torchdiffusion import grids
+from torchdiffusion.samplers import grids
 
 PROCESSES = {"ddpm": td.DDPM("linear", 1000), "ddpm-cosine": td.DDPM("cosine", 1000), "vp": td.VP(),
              "subvp": td.SubVP(), "ve": td.VE(), "edm": td.EDM()}

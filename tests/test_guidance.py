@@ -9,8 +9,16 @@ import pytest
 import torch
 
 import torchdiffusion as td
-from torchdiffusion.cli import main
-from torchdiffusion.guidance import CFG, VIEWS, ClassifierGuidance, MultiView, View, check_view, get_view
+from torchdiffusion.cli.main import main
+from torchdiffusion.parameterization.guidance import (
+    CFG,
+    VIEWS,
+    ClassifierGuidance,
+    MultiView,
+    View,
+    check_view,
+    get_view,
+)
 
 torch.set_default_dtype(torch.float32)
 
@@ -152,7 +160,7 @@ def test_noisy_classifier_and_loss():
     """B-13: the classifier net gives (B, K) logits at any t; the training loss is the cross-entropy on x_t (at a
     zero-initialised head it equals log K exactly), and a trained run loads only through load_classifier."""
     from torchdiffusion.nets.classifier import NoisyClassifier
-    from torchdiffusion.train import LOSSES
+    from torchdiffusion.runs.losses import LOSSES
 
     torch.manual_seed(0)
     net = NoisyClassifier(1, 10, channels=8, channel_mult=(1, 2), num_res_blocks=1, groups=8)
@@ -377,7 +385,7 @@ def test_classifier_loss_bayes_optimum_is_the_oracle_posterior():
     """B-13: the training loss (cross-entropy of net(x_t, t) against y, t and x_t drawn as in DSM) is minimised
     by the oracle's p(y | x_t): moving its logits along any direction h raises the expected loss, and the
     derivative at the oracle, E[sum_k p_k h_k - h_y], is zero within Monte Carlo error."""
-    from torchdiffusion.train import LOSSES
+    from torchdiffusion.runs.losses import LOSSES
 
     means = torch.tensor([[-1.0, 0.0], [1.0, 0.3], [0.0, 1.2]], dtype=torch.float64)
     gm = td.GaussianMixture(torch.tensor([0.5, 0.3, 0.2]), means, torch.full((3,), 0.3))

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 import torchdiffusion as td
-from torchdiffusion import config as config_mod
-from torchdiffusion.checkpoint import load_tensors
-from torchdiffusion.data import Dataset, load_image_folder
-from torchdiffusion.guidance import CFG
+from torchdiffusion.data.datasets import Dataset, load_image_folder
 from torchdiffusion.nets.embeddings import sinusoidal_embedding
-from torchdiffusion.runs import build_model, load_run
-from torchdiffusion.train import Trainer, ema_decay, ema_update, train
+from torchdiffusion.parameterization.guidance import CFG
+from torchdiffusion.runs import config as config_mod
+from torchdiffusion.runs.build import build_model, load_run
+from torchdiffusion.runs.train import build_trainer, drop_labels, train
+from torchdiffusion.training.checkpoint import load_tensors
+from torchdiffusion.training.trainer import ema_decay, ema_update
 
 TINY = ["model.channels=8", "model.num_res_blocks=1", "train.batch=16", "train.ckpt_every=0", "train.log_every=2",
         "train.threads=0", "train.warmup=2", "train.device=cpu"]
@@ -68,7 +69,7 @@ def test_unet_resume_is_bit_exact(tmp_path: Path) -> None:
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    init = Trainer(cfg, tmp_path / "fresh", progress=False).net.state_dict()
+    init = build_trainer(cfg, tmp_path / "fresh", progress=False).net.state_dict()
     assert any(not torch.equal(a[f"net.{k}"], v) for k, v in init.items())  # training moved the weights
     log = (tmp_path / "resumed" / "log.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in log[1:]] == ["2", "4"]
@@ -81,7 +82,7 @@ def test_ema_decay_and_update_by_hand(tmp_path: Path) -> None:
     assert ema_decay(0, 0.999, False) == 0.999
     # one trainer step: ema_1 = d ema_0 + (1 - d) net_1 with d = min(0.7, 1/10) at step 0, and then d = 0.7 for
     # the large steps without warm-up
-    tr = Trainer(_digits_cfg("train.ema=0.7", "train.steps=3"), tmp_path / "r", progress=False)
+    tr = build_trainer(_digits_cfg("train.ema=0.7", "train.steps=3"), tmp_path / "r", progress=False)
     ema0 = [p.clone() for p in tr.ema.parameters()]
     assert all(torch.equal(e, p) for e, p in zip(ema0, tr.net.parameters()))  # EMA starts at the weights
     tr.train_step()
@@ -96,7 +97,7 @@ def test_ema_decay_and_update_by_hand(tmp_path: Path) -> None:
 
 
 def test_conditioning_is_used_by_the_trained_model(tmp_path: Path) -> None:
-    tr = Trainer(_digits_cfg("train.steps=3", "train.lr=1e-2", "train.batch=96"), tmp_path / "r", progress=False)
+    tr = build_trainer(_digits_cfg("train.steps=3", "train.lr=1e-2", "train.batch=96"), tmp_path / "r", progress=False)
     emb0 = tr.net.class_embed.weight.detach().clone()
     tr.run()
     moved = (tr.net.class_embed.weight.detach() - emb0).abs().amax(1)
@@ -108,7 +109,7 @@ def test_conditioning_is_used_by_the_trained_model(tmp_path: Path) -> None:
         b = tr.model.eps(x, 500, torch.full((4,), 7))
     assert (a - b).abs().amax() > 1e-4
     # an unconditional run builds a net without class embedding
-    tr_u = Trainer(_digits_cfg("data.conditional=false", "train.steps=1"), tmp_path / "u", progress=False)
+    tr_u = build_trainer(_digits_cfg("data.conditional=false", "train.steps=1"), tmp_path / "u", progress=False)
     assert tr_u.net.class_embed is None
 
 
@@ -186,8 +187,9 @@ def test_label_dropout_rate_and_null_token(tmp_path: Path) -> None:
     """T-CFG-2: the label is replaced by the null token with probability p_uncond (binomial, 4 SE), and the
     null token is a row of its own that no real label uses."""
     p = 0.2
-    tr = Trainer(_digits_cfg(f"loss.p_uncond={p}", "train.batch=512"), tmp_path / "r", progress=False)
-    ys = torch.cat([tr._batch()[1] for _ in range(20)])
+    tr = build_trainer(_digits_cfg(f"loss.p_uncond={p}", "train.batch=512"), tmp_path / "r", progress=False)
+    g = torch.Generator().manual_seed(0)
+    ys = torch.cat([drop_labels(tr._batch()[1], p, g) for _ in range(20)])
     n = len(ys)
     rate = float((ys == -1).float().mean())
     assert abs(rate - p) <= 4 * math.sqrt(p * (1 - p) / n)
@@ -200,8 +202,8 @@ def test_label_dropout_rate_and_null_token(tmp_path: Path) -> None:
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10.0, 10.0])
     with torch.no_grad():
         torch.testing.assert_close(net(x, t, torch.tensor([-1, -1])), net(x, t, None), rtol=0, atol=0)
-    p0 = Trainer(_digits_cfg("loss.p_uncond=0"), tmp_path / "r0", progress=False)
-    assert (p0._batch()[1] >= 0).all()
+    p0 = build_trainer(_digits_cfg("loss.p_uncond=0"), tmp_path / "r0", progress=False)
+    assert (drop_labels(p0._batch()[1], 0.0, g) >= 0).all()
 
 
 # --- data errors ------------------------------------------------------------------------------------------
@@ -227,10 +229,10 @@ def test_bad_image_folders_raise_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="empty"):
         Dataset(torch.zeros(0, 1, 8, 8))
     with pytest.raises(ValueError, match="no images"):
-        Trainer(config_mod.resolve("images", [*TINY, f"data.name={tmp_path / 'empty'}"]), tmp_path / "r")
+        build_trainer(config_mod.resolve("images", [*TINY, f"data.name={tmp_path / 'empty'}"]), tmp_path / "r")
     _png(tmp_path / "flat" / "a.png")
     with pytest.raises(ValueError, match="no labels"):
-        Trainer(config_mod.resolve("images", [*TINY, f"data.name={tmp_path / 'flat'}", "data.conditional=true",
+        build_trainer(config_mod.resolve("images", [*TINY, f"data.name={tmp_path / 'flat'}", "data.conditional=true",
                                               "data.holdout=0"]), tmp_path / "r2")
 
 
@@ -252,7 +254,7 @@ def test_images_preset_trains_on_a_class_folder(tmp_path: Path) -> None:
 def test_tensorboard_missing_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ValueError, match="tensorboard"):
-        Trainer(_digits_cfg("train.tensorboard=true"), tmp_path / "r", progress=False)
+        build_trainer(_digits_cfg("train.tensorboard=true"), tmp_path / "r", progress=False)
 
 
 def test_tensorboard_scalars_written_by_rank0(tmp_path: Path, monkeypatch) -> None:
@@ -310,7 +312,7 @@ def test_sinusoidal_embedding_properties() -> None:
 # --- demo ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_demo_quick(tmp_path: Path) -> None:
-    from torchdiffusion.demo import run_demo
+    from torchdiffusion.runs.demo import run_demo
 
     lines = list(run_demo(tmp_path, quick=True))
     assert any("digits" in ln for ln in lines)

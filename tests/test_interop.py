@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import torchdiffusion as td
-from torchdiffusion.interop import (
+from torchdiffusion.parameterization.interop import (
     DiffusersNet,
     denoiser_from_diffusers,
     prediction_from_diffusers,

@@ -8,14 +8,13 @@ import pytest
 import torch
 
 import torchdiffusion as td
-from torchdiffusion.langevin import (
-    annealed_langevin,
+from torchdiffusion.nets.energy import EnergyNet, EnergyScoreNet, energy_score_net
+from torchdiffusion.samplers.dynamics import (
     annealed_step_sizes,
     langevin,
     langevin_step,
     simulate_sde,
 )
-from torchdiffusion.nets.energy import EnergyNet, EnergyScoreNet, energy_score_net
 
 D = torch.float64
 
@@ -116,8 +115,10 @@ def test_langevin_step_convention_and_annealed_mapping():  # T-EBM-2
     torch.testing.assert_close(langevin_step(x, s, 0.3, z), x + 0.3 * s + math.sqrt(0.6) * z)
     # 003's x + eps/2 s + sqrt(eps) z is the same step with c = eps/2: annealed Langevin with one level, one step
     eps, sig = 0.02, 0.5
-    out = annealed_langevin(lambda y, _: -y, x, [sig], eps=eps, n_steps_each=1, generator=gen(3),
-                            final_denoise=False)
+    # data N(0, 1 - sig^2) noised by EDM at sigma = sig: the score is exactly -y
+    model = td.Denoiser(td.GaussianMixture.gaussian(0.0, 1 - sig**2, dim=3).net(td.EDM(), "eps"), td.EDM())
+    out = td.sample(model, x, "annealed_langevin", grid=torch.tensor([sig, 0.0], dtype=D), n_steps_each=1, eps=eps,
+                    generator=gen(3), final_denoise=False)
     z = torch.randn(x.shape, generator=gen(3), dtype=D)
     torch.testing.assert_close(out, x + (eps / 2) * (-x) + math.sqrt(eps) * z, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(annealed_step_sizes([2.0, 1.0, 0.5], 0.1), torch.tensor([1.6, 0.4, 0.1], dtype=D))
@@ -240,13 +241,13 @@ def test_annealed_langevin_recovers_mixture_weights():  # T-NCSN-2
     N = 10_000
     x = 16 * torch.rand(N, 1, dtype=D, generator=gen()) - 8
 
-    def noised_score(y, sigma):
-        return gm.score(y, proc, torch.full((len(y),), sigma, dtype=D))
+    model = td.Denoiser(gm.net(proc, "eps"), proc)
 
     plain = langevin(gm.score, x, step_size=0.05, n_steps=1000, generator=gen(1))
     frac_plain = float((plain < 0).to(D).mean())
-    sig = torch.logspace(math.log10(20.0), 0.0, 10, dtype=D)
-    ann = annealed_langevin(noised_score, x, sig, eps=0.1, n_steps_each=100, generator=gen(2), final_denoise=False)
+    grid = torch.cat([torch.logspace(math.log10(20.0), 0.0, 10, dtype=D), torch.zeros(1, dtype=D)])
+    ann = td.sample(model, x, "annealed_langevin", grid=grid, eps=0.1, n_steps_each=100, generator=gen(2),
+                    final_denoise=False)
     frac = float((ann < 0).to(D).mean())
     assert abs(frac_plain - 0.2) > 0.15  # stuck near the uniform start's 50/50 split
     from_mode = langevin(gm.score, 5 + torch.randn(N, 1, dtype=D, generator=gen(4)), step_size=0.05, n_steps=1000,
@@ -260,7 +261,7 @@ def test_annealed_langevin_longer_schedule_within_standard_errors():  # T-NCSN-2
     proc = td.EDM(sigma_min=0.5, sigma_max=30.0)
     N = 20_000
     x = 16 * torch.rand(N, 1, dtype=D, generator=gen()) - 8
-    sig = torch.logspace(math.log10(20.0), 0.0, 10, dtype=D)
-    ann = annealed_langevin(lambda y, s: gm.score(y, proc, torch.full((len(y),), s, dtype=D)), x, sig, eps=0.5,
-                            n_steps_each=300, generator=gen(2), final_denoise=False)
+    grid = torch.cat([torch.logspace(math.log10(20.0), 0.0, 10, dtype=D), torch.zeros(1, dtype=D)])
+    ann = td.sample(td.Denoiser(gm.net(proc, "eps"), proc), x, "annealed_langevin", grid=grid, eps=0.5,
+                    n_steps_each=300, generator=gen(2), final_denoise=False)
     assert abs(float((ann < 0).to(D).mean()) - 0.2) < 3 * math.sqrt(0.16 / N)  # measured: 0.4 SE

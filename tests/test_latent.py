@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 
-from torchdiffusion import config, latent
-from torchdiffusion.cli import main
-from torchdiffusion.guidance import CFG
+from torchdiffusion.cli.main import main
 from torchdiffusion.nets.conditioning import ClassTokenEncoder, CrossAttentionUNet
-from torchdiffusion.runs import build_model, load_run
+from torchdiffusion.parameterization.guidance import CFG
+from torchdiffusion.runs import config, latent
+from torchdiffusion.runs.build import build_model, load_run
+from torchdiffusion.runs.train import train
 from torchdiffusion.samplers import sample
-from torchdiffusion.train import split_dataset, train
 
 TINY_AE = ["data.size=8", "model.channels=8", "model.channel_mult=[1,2]", "train.steps=4", "train.batch=16",
            "train.ckpt_every=0", "train.log_every=2"]
@@ -55,8 +55,8 @@ def test_cross_attention_unet_conditions_and_works_with_cfg_and_samplers():
         a, b = net(x, t, torch.tensor([1, 1, 1, 1])), net(x, t, torch.tensor([2, 2, 2, 2]))
     assert a.shape == x.shape and not torch.allclose(a, b)  # the class reaches the output through tau and attention
     cfg = config.resolve("latent")
-    from torchdiffusion.denoiser import Denoiser
-    from torchdiffusion.runs import build_process
+    from torchdiffusion.parameterization.denoiser import Denoiser
+    from torchdiffusion.runs.build import build_process
 
     model = Denoiser(net, build_process(cfg["process"]), prediction="v")
     g = torch.Generator().manual_seed(0)
@@ -96,7 +96,7 @@ def test_end_to_end_vae_then_latent_diffusion(tmp_path, capsys):
     # the stored scale makes the training split's latents unit-variance; it is applied once each way (T-LDM-1)
     net, _ = latent.load_autoencoder(ae_run)
     ds = latent.load_latents(ae_run, holdout=0.1)
-    from torchdiffusion.data import digits
+    from torchdiffusion.data.datasets import digits, split_dataset
 
     z = latent.encode(net, digits(8).x)
     train_z = split_dataset(ds, 0.1)[0].x

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import torchdiffusion as td
-from torchdiffusion import latent
+from torchdiffusion.runs import latent
 
 F64 = torch.float64
 
@@ -34,6 +34,7 @@ def _setup(tmp_path, monkeypatch, A, x):
     cfg = {"data": {"name": str(path)}}
     net = LinearAE(A)
     monkeypatch.setattr(latent, "load_autoencoder", lambda run, ema=True: (net, cfg))
+    monkeypatch.setattr(latent, "weights_sha256", lambda run: "fake")  # no weights file behind the fake run
     ds = latent.load_latents("fake-run", holdout=0.0)
     return net, ds, {"latent": ds.meta["latent"]}
 

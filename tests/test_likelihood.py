@@ -11,10 +11,12 @@ import torch
 from torch import nn
 
 import torchdiffusion as td
-from torchdiffusion import likelihood as L
-from torchdiffusion.data import toy_density
-from torchdiffusion.losses import eps_weight, sample_projections
-from torchdiffusion.samplers.common import pf_ode_drift
+import torchdiffusion.likelihood as L
+import torchdiffusion.losses.vlb as LV
+from torchdiffusion._tensor import sample_projections
+from torchdiffusion.data.datasets import split_dataset, toy_density
+from torchdiffusion.losses.score import eps_weight
+from torchdiffusion.parameterization.flow import pf_ode_drift
 
 F64 = torch.float64
 
@@ -442,12 +444,12 @@ def test_learned_variance_kernel_and_hybrid_stop_gradient():  # B-12
     torch.nn.init.normal_(net.var.weight, std=0.1)
     # the L_vlb part reaches only the variance head
     net.zero_grad()
-    L.vlb_loss(model, x0, variance="learned", generator=gen(15), detach_mean=True).backward()
+    LV.vlb_loss(model, x0, variance="learned", generator=gen(15), detach_mean=True).backward()
     assert net.mean.weight.grad is None or net.mean.weight.grad.abs().max() == 0
     assert net.var.weight.grad.abs().max() > 0
     # hybrid: the mean head's gradient is that of L_simple alone
     net.zero_grad()
-    L.hybrid_loss(model, x0, lambda_vlb=0.001, generator=gen(16)).backward()
+    LV.hybrid_loss(model, x0, lambda_vlb=0.001, generator=gen(16)).backward()
     g_hybrid = net.mean.weight.grad.clone()
     assert net.var.weight.grad.abs().max() > 0
     net.zero_grad()
@@ -460,7 +462,7 @@ def test_learned_variance_kernel_and_hybrid_stop_gradient():  # B-12
 
 
 def test_training_losses_registered():
-    from torchdiffusion.train import LOSSES
+    from torchdiffusion.runs.losses import LOSSES
 
     proc = small_ddpm()
     net = nn.Sequential(nn.Linear(2, 2)).double()
@@ -475,15 +477,15 @@ def test_training_losses_registered():
 
 @pytest.mark.parametrize("proc", [td.VP(), small_ddpm()], ids=["vp", "ddpm"])
 def test_importance_sampled_likelihood_weighting(proc):  # B-8: lambda = g^2 with t ~ w(t)
-    from torchdiffusion.losses import dsm_loss
-    from torchdiffusion.train import LOSSES
+    from torchdiffusion.losses.score import dsm_loss
+    from torchdiffusion.runs.losses import LOSSES
 
     gm = td.GaussianMixture.gaussian(torch.tensor([0.3, -0.5]), torch.tensor([0.25, 1.0]), dim=2)
     model = td.Denoiser(lambda x, t: 1.1 * gm.net(proc, "eps")(x, t), proc, "eps")  # imperfect model
     g = gen(30)
     x0 = gm.sample(40_000, g)[0]
     plain = dsm_loss(model, x0, weighting="g2", generator=g, reduction="none")
-    t, r = L.importance_times(proc, 40_000, "g2", generator=g)
+    t, r = LV.importance_times(proc, 40_000, "g2", generator=g)
     assert t.min() >= proc.t_min and t.max() <= proc.t_max
     isw = r * dsm_loss(model, x0, weighting="eps", t=t, generator=g, reduction="none")
     se = math.sqrt(plain.var() / len(plain) + isw.var() / len(isw))
@@ -617,10 +619,9 @@ def test_user_errors():
 
 
 def test_holdout_split_and_trainer_uses_train_part(tmp_path):
-    from torchdiffusion import config
-    from torchdiffusion.data import load
-    from torchdiffusion.train import Trainer, split_dataset
-
+    from torchdiffusion.data.datasets import load
+    from torchdiffusion.runs import config
+    from torchdiffusion.runs.train import build_trainer
     ds = load("gmm", n=100)
     tr, te = split_dataset(ds, 0.2)
     assert len(tr) == 80 and len(te) == 20
@@ -631,12 +632,12 @@ def test_holdout_split_and_trainer_uses_train_part(tmp_path):
     assert torch.equal(te.x, te2.x)
     assert split_dataset(ds, 0.0)[1] is None
     cfg = config.resolve("gmm", ["data.n=100", "data.holdout=0.2", "model.hidden=16", "model.depth=1"])
-    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer = build_trainer(cfg, tmp_path / "run", progress=False)
     assert len(trainer.data) == 80 and torch.equal(trainer.data.x, tr.x)
 
 
 def test_cli_likelihood(tmp_path, capsys):
-    from torchdiffusion.cli import main
+    from torchdiffusion.cli.main import main
 
     run = tmp_path / "run"
     sets = ["data.n=200", "model.hidden=16", "model.depth=1", "train.steps=2", "train.batch=16",

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import torchdiffusion as td
-from torchdiffusion.data import toy_density
-from torchdiffusion.losses import WEIGHTINGS, dsm_loss, eps_weight, sample_times, simple_loss
-from torchdiffusion.train import LOSSES
+from torchdiffusion.data.datasets import toy_density
+from torchdiffusion.losses.score import WEIGHTINGS, dsm_loss, eps_weight, sample_times, simple_loss
+from torchdiffusion.runs.losses import LOSSES
 
 D = torch.float64
 

@@ -1,4 +1,4 @@
-"""Metrics: Frechet distance against closed forms, and the real-digits evaluator (torchdiffusion.metrics)."""
+"""Metrics: Frechet distance against closed forms, and the real-digits evaluator (torchdiffusion.evaluation.metrics)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from torchdiffusion import metrics
-from torchdiffusion.metrics import DigitsEvaluator, frechet_distance, frechet_distance_gaussian
+from torchdiffusion.evaluation import metrics
+from torchdiffusion.evaluation.metrics import DigitsEvaluator, frechet_distance, frechet_distance_gaussian
 
 
 def _rand_psd(d: int, g: torch.Generator) -> torch.Tensor:

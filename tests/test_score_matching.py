@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import torchdiffusion as td
-from torchdiffusion.losses import (
+from torchdiffusion.losses.score import (
     denoising_score_matching_loss,
     dsm_loss,
     exact_score_matching_loss,

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import torchdiffusion as td
-from torchdiffusion import config as C
-from torchdiffusion.data import toy_density
-from torchdiffusion.losses import ncsn_loss, ncsn_sigmas, noisy_score_matching_loss, process_ncsn_sigmas
+from torchdiffusion.data.datasets import toy_density
+from torchdiffusion.losses.score import ncsn_loss, ncsn_sigmas, noisy_score_matching_loss, process_ncsn_sigmas
 from torchdiffusion.nets.energy import EnergyScoreNet
 from torchdiffusion.nets.mlp import MLP
-from torchdiffusion.train import Trainer
+from torchdiffusion.runs import config as C
+from torchdiffusion.runs.train import build_trainer, ema_model
 
 D = torch.float64
 
@@ -31,9 +31,9 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def train_preset(preset: str, out, steps: int, sets: list[str]) -> Trainer:
+def train_preset(preset: str, out, steps: int, sets: list[str]):
     over = [f"train.steps={steps}", "train.ckpt_every=0", "train.warmup=50", "train.ema=0.99", *sets]
-    tr = Trainer(C.resolve(preset, over), out, progress=False)
+    tr = build_trainer(C.resolve(preset, over), out, progress=False)
     tr.run()
     return tr
 
@@ -106,14 +106,14 @@ FAST = ["data.name=gmm", "model.hidden=64"]
 
 
 def test_ve_sde_model_samples(tmp_path):  # T-SDE-8 (weighted DSM) + T-SDE-7 (reverse SDE), learned
-    model = train_preset("ve", tmp_path / "ve", 500, FAST).ema_model()
+    model = ema_model(train_preset("ve", tmp_path / "ve", 500, FAST))
     gap = nll_gap(model, "euler_maruyama", 200)
     assert abs(gap) < 0.5, gap  # measured 0.27
     assert abs(nll_gap(model, "reverse_diffusion", 200)) < 0.5
 
 
 def test_ncsn_model_with_annealed_langevin(tmp_path):  # T-NCSN-1, T-NCSN-2, learned
-    model = train_preset("ncsn", tmp_path / "ncsn", 500, FAST).ema_model()
+    model = ema_model(train_preset("ncsn", tmp_path / "ncsn", 500, FAST))
     # the sampler's logsnr grid with 10 levels visits exactly the training ladder
     ts = td.grids.get("logsnr", model.process, 10)[:-1]
     torch.testing.assert_close(model.process.sigma(ts), process_ncsn_sigmas(model.process, 10), rtol=1e-9, atol=0)
@@ -122,7 +122,7 @@ def test_ncsn_model_with_annealed_langevin(tmp_path):  # T-NCSN-1, T-NCSN-2, lea
 
 
 def test_energy_model_samples(tmp_path):  # T-EBM-1 trained by DSM, sampled by the reverse SDE
-    model = train_preset("ebm", tmp_path / "ebm", 400, FAST + ["model.depth=2", "train.batch=128"]).ema_model()
+    model = ema_model(train_preset("ebm", tmp_path / "ebm", 400, FAST + ["model.depth=2", "train.batch=128"]))
     assert isinstance(model.net, EnergyScoreNet) and model.net.output == "eps"
     gap = nll_gap(model, "euler_maruyama", 150)
     assert abs(gap) < 0.5, gap  # measured 0.12
@@ -136,7 +136,7 @@ def test_energy_model_samples(tmp_path):  # T-EBM-1 trained by DSM, sampled by t
 def test_presets_train_to_good_samples_on_the_ring(tmp_path, preset, sampler, steps, tol):
     tr = train_preset(preset, tmp_path / preset, 3000, [])
     opts = {"grid": "logsnr"} if preset == "ncsn" else {}
-    assert abs(nll_gap(tr.ema_model(), sampler, steps, n=2000, toy="ring", **opts)) < tol
+    assert abs(nll_gap(ema_model(tr), sampler, steps, n=2000, toy="ring", **opts)) < tol
 
 
 # --- the ncsn / esm / ssm losses in the trainer -------------------------------------------------------------------
@@ -145,7 +145,7 @@ def test_score_matching_losses_train(tmp_path):  # T-SM-2, T-SM-4 on the noised 
     for name in ("esm", "ssm"):
         cfg = C.resolve("ve", ["train.steps=60", "train.ckpt_every=0", "model.hidden=32", "model.depth=1",
                                f"loss.name={name}", "train.batch=64", "train.log_every=10"])
-        tr = Trainer(cfg, tmp_path / name, progress=False)
+        tr = build_trainer(cfg, tmp_path / name, progress=False)
         first = [tr.train_step()[0] for _ in range(10)]
         tr.run()
         last = [tr.train_step()[0] for _ in range(10)]
@@ -162,14 +162,14 @@ def test_score_matching_losses_train(tmp_path):  # T-SM-2, T-SM-4 on the noised 
 
 def test_ncsn_loss_via_trainer_and_unknown_loss(tmp_path):
     cfg = C.resolve("ncsn", ["train.steps=5", "train.ckpt_every=0", "model.hidden=16", "model.depth=1"])
-    tr = Trainer(cfg, tmp_path / "n", progress=False)
+    tr = build_trainer(cfg, tmp_path / "n", progress=False)
     assert math.isfinite(tr.train_step()[0])
     with pytest.raises(ValueError, match="allowed"):
-        Trainer(C.resolve("ve", ["loss.name=nope"]), tmp_path / "x", progress=False)
+        build_trainer(C.resolve("ve", ["loss.name=nope"]), tmp_path / "x", progress=False)
 
 
 def test_score_presets_resolve_and_build():
-    from torchdiffusion.runs import build_model
+    from torchdiffusion.runs.build import build_model
 
     for p in ("vp", "subvp", "ve", "ncsn", "ebm"):
         cfg = C.resolve(p)
@@ -188,7 +188,7 @@ def test_score_presets_resolve_and_build():
 
 # --- CLI ---------------------------------------------------------------------------------------------------------
 def test_scorefield_command(tmp_path, capsys):
-    from torchdiffusion.cli import main
+    from torchdiffusion.cli.main import main
 
     run = tmp_path / "run"
     assert main(["train", "ve", "--out", str(run), "--quiet", "--set", "train.steps=20", "--set", "model.hidden=16",
@@ -205,7 +205,7 @@ def test_scorefield_command(tmp_path, capsys):
 def test_energy_model_trains_with_every_score_loss(tmp_path, loss):  # T-EBM-1 with T-SM-2 / T-SM-4 / T-NCSN-1
     cfg = C.resolve("ebm", ["train.steps=3", "train.ckpt_every=0", "model.hidden=16", "model.depth=1",
                             "train.batch=32", f"loss.name={loss}"])
-    tr = Trainer(cfg, tmp_path / loss, progress=False)
+    tr = build_trainer(cfg, tmp_path / loss, progress=False)
     before = [p.detach().clone() for p in tr.net.parameters()]
     assert all(math.isfinite(tr.train_step()[0]) for _ in range(3))
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.net.parameters()))

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import torchdiffusion as td
-from torchdiffusion.langevin import annealed_langevin
 from torchdiffusion.samplers import Bound
 from torchdiffusion.samplers.sde import corrector, snr_step_size
 
@@ -214,18 +213,6 @@ def test_sampler_options_are_checked():
         td.sample(model, x_T, "pc", 10, n_corrector=1.5)
     with pytest.raises(ValueError, match="n_steps_each"):
         td.sample(model, x_T, "annealed_langevin", 100, n_steps_each=0)
-
-
-def test_annealed_langevin_sampler_matches_the_function():  # T-NCSN-2 as a td.sample sampler
-    proc = td.EDM(sigma_min=0.05, sigma_max=10.0)
-    model = oracle_model(proc)
-    x_T = proc.prior_sample((50, 1), gen(), dtype=D)
-    out = td.sample(model, x_T, "annealed_langevin", 200, grid="logsnr", generator=gen(1), n_steps_each=20,
-                    eps=0.05, final_denoise=False)
-    ts = td.grids.get("logsnr", proc, 10)[:-1]  # 200 calls = 10 levels x 20
-    ref = annealed_langevin(lambda y, s: GMM.score(y, proc, torch.full((len(y),), s, dtype=D)), x_T, ts, eps=0.05,
-                            n_steps_each=20, generator=gen(1), final_denoise=False)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
 def test_adaptive_ode_solves_to_t_min_whatever_the_grid():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import torchdiffusion as td
-from torchdiffusion.langevin import simulate_sde
-from torchdiffusion.losses import dsm_loss, sample_times
+from torchdiffusion.losses.score import dsm_loss, sample_times
+from torchdiffusion.samplers.dynamics import simulate_sde
 
 D = torch.float64
 

@@ -19,12 +19,13 @@ import pytest
 import torch
 
 import torchdiffusion as td
-from torchdiffusion import checkpoint as ckpt
-from torchdiffusion import config as C
-from torchdiffusion.data import Dataset, toy_density
-from torchdiffusion.losses import dsm_loss
-from torchdiffusion.runs import load_run
-from torchdiffusion.train import Trainer, ema_decay, lr_at, train
+from torchdiffusion.data.datasets import Dataset, toy_density
+from torchdiffusion.losses.score import dsm_loss
+from torchdiffusion.runs import config as C
+from torchdiffusion.runs.build import load_run
+from torchdiffusion.runs.train import build_trainer, ema_model, train
+from torchdiffusion.training import checkpoint as ckpt
+from torchdiffusion.training.trainer import Trainer, TrainSettings, ema_decay, lr_at
 
 TINY = ["train.batch=64", "model.hidden=32", "model.depth=2", "data.n=2000", "train.warmup=3", "train.log_every=5",
         "train.ckpt_every=0", "train.device=cpu", "train.ema=0.9"]
@@ -76,7 +77,7 @@ def test_resume_is_bit_exact(straight: Path, tmp_path: Path) -> None:
     _assert_same_state(straight, tmp_path / "r")
     assert [r["step"] for r in _log_rows(tmp_path / "r")] == ["5", "10", "15", "20"]
     # training moved the weights, and the EMA differs from the raw weights
-    init = Trainer(cfg, tmp_path / "fresh", progress=False).net.state_dict()
+    init = build_trainer(cfg, tmp_path / "fresh", progress=False).net.state_dict()
     final = ckpt.load_tensors(straight / "model.safetensors")[0]
     ema = ckpt.load_tensors(straight / "ema.safetensors")[0]
     assert any(not torch.equal(init[k], final[k]) for k in init)
@@ -183,7 +184,7 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(straight: Path, tmp_pa
         load_run(run)
     (run / "train_state.safetensors").write_bytes(b"\x00" * 100)
     with pytest.raises(ValueError, match="corrupt checkpoint .*train_state"):
-        Trainer(_cfg("train.steps=20"), run, progress=False)
+        build_trainer(_cfg("train.steps=20"), run, progress=False)
     (run / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt JSON"):
         load_run(run)
@@ -202,10 +203,10 @@ def test_resume_with_a_different_model_config_is_refused(straight: Path, tmp_pat
     shutil.copytree(straight, run)
     for change in ("model.hidden=64", "process.T=500", "loss.weighting=x0", "data.name=moons"):
         with pytest.raises(ValueError, match="different data/process/model/loss config"):
-            Trainer(_cfg("train.steps=20", change), run, progress=False)
-    assert Trainer(_cfg("train.steps=20", "model.hidden=64"), run, progress=False, resume=False).step == 0
+            build_trainer(_cfg("train.steps=20", change), run, progress=False)
+    assert build_trainer(_cfg("train.steps=20", "model.hidden=64"), run, progress=False, resume=False).step == 0
     # the train section may change: a finished run can be extended
-    tr = Trainer(_cfg("train.steps=25"), run, progress=False)
+    tr = build_trainer(_cfg("train.steps=25"), run, progress=False)
     assert tr.step == 20 and tr.run()["steps_run"] == 5
 
 
@@ -217,7 +218,7 @@ def test_nan_data_and_divergence_are_clear_errors(tmp_path: Path) -> None:
         Dataset(x, name="bad")
     np.savez(tmp_path / "bad.npz", x=x.numpy())
     with pytest.raises(ValueError, match="NaN or Inf"):
-        Trainer(_cfg(f"data.name={tmp_path / 'bad.npz'}", "train.steps=2"), tmp_path / "r", progress=False)
+        build_trainer(_cfg(f"data.name={tmp_path / 'bad.npz'}", "train.steps=2"), tmp_path / "r", progress=False)
     # finite but huge data: the loss overflows to inf in float32 -> a clear stop, not a silent NaN model
     huge = Dataset(torch.full((64, 2), 3e19), name="huge")
     with pytest.raises(RuntimeError, match="diverged.*lower train.lr or check the data"):
@@ -226,36 +227,40 @@ def test_nan_data_and_divergence_are_clear_errors(tmp_path: Path) -> None:
 
 
 # --- schedules ---------------------------------------------------------------------------------------------------
+TS = TrainSettings.from_dict
+
+
 def test_lr_schedule_matches_the_formula(tmp_path: Path) -> None:
     base, warm, total, r = 2e-3, 10, 100, 0.2
-    tc = {"lr": base, "warmup": warm, "steps": total, "schedule": "cosine", "min_lr_ratio": r}
+    tc = {"lr": base, "warmup": warm, "steps": total, "schedule": "cosine", "min_lr_ratio": r, "batch": 1}
     for k in (0, 4, 9, 10, 50, 99, 100, 150):
         w = min(1.0, (k + 1) / warm)
         cos = r + (1 - r) * (1 + math.cos(math.pi * min(k, total) / total)) / 2
-        assert lr_at(k, tc) == pytest.approx(base * w * cos, rel=1e-12), k
-    assert lr_at(0, tc) == pytest.approx(base / warm, rel=1e-3)  # warm-up starts at lr/warmup
-    assert lr_at(total, tc) == pytest.approx(base * r, rel=1e-12)  # cosine ends at min_lr_ratio * lr
+        assert lr_at(k, TS(tc)) == pytest.approx(base * w * cos, rel=1e-12), k
+    assert lr_at(0, TS(tc)) == pytest.approx(base / warm, rel=1e-3)  # warm-up starts at lr/warmup
+    assert lr_at(total, TS(tc)) == pytest.approx(base * r, rel=1e-12)  # cosine ends at min_lr_ratio * lr
     const = {**tc, "schedule": "constant"}
-    assert [lr_at(k, const) for k in (0, 9, 10, 99)] == pytest.approx([base / 10, base, base, base])
-    assert lr_at(0, {**const, "warmup": 0}) == base
+    assert [lr_at(k, TS(const)) for k in (0, 9, 10, 99)] == pytest.approx([base / 10, base, base, base])
+    assert lr_at(0, TS({**const, "warmup": 0})) == base
     with pytest.raises(ValueError, match="unknown lr schedule 'linear'; allowed: cosine, constant"):
-        lr_at(0, {**tc, "schedule": "linear"})
+        lr_at(0, TS({**tc, "schedule": "linear"}))
     # the trainer applies it at every step and logs the lr of the last step of each interval
     cfg = _cfg("train.steps=12", "train.warmup=4", "train.log_every=3", "train.lr=1e-2")
-    tr = Trainer(cfg, tmp_path / "r", progress=False)
+    tr = build_trainer(cfg, tmp_path / "r", progress=False)
     seen = []
     for _ in range(12):
         tr.train_step()
         seen.append(tr.opt.param_groups[0]["lr"])
-    assert seen == pytest.approx([lr_at(k, cfg["train"]) for k in range(12)], rel=1e-12)
+    assert seen == pytest.approx([lr_at(k, TS(cfg["train"])) for k in range(12)], rel=1e-12)
     train(cfg, tmp_path / "r2", progress=False)
     rows = _log_rows(tmp_path / "r2")
-    assert [float(r["lr"]) for r in rows] == pytest.approx([lr_at(int(r["step"]) - 1, cfg["train"]) for r in rows])
+    expected = [lr_at(int(r["step"]) - 1, TS(cfg["train"])) for r in rows]
+    assert [float(r["lr"]) for r in rows] == pytest.approx(expected)
 
 
 def test_ema_follows_the_warmup_recurrence(tmp_path: Path) -> None:
     """ema_k+1 = d_k ema_k + (1 - d_k) w_k+1 with d_k = min(decay, (1+k)/(10+k)), from ema_0 = w_0."""
-    tr = Trainer(_cfg("train.steps=12", "train.ema=0.5"), tmp_path / "r", progress=False)
+    tr = build_trainer(_cfg("train.steps=12", "train.ema=0.5"), tmp_path / "r", progress=False)
     ema = [p.detach().clone() for p in tr.net.parameters()]
     for k in range(12):
         tr.train_step()
@@ -264,7 +269,8 @@ def test_ema_follows_the_warmup_recurrence(tmp_path: Path) -> None:
         ema = [d * e + (1 - d) * p.detach() for e, p in zip(ema, tr.net.parameters())]
     for e, p in zip(ema, tr.ema.parameters()):
         torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-7)
-    tr2 = Trainer(_cfg("train.steps=3", "train.ema=0.5", "train.ema_warmup=false"), tmp_path / "r2", progress=False)
+    tr2 = build_trainer(_cfg("train.steps=3", "train.ema=0.5", "train.ema_warmup=false"), tmp_path / "r2",
+                        progress=False)
     w0 = [p.detach().clone() for p in tr2.net.parameters()]
     tr2.train_step()
     for e0, e1, p in zip(w0, tr2.ema.parameters(), tr2.net.parameters()):
@@ -282,11 +288,12 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path: Path) -> None:
     x = toy_density("ring").sample(6 * 64, torch.Generator().manual_seed(0), dtype=torch.float32)[0]
     runs = {}
     for accum, batch in ((1, 128), (2, 64)):
-        tr = Trainer(_cfg("train.steps=3", f"train.accum={accum}", f"train.batch={batch}", "train.clip=0.05"),
+        tr = build_trainer(_cfg("train.steps=3", f"train.accum={accum}", f"train.batch={batch}", "train.clip=0.05"),
                      tmp_path / f"a{accum}", progress=False)
         chunks = iter(x.split(batch))
         tr._batch = lambda: (next(chunks), None)  # noqa: B023 - the same 384 examples, in order, for both
-        tr.loss_fn = _fixed_loss
+        tr.loss_fn = lambda net, x0, *, cond, generator, m=tr.model: _fixed_loss(m.with_net(net), x0, cond=cond,
+                                                                                 generator=generator, cfg={})
         runs[accum] = (tr, [tr.train_step() for _ in range(3)])
     (t1, log1), (t2, log2) = runs[1], runs[2]
     for (l1, g1), (l2, g2) in zip(log1, log2):
@@ -294,10 +301,10 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path: Path) -> None:
     assert log1[0][1] > 0.05  # clipping was active (so it acts on the accumulated gradient)
     for p1, p2 in zip(t1.net.parameters(), t2.net.parameters()):
         torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-6)
-    p0 = Trainer(_cfg("train.steps=3"), tmp_path / "p0", progress=False).net.parameters()
+    p0 = build_trainer(_cfg("train.steps=3"), tmp_path / "p0", progress=False).net.parameters()
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(p0, t1.net.parameters()))  # the steps did move
-    with pytest.raises(ValueError, match="train.accum must be >= 1"):
-        Trainer(_cfg("train.accum=0"), tmp_path / "bad", progress=False)
+    with pytest.raises(ValueError, match="train.accum must be a whole number >= 1"):
+        build_trainer(_cfg("train.accum=0"), tmp_path / "bad", progress=False)
 
 
 # --- a trained MLP on a 2-D toy --------------------------------------------------------------------------------------
@@ -317,11 +324,11 @@ def test_trained_mlp_samples_have_the_data_entropy_fast(tmp_path: Path) -> None:
     nats; allowed 0.3. An untrained model is off by more than 2 nats."""
     cfg = C.resolve("gmm", ["train.steps=600", "model.hidden=128", "model.depth=3", "train.warmup=50",
                             "train.ema=0.99", "train.lr=1e-2", "train.ckpt_every=0", "train.device=cpu"])
-    tr = Trainer(cfg, tmp_path / "r", progress=False)
-    untrained, _ = _nll_gap(tr.ema_model(), "gmm", "ddpm", 20, 500)
+    tr = build_trainer(cfg, tmp_path / "r", progress=False)
+    untrained, _ = _nll_gap(ema_model(tr), "gmm", "ddpm", 20, 500)
     assert untrained > 2.0, untrained
     tr.run()
-    gap, se = _nll_gap(tr.ema_model(), "gmm", "ddpm", 100, 1000)
+    gap, se = _nll_gap(ema_model(tr), "gmm", "ddpm", 100, 1000)
     assert abs(gap) < 0.3, (gap, se)
 
 
@@ -329,7 +336,15 @@ def test_trained_mlp_samples_have_the_data_entropy_fast(tmp_path: Path) -> None:
 def test_trained_mlp_on_the_ring_preset(tmp_path: Path) -> None:
     """The `ring` preset as shipped (3000 steps, 256x4 MLP, batch 256, lr 3e-3; ~100 s on a busy 2-core CPU).
     Measured gap: 0.06 +- 0.03 (DDPM, 1000 steps), -0.02 +- 0.04 (DDPM, 100 steps); allowed 0.3."""
-    tr = Trainer(C.resolve("ring", ["train.ckpt_every=0", "train.device=cpu"]), tmp_path / "r", progress=False)
+    tr = build_trainer(C.resolve("ring", ["train.ckpt_every=0", "train.device=cpu"]), tmp_path / "r", progress=False)
     tr.run()
-    gap, se = _nll_gap(tr.ema_model(), "ring", "ddpm", 200, 2000)
+    gap, se = _nll_gap(ema_model(tr), "ring", "ddpm", 200, 2000)
     assert abs(gap) < 0.3, (gap, se)
+
+
+@pytest.mark.parametrize("setting", ["train.steps=2.5", "process.T=2.5", "model.hidden=0", "model.depth=-1",
+                                     "train.log_every=0", "sample.steps=0", "model.channel_mult=[1,0]"])
+def test_count_values_are_checked(setting: str) -> None:
+    key = setting.split("=")[0]
+    with pytest.raises(ValueError, match=key.replace(".", "[.]") + " must be"):
+        C.resolve("ring", [setting])

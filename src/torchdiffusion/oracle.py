@@ -18,8 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .denoiser import PREDICTIONS, prediction_from
-from .processes import Process, as_time, expand_like
+from torchdiffusion.parameterization.denoiser import PREDICTIONS, prediction_from
+from torchdiffusion.processes import Process, as_time, expand_like
 
 
 class GaussianMixture:

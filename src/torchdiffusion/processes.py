@@ -486,3 +486,8 @@ def process_from_config(cfg: dict | str) -> Process:
         return PROCESSES[name](**cfg)
     except TypeError as e:
         raise ValueError(f"bad arguments for process {name!r}: {e}") from None
+
+
+def times_from_ve_sigmas(process: Process, s: Tensor) -> Tensor:
+    """Process times at VE noise levels ``s = sigma/alpha`` (``log_snr = -2 log s``)."""
+    return process.t_from_log_snr(-2 * torch.log(s))

@@ -6,13 +6,13 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .autoencoder import Autoencoder
-from .classifier import NoisyClassifier
-from .conditioning import CrossAttentionUNet
-from .embeddings import TimeEmbedding, sinusoidal_embedding
-from .energy import energy_score_net
-from .mlp import MLP
-from .unet import UNet
+from torchdiffusion.nets.autoencoder import Autoencoder
+from torchdiffusion.nets.classifier import NoisyClassifier
+from torchdiffusion.nets.conditioning import CrossAttentionUNet
+from torchdiffusion.nets.embeddings import TimeEmbedding, sinusoidal_embedding
+from torchdiffusion.nets.energy import energy_score_net
+from torchdiffusion.nets.mlp import MLP
+from torchdiffusion.nets.unet import UNet
 
 NETS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "unet": UNet, "energy": energy_score_net,
                                            "classifier": NoisyClassifier,

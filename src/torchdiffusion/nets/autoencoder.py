@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .unet import _norm
+from torchdiffusion.nets.unet import _norm
 
 KINDS = ("ae", "vae")
 DECODER_VARS = ("fixed", "learned")

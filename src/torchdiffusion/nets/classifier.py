@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .embeddings import TimeEmbedding
-from .unet import Downsample, ResBlock, group_count
+from torchdiffusion.nets.embeddings import TimeEmbedding
+from torchdiffusion.nets.unet import Downsample, ResBlock, group_count
 
 
 class NoisyClassifier(nn.Module):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .unet import UNet
+from torchdiffusion.nets.unet import UNet
 
 
 class ClassTokenEncoder(nn.Module):

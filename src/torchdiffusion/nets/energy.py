@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .embeddings import TimeEmbedding, sinusoidal_embedding
-from .mlp import class_index
+from torchdiffusion.nets.embeddings import TimeEmbedding, sinusoidal_embedding
+from torchdiffusion.nets.mlp import class_index
 
 
 class EnergyNet(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .embeddings import TimeEmbedding
+from torchdiffusion.nets.embeddings import TimeEmbedding
 
 
 class MLP(nn.Module):

@@ -12,72 +12,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .. import grids as _grids
-
-
-@dataclass(frozen=True)
-class SamplerSpec:
-    """A registered sampler: its function and how many grid intervals ``steps`` evaluations buy."""
-
-    fn: Callable[..., Tensor]
-    intervals: Callable[..., int]
-    stochastic: bool
-    doc: str
-    prepare: Callable[[int | None, int, dict], dict] | None = None
-
-
-_SAMPLERS: dict[str, SamplerSpec] = {}
-
-
-def _one_per_step(steps: int, **_) -> int:
-    return steps
-
-
-def register(name: str, *, intervals: Callable[..., int] = _one_per_step, stochastic: bool = False,
-             prepare: Callable[[int | None, int, dict], dict] | None = None) -> Callable:
-    """Decorator registering a sampler function under ``name``.
-
-    ``intervals(steps, **options)`` converts a budget of network evaluations into the number of grid
-    intervals the sampler walks (1:1 for first-order samplers; it may read the sampler's options).
-    ``prepare(steps, intervals, options)`` returns the options completed from the budget (``steps`` is None
-    when a tensor grid alone fixed the intervals).
-    """
-    def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        _SAMPLERS[name] = SamplerSpec(fn, intervals, stochastic, (fn.__doc__ or "").strip().split("\n")[0],
-                                      prepare)
-        return fn
-    return deco
-
-
-def names() -> list[str]:
-    """Every sampler name that ``td.sample`` accepts."""
-    return sorted(_SAMPLERS)
-
-
-def get(name: str) -> SamplerSpec:
-    """The registered sampler ``name`` (clear error listing the allowed names otherwise)."""
-    if name not in _SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(names())}")
-    return _SAMPLERS[name]
-
-
-class Bound:
-    """A model with its condition fixed, and an evaluation counter: what a sampler sees."""
-
-    def __init__(self, model, cond=None):
-        self.model, self.cond, self.process, self.nfe = model, cond, model.process, 0
-
-    def predict(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
-        self.nfe += 1
-        if self.cond is None:
-            return self.model.predict(x, t)
-        return self.model.predict(x, t, self.cond)
-
+from torchdiffusion.parameterization.flow import Bound
+from torchdiffusion.samplers import ddpm, langevin, ode, sde, solvers  # noqa: F401  (register the families)
+from torchdiffusion.samplers import grids as _grids
+from torchdiffusion.samplers.registry import SamplerSpec, get, names, register  # noqa: F401
 
 DEFAULT_STEPS = 50
 
@@ -94,7 +36,7 @@ def sample(model, x_T: Tensor, sampler: str = "ddim", steps: int | None = None, 
     """Generate: walk from ``x_T`` (the state at ``process.t_max``) to a clean sample.
 
     ``steps`` is the number of network evaluations (NFE) the sampler may spend (default 50); ``grid`` names a
-    grid of :mod:`torchdiffusion.grids` (default: the process's own) or is a strictly decreasing tensor of
+    grid of :mod:`torchdiffusion.samplers.grids` (default: the process's own) or is a strictly decreasing tensor of
     times ending at ``process.t_zero``. A tensor grid fixes the number of intervals: ``steps`` may then be left
     out, and if given it must buy exactly that many intervals for this sampler. Randomness comes only from
     ``generator``. ``callback`` receives a dict with ``i``, ``t``, ``x`` (the new state) and ``x0`` (the
@@ -133,11 +75,3 @@ def sample(model, x_T: Tensor, sampler: str = "ddim", steps: int | None = None, 
     with torch.no_grad():
         return spec.fn(bound, x_T, ts, generator=generator, callback=callback, **options)
 
-
-from . import ddpm  # noqa: E402,F401  (registers the DDPM family)
-
-# isort: split
-from . import langevin, ode, sde  # noqa: E402,F401  (score-SDE, PF-ODE and annealed Langevin samplers)
-
-# isort: split
-from . import solvers  # noqa: E402,F401  (Euler, Heun, DPM-Solver++, UniPC, iPNDM)

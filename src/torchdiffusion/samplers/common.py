@@ -8,7 +8,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..processes import Process
+from torchdiffusion._tensor import SampleGenerators
+from torchdiffusion.processes import Process
 
 
 def coeffs(process: Process, t: Tensor) -> tuple[float, float]:
@@ -18,6 +19,8 @@ def coeffs(process: Process, t: Tensor) -> tuple[float, float]:
 
 def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """Standard normal noise shaped like ``x``, drawn only from ``generator``."""
+    if isinstance(generator, SampleGenerators):
+        return generator.randn(tuple(x.shape), dtype=x.dtype, device=x.device)
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
@@ -40,16 +43,6 @@ def ddim_step(x0: Tensor, eps: Tensor, a_s: float, s_s: float, noise_std: float 
 def posterior_var(process: Process, t: Tensor, s: Tensor) -> float:
     """Variance of ``q(x_s | x_t, x0)`` (beta-tilde for adjacent DDPM steps)."""
     return float(process.posterior_coefficients(t, s)[2])
-
-
-def pf_ode_drift(model, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Probability-flow ODE ``dx/dt = f(t) x - 1/2 g(t)^2 score`` (Song et al. 2021, THEORY T-SDE-10), with
-    ``score = -eps / sigma``. Returns ``(dx/dt, x0_hat, eps_hat)`` from one network call."""
-    proc = model.process
-    x0, eps = model.predict(x, t)
-    f, g = proc.sde_coefficients(t)
-    _, sig = coeffs(proc, t)
-    return float(f) * x + 0.5 * float(g) ** 2 / sig * eps, x0, eps
 
 
 # --- exponential integrators and multistep helpers (samplers/solvers.py) -------------------------------------

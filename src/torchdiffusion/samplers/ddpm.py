@@ -6,8 +6,8 @@ import math
 
 from torch import Tensor
 
-from . import register
-from .common import coeffs, ddim_step, emit, noise_like, posterior_var, predict_limited
+from torchdiffusion.samplers.common import coeffs, ddim_step, emit, noise_like, posterior_var, predict_limited
+from torchdiffusion.samplers.registry import register
 
 
 @register("ddpm", stochastic=True)

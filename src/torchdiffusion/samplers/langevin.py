@@ -2,7 +2,7 @@
 
 The noise levels are the grid's positive times ``ts[:-1]`` (for VE-type processes, where ``alpha = 1``, the
 level is ``sigma(t)``; the ``logsnr`` grid makes them geometric as in NCSN). At level ``i`` the sampler runs
-Langevin steps ``x <- x + (alpha_i/2) score + sqrt(alpha_i) z`` (the update of :mod:`torchdiffusion.langevin`)
+Langevin steps ``x <- x + (alpha_i/2) score + sqrt(alpha_i) z`` (the update of :mod:`torchdiffusion.samplers.dynamics`)
 targeting the noised marginal ``p_{t_i}``, with the step sizes of :func:`annealed_langevin`.
 
 ``steps`` is spent exactly: ``levels x n_steps_each = steps`` network calls (:func:`level_plan`). Give either
@@ -18,10 +18,10 @@ import math
 
 from torch import Tensor
 
-from ..langevin import annealed_step_sizes, langevin_step
-from . import register
-from .common import coeffs, emit, noise_like
-from .sde import snr_step_size
+from torchdiffusion.samplers.common import coeffs, emit, noise_like
+from torchdiffusion.samplers.dynamics import annealed_step_sizes, langevin_step
+from torchdiffusion.samplers.registry import register
+from torchdiffusion.samplers.sde import snr_step_size
 
 
 def _positive_int(name: str, v) -> int:

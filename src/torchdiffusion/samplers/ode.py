@@ -1,7 +1,7 @@
 """Probability-flow ODE solvers: fixed-step RK4 and adaptive ``torchdiffeq`` (THEORY T-SDE-10).
 
 The PF-ODE ``dx/dt = f(t) x - 1/2 g(t)^2 grad log p_t(x)`` (Song et al. 2021, section 4.3) has the same
-marginals as the forward SDE; its drift is :func:`torchdiffusion.samplers.common.pf_ode_drift`. Both solvers
+marginals as the forward SDE; its drift is :func:`torchdiffusion.parameterization.flow.pf_ode_drift`. Both solvers
 integrate from ``ts[0]`` to the last positive grid time ``ts[-2]``, then return the Tweedie denoiser
 ``x0_hat`` at that time (the drift is singular at noise 0, so no solver step ends there). Euler, Heun and
 DPM-Solver live in ``samplers/solvers.py``.
@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import register
-from .common import emit, pf_ode_drift
+from torchdiffusion.parameterization.flow import pf_ode_drift
+from torchdiffusion.samplers.common import emit
+from torchdiffusion.samplers.registry import register
 
 
 def rk4_intervals(steps: int, **_) -> int:

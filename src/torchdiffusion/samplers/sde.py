@@ -17,9 +17,9 @@ import math
 
 from torch import Tensor
 
-from ..langevin import langevin_step
-from . import register
-from .common import coeffs, emit, noise_like
+from torchdiffusion.samplers.common import coeffs, emit, noise_like
+from torchdiffusion.samplers.dynamics import langevin_step
+from torchdiffusion.samplers.registry import register
 
 
 def score_x0(model, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:

@@ -30,8 +30,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import register
-from .common import (
+from torchdiffusion.samplers.common import (
     coeffs,
     combine,
     ddim_step,
@@ -43,6 +42,7 @@ from .common import (
     poly_weights,
     predict_limited,
 )
+from torchdiffusion.samplers.registry import register
 
 FINAL_STEPS = ("denoise", "extrapolate", "solver")
 SOLVER_TYPES = ("midpoint", "taylor")

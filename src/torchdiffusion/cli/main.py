@@ -1,0 +1,275 @@
+"""Command line: ``torchdiffusion train | sample | demo`` (``--help`` on each).
+
+User errors print one line (``torchdiffusion: error: ...``) and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from torchdiffusion import samplers
+from torchdiffusion.cli import eval as _eval  # noqa: F401  (torchdiffusion eval)
+from torchdiffusion.cli import likelihood as _likelihood  # noqa: F401  (torchdiffusion likelihood)
+from torchdiffusion.cli import scorefield as _scorefield  # noqa: F401  (torchdiffusion scorefield)
+from torchdiffusion.cli.commands import COMMANDS, command
+from torchdiffusion.evaluation.viz import save_gif, save_samples
+from torchdiffusion.parameterization import guidance as G
+from torchdiffusion.parameterization.guidance import get_view
+from torchdiffusion.runs import config as config_mod
+from torchdiffusion.runs.build import load_classifier, load_run
+from torchdiffusion.runs.demo import run_demo
+from torchdiffusion.runs.latent import dataset_from_config, sample_autoencoder_run, to_images
+from torchdiffusion.runs.pipeline import Pipeline, require_kind
+from torchdiffusion.runs.train import maybe_distributed_train
+from torchdiffusion.samplers import grids
+
+try:
+    __version__ = version("torchdiffusion")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.1.0+source"
+
+
+# --- train ---------------------------------------------------------------------------------------------------
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help=f"preset ({', '.join(sorted(config_mod.PRESETS))}) or a JSON config file")
+    p.add_argument("--out", required=True, help="run folder (created; resumed if it holds a checkpoint)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=2000 (repeatable)")
+    p.add_argument("--no-resume", action="store_true", help="start from scratch even if --out has a checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _train_run(a) -> int:
+
+    cfg = config_mod.resolve(a.config, a.sets)
+    res = maybe_distributed_train(cfg, a.out, progress=not a.quiet, resume=not a.no_resume)
+    if res is not None:
+        print(f"trained {res['steps_run']} steps (now at {res['step']}) in {res['seconds']:.1f}s, "
+              f"final loss {res['loss']:.4f}; run folder: {res['out']}")
+    return 0
+
+
+command("train", "train a model into a run folder (resumable)")((_train_args, _train_run))
+
+
+# --- sample --------------------------------------------------------------------------------------------------
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", nargs="?", default=None, help="run folder written by `torchdiffusion train`")
+    p.add_argument("--list", action="store_true", help="list the samplers and grids, then exit")
+    p.add_argument("--n", type=int, default=64, help="number of samples")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per batch (results do not depend on it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--sampler", default=None, help="sampler name (see --list)")
+    p.add_argument("--steps", type=int, default=None, help="network evaluations")
+    p.add_argument("--grid", default=None, help="time grid name")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output .png or .npz (default RUN/samples.png)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--class", dest="klass", type=int, default=None, help="class label for conditional models")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale w: (1+w) eps(x,c) - w eps(x) (0 = plain conditional)")
+    p.add_argument("--classifier", default=None, metavar="RUN",
+                   help="classifier guidance towards --class with a noise-conditional classifier run "
+                        "(preset classifier_digits): eps - s sigma grad log p(y|x_t)")
+    p.add_argument("--classifier-scale", type=float, default=None, help="classifier guidance scale s (default 1)")
+    p.add_argument("--null-class", action="store_true",
+                   help="with --classifier: query a class-conditional model with its null class (its unconditional "
+                        "half), so that only the classifier steers")
+    p.add_argument("--anagram", default=None, metavar="VIEW",
+                   help="visual anagram: sample x that looks like --class as it is and like --class2 under VIEW "
+                        "(e.g. rot180, flip_h, transpose); the PNG shows both views side by side")
+    p.add_argument("--class2", type=int, default=None, help="the class seen in the --anagram view")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="sampler option, e.g. eta=1")
+    p.add_argument("--gif", default=None, help="also write a GIF of the reverse process")
+    p.add_argument("--device", default="cpu")
+
+
+def _list_samplers() -> int:
+    print("samplers: " + ", ".join(samplers.names()))
+    print("grids:    " + ", ".join(grids.names()))
+    return 0
+
+
+def _sample_run(a) -> int:
+    if a.list:
+        return _list_samplers()
+    if a.run is None:
+        raise ValueError("sample needs a RUN folder (or --list)")
+    if isinstance(a.n, int) and a.n < 1:
+        raise ValueError(f"--n must be >= 1, got {a.n}")
+    model, cfg = load_run(a.run, ema=not a.no_ema, device=a.device)
+    kind = require_kind(cfg, a.run, ("diffusion", "latent", "autoencoder"), "sample")
+    if kind == "autoencoder":  # autoencoder run: VAE prior samples and reconstructions (issue 9)
+        for p in sample_autoencoder_run(a.run, n=a.n, seed=a.seed, out=a.out, ema=not a.no_ema):
+            print(f"wrote {p}")
+        return 0
+    out = Path(a.out) if a.out else Path(a.run) / "samples.png"
+    if out.suffix not in (".png", ".npz"):  # refuse before sampling
+        raise ValueError(f"output must end in .png or .npz, got {out.name}")
+    pipe = Pipeline(model, cfg)
+    info = cfg["run"]
+    sampler = a.sampler or cfg["sample"]["sampler"]
+    samplers.get(sampler)
+    steps = a.steps if a.steps is not None else int(cfg["sample"]["steps"])
+    opts = {}
+    for item in a.opt:
+        if "=" not in item:
+            raise ValueError(f"--opt expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        opts[k] = config_mod.parse_value(v)
+    guided, cond = _guided_model(a, model, info)
+    frames, bars = [], []
+
+    def cb(d: dict) -> None:  # the bar starts with the first step, so that option errors print one line
+        if not bars:
+            bars.append(tqdm(desc="sample", unit="step", disable=a.quiet, dynamic_ncols=True))
+        bars[0].update(1)
+        if a.gif:
+            frames.append(d["x"].clone())
+    grid = a.grid or cfg["sample"].get("grid")
+    try:
+        x = pipe.generate(guided, a.n, cond=cond, sampler=sampler, steps=steps, grid=grid,
+                          generator=torch.Generator().manual_seed(a.seed), callback=cb, batch_size=a.batch_size,
+                          **opts)
+    finally:
+        for b in bars:
+            b.close()
+    frames = [to_images(f, info)[0] for f in frames]
+    if info.get("latent"):
+        info = {**info, "data_shape": info["latent"]["image_shape"], "value_range": info["latent"]["value_range"]}
+    data = None
+    if len(info["data_shape"]) == 1 and info["data_shape"][0] == 2 and out.suffix == ".png":
+        data = dataset_from_config(cfg["data"]).x[:2000]
+    if a.anagram and out.suffix == ".png":  # each sample as it is and under the view, side by side
+        pairs = torch.stack([x, get_view(a.anagram).forward(x)], 1).flatten(0, 1)
+        save_samples(pairs, out, nrow=2 * min(len(x), 8), value_range=tuple(info.get("value_range", (-1, 1))))
+    else:
+        save_samples(x, out, data=data, value_range=tuple(info.get("value_range", (-1, 1))),
+                     title=f"{sampler}, {steps} NFE")
+    if a.gif:
+        if len(info["data_shape"]) != 3:
+            raise ValueError("--gif needs image data; this run's samples are vectors (use the PNG scatter)")
+        save_gif(frames, a.gif, value_range=tuple(info.get("value_range", (-1, 1))))
+    print(f"wrote {len(x)} samples to {out}")
+    return 0
+
+
+def _guided_model(a, model, info: dict):
+    """The model to sample from and its ``cond`` for ``--class``, ``--guidance`` (CFG), ``--classifier``
+    (classifier guidance) and ``--anagram`` (multi-view denoising); misuse is a one-line ValueError."""
+    import torch
+
+
+    ncls = info.get("num_classes")
+    if a.class2 is not None and not a.anagram:
+        raise ValueError("--class2 needs --anagram VIEW")
+    if a.classifier_scale is not None and not a.classifier:
+        raise ValueError("--classifier-scale needs --classifier RUN")
+    if a.null_class and not (a.classifier and ncls):
+        raise ValueError("--null-class needs --classifier RUN and a class-conditional model")
+    if a.null_class and a.guidance:
+        raise ValueError("--null-class and --guidance exclude each other (CFG needs the class)")
+    if a.anagram:
+        G.get_view(a.anagram)
+        if a.klass is None or a.class2 is None:
+            raise ValueError("--anagram needs --class and --class2 (the class seen in each view)")
+    clf = None
+    if a.classifier:
+
+        clf, ccfg = load_classifier(a.classifier, device=a.device)
+        kmax = int(ccfg["run"]["num_classes"])
+        if a.klass is None:
+            raise ValueError("--classifier needs --class (the class to guide towards)")
+    elif a.klass is not None and not ncls:
+        raise ValueError("--class given but this model is not class-conditional (or give --classifier RUN)")
+    else:
+        kmax = ncls
+    for name, k in (("--class", a.klass), ("--class2", a.class2)):
+        if k is not None and not 0 <= k < kmax:
+            raise ValueError(f"{name} must be in 0..{kmax - 1}, got {k}")
+    if a.guidance and (a.klass is None or not ncls):
+        raise ValueError("--guidance needs --class and a class-conditional model")
+    if a.guidance:
+        model = G.CFG(model, a.guidance)
+    if clf is not None:
+        mc = -1 if a.null_class else ("same" if ncls else None)
+        s = 1.0 if a.classifier_scale is None else a.classifier_scale
+        model = G.ClassifierGuidance(model, clf, s, model_cond=mc)
+    if a.anagram:
+        return G.MultiView(model, ["identity", a.anagram], conds=[a.klass, a.class2],
+                           shape=tuple(info["data_shape"])), None
+    return model, None if a.klass is None else torch.full((a.n,), a.klass, dtype=torch.long)
+
+
+command("sample", "sample from a trained run")((_sample_args, _sample_run))
+
+
+# --- config --------------------------------------------------------------------------------------------------
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("preset", help=f"preset ({', '.join(sorted(config_mod.PRESETS))}) or a JSON config file")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable)")
+
+
+def _config_run(a) -> int:
+    print(json.dumps(config_mod.resolve(a.preset, a.sets), indent=2))
+    return 0
+
+
+command("config", "print the resolved config of a preset (with --set overrides) as JSON")((_config_args, _config_run))
+
+
+# --- demo ----------------------------------------------------------------------------------------------------
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="folder for the demo runs and pictures")
+    p.add_argument("--quick", action="store_true", help="a much shorter demo (smoke test)")
+
+
+def _demo_run(a) -> int:
+
+    for line in run_demo(Path(a.out), quick=a.quick):
+        print(line)
+    return 0
+
+
+command("demo", "train and sample on the embedded defaults, writing pictures")((_demo_args, _demo_run))
+
+
+# --- entry point ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torchdiffusion",
+                                     description="Diffusion and score-based generative models.")
+    parser.add_argument("--version", action="version", version=f"torchdiffusion {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_, add, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        add(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command][2](args)
+    except KeyboardInterrupt as e:
+        print(f"torchdiffusion: {e or 'interrupted'}", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, KeyError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"torchdiffusion: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

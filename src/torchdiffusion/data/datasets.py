@@ -1,0 +1,249 @@
+"""Data: generated 2-D toys (with exact densities), scikit-learn's 8x8 digits, ``.npz`` arrays and image
+folders. Everything is loaded into memory as one tensor; nothing is downloaded."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from torchdiffusion.oracle import GaussianMixture
+
+TOYS = ("ring", "moons", "swiss_roll", "checkerboard", "gmm")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class Dataset:
+    """In-memory data: ``x`` (N, ...) float32, optional integer labels ``y``, quantization ``levels`` (256
+    for 8-bit images, 17 for digits, None for continuous data), an exact ``density`` where one is known, and
+    ``value_range`` of the scaled data (for bits/dim accounting)."""
+
+    x: Tensor
+    y: Tensor | None = None
+    levels: int | None = None
+    density: object | None = None
+    value_range: tuple[float, float] = (-1.0, 1.0)
+    num_classes: int | None = None
+    name: str = "data"
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not torch.isfinite(self.x).all():
+            raise ValueError(f"dataset {self.name!r} contains NaN or Inf values")
+        if len(self.x) == 0:
+            raise ValueError(f"dataset {self.name!r} is empty")
+        if self.y is not None:
+            if len(self.y) != len(self.x):
+                raise ValueError(f"dataset {self.name!r}: {len(self.y)} labels for {len(self.x)} examples")
+            if self.num_classes is None:
+                self.num_classes = int(self.y.max()) + 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        return self.x.ndim == 4
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2-D toys: every one except the checkerboard is an exact Gaussian mixture
+# --------------------------------------------------------------------------------------------------------
+
+def _curve_mixture(points: np.ndarray, std: float) -> GaussianMixture:
+    p = torch.as_tensor(points, dtype=torch.float64)
+    return GaussianMixture(torch.ones(len(p)), p, torch.full((len(p),), std**2))
+
+
+def toy_density(name: str) -> GaussianMixture | Checkerboard:
+    """The exact density of a 2-D toy (scaled to roughly unit variance per coordinate)."""
+    if name == "ring":  # 8 Gaussians on a circle
+        ang = torch.arange(8, dtype=torch.float64) * 2 * math.pi / 8
+        means = 1.5 * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
+        return GaussianMixture(torch.ones(8), means, torch.full((8,), 0.1**2))
+    if name == "gmm":  # an asymmetric 3-component mixture with full covariances
+        means = torch.tensor([[-1.2, -0.6], [1.0, 0.9], [0.8, -1.2]], dtype=torch.float64)
+        covs = torch.tensor([[[0.12, 0.06], [0.06, 0.10]], [[0.08, -0.03], [-0.03, 0.15]],
+                             [[0.05, 0.0], [0.0, 0.05]]], dtype=torch.float64)
+        return GaussianMixture(torch.tensor([0.45, 0.35, 0.2]), means, covs)
+    if name == "moons":
+        s = np.linspace(0, math.pi, 100)
+        upper = np.stack([np.cos(s), np.sin(s)], 1)
+        lower = np.stack([1 - np.cos(s), 0.5 - np.sin(s)], 1)
+        pts = (np.concatenate([upper, lower]) - np.array([0.5, 0.25])) * 1.6
+        return _curve_mixture(pts, 0.08)
+    if name == "swiss_roll":
+        s = np.linspace(1.5 * math.pi, 4.5 * math.pi, 300)
+        pts = np.stack([s * np.cos(s), s * np.sin(s)], 1) / 7.0
+        return _curve_mixture(pts, 0.06)
+    if name == "checkerboard":
+        return Checkerboard()
+    raise ValueError(f"unknown toy {name!r}; allowed: {', '.join(TOYS)}")
+
+
+class Checkerboard:
+    """Uniform density on the dark squares of a 4x4 board on [-2, 2]^2 (exact log-density)."""
+
+    dim = 2
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        inside = (x.abs() < 2).all(1)
+        cell = torch.floor(x + 2).long()
+        dark = (cell[:, 0] + cell[:, 1]) % 2 == 0
+        return torch.where(inside & dark, torch.full_like(x[:, 0], -math.log(8.0)),
+                           torch.full_like(x[:, 0], -math.inf))
+
+    def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float64):
+        u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+        cell = torch.randint(0, 8, (n,), generator=generator)
+        row = cell // 2
+        col = 2 * (cell % 2) + (row % 2)
+        x = torch.stack([col, row], 1).to(torch.float64) + u - 2
+        return x.to(dtype), torch.zeros(n, dtype=torch.long)
+
+
+def toy(name: str, n: int = 10000, seed: int = 0) -> Dataset:
+    """``n`` exact samples of a 2-D toy, with its density attached."""
+    dens = toy_density(name)
+    x, y = dens.sample(n, torch.Generator().manual_seed(seed), dtype=torch.float32)
+    return Dataset(x.float(), None, density=dens, name=name)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------------
+
+def _resize(x: Tensor, size: int) -> Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                           antialias=size < x.shape[-1])
+
+
+def digits(size: int = 8) -> Dataset:
+    """scikit-learn's 8x8 digits (1797 images, 17 grey levels) mapped to [-1, 1], optionally resized."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0 * 2 - 1
+    x = _resize(x, int(size)).clamp(-1, 1)
+    return Dataset(x, torch.tensor(d.target, dtype=torch.long), levels=17 if size == 8 else None,
+                   name="digits", num_classes=10)
+
+
+def load_npz(path: str | Path, key: str | None = None, label_key: str | None = None) -> Dataset:
+    """Arrays from an ``.npz``: data under ``key`` (default ``x``, ``data``, ``images`` or the only array),
+    optional labels under ``label_key`` (default ``y`` or ``labels``). uint8 images (N,H,W[,C]) or
+    (N,C,H,W) are scaled to [-1, 1]; float arrays are used as they are."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such .npz file: {path}")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:  # corrupt file
+        raise ValueError(f"cannot read {path} as .npz: {e}") from None
+    keys = list(z.keys())
+    if key is None:
+        cand = [k for k in ("x", "data", "images", "arr_0") if k in keys] or (keys if len(keys) == 1 else [])
+        if not cand:
+            raise ValueError(f"{path}: cannot tell which array holds the data among {keys}; pass key=")
+        key = cand[0]
+    if key not in keys:
+        raise ValueError(f"{path}: no array {key!r}; arrays: {keys}")
+    arr = z[key]
+    levels = None
+    if arr.dtype == np.uint8:
+        levels = 256
+        x = torch.tensor(arr, dtype=torch.float32) / 255 * 2 - 1
+        if x.ndim == 3:
+            x = x[:, None]
+        elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+            x = x.permute(0, 3, 1, 2)
+    else:
+        x = torch.tensor(arr, dtype=torch.float32)
+    if label_key is None:
+        label_key = next((k for k in ("y", "labels") if k in keys and k != key), None)
+    y = torch.tensor(z[label_key], dtype=torch.long) if label_key else None
+    return Dataset(x.contiguous(), y, levels=levels, name=path.stem)
+
+
+def load_image_folder(path: str | Path, size: int = 32, channels: int = 3) -> Dataset:
+    """Images under ``path`` (Pillow), resized (shorter side) and centre-cropped to ``size``, as grey
+    (``channels=1``) or RGB, scaled to [-1, 1]. Sub-folders name classes (sorted) when there are any."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path)
+    if not root.is_dir():
+        raise ValueError(f"image folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
+    classes = sorted({p.parent.relative_to(root).parts[0] for p in files if p.parent != root})
+    if classes and any(p.parent == root for p in files):
+        classes = []  # mixed layout: no labels
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    xs, ys = [], []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                im = im.convert(mode)
+                w, h = im.size
+                s = size / min(w, h)
+                im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+                w, h = im.size
+                left, top = (w - size) // 2, (h - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+                a = np.asarray(im, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"corrupt or unreadable image {p}: {e}") from None
+        xs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+        if classes:
+            ys.append(classes.index(p.parent.relative_to(root).parts[0]))
+    x = torch.tensor(np.stack(xs), dtype=torch.float32) / 255 * 2 - 1
+    y = torch.tensor(ys, dtype=torch.long) if classes else None
+    return Dataset(x, y, levels=256, name=root.name, num_classes=len(classes) or None,
+                   meta={"classes": classes})
+
+
+def load(name: str, **kw) -> Dataset:
+    """Dispatch: a toy name, ``digits``, a ``.npz`` path or an image folder (latent codes of an autoencoder run
+    are built by :func:`torchdiffusion.runs.latent.dataset_from_config`)."""
+    if name in TOYS:
+        return toy(name, n=int(kw.get("n", 10000)), seed=int(kw.get("seed", 0)))
+    if name == "digits":
+        return digits(int(kw.get("size", 8)))
+    p = Path(name)
+    if p.suffix == ".npz":
+        return load_npz(p, kw.get("key"), kw.get("label_key"))
+    if p.is_dir():
+        return load_image_folder(p, int(kw.get("size", 32)), int(kw.get("channels", 3)))
+    raise ValueError(f"unknown data {name!r}: use a toy ({', '.join(TOYS)}), 'digits', a .npz file or an "
+                     "image folder")
+
+
+def split_dataset(ds: Dataset, holdout: float,
+                  seed: int = 0) -> tuple[Dataset, Dataset | None]:
+    """Deterministic (train, test) split: the last ``round(holdout * N)`` examples of a fixed permutation
+    (``seed`` 0) are held out; with none held out the test part is ``None``."""
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"data.holdout must be in [0, 1), got {holdout}")
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    n_test = round(holdout * len(ds))
+    if n_test == 0:
+        return ds, None
+
+    def part(idx: Tensor) -> Dataset:
+        return dataclasses.replace(ds, x=ds.x[idx], y=None if ds.y is None else ds.y[idx])
+    return part(perm[: len(ds) - n_test]), part(perm[len(ds) - n_test:])

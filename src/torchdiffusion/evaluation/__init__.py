@@ -1,0 +1,2 @@
+"""L4 evaluation: metrics (the digits evaluator, Frechet distance) and pictures."""
+

@@ -1,0 +1,132 @@
+"""Build processes, networks and models from a config, and load trained runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from torchdiffusion.training.checkpoint import load_json, load_tensors
+from torchdiffusion.parameterization.denoiser import Denoiser
+from torchdiffusion.nets import NETS
+from torchdiffusion.processes import Process, process_from_config
+
+_PROCESS_KEYS = {
+    "ddpm": ("betas", "T", "beta_start", "beta_end", "rescale_zero_snr"),
+    "vp": ("beta_min", "beta_max", "t_min"),
+    "subvp": ("beta_min", "beta_max", "t_min"),
+    "ve": ("sigma_min", "sigma_max", "t_min"),
+    "edm": ("sigma_min", "sigma_max"),
+}
+
+
+def build_process(pcfg: dict) -> Process:
+    """A process from the ``process`` section (keys that do not apply to it are ignored; ``None`` = default)."""
+    name = str(pcfg.get("name", "ddpm")).lower()
+    if name not in _PROCESS_KEYS:
+        raise ValueError(f"unknown process {name!r}; allowed: {', '.join(_PROCESS_KEYS)}")
+    kw = {k: pcfg[k] for k in _PROCESS_KEYS[name] if pcfg.get(k) is not None}
+    return process_from_config({"name": name, **kw})
+
+
+def default_time_scale(process: Process, precond: str) -> float:
+    """What the net's sinusoidal embedding multiplies its time input by: DDPM timesteps as they are,
+    ``t`` in [0, 1] and EDM's ``c_noise = ln(s)/4`` times 1000."""
+    return 1.0 if process.discrete and precond == "none" else 1000.0
+
+
+def build_net(mcfg: dict, data_shape: tuple[int, ...], process: Process, num_classes: int | None) -> nn.Module:
+    """The network of the ``model`` section for data of ``data_shape``."""
+    name = mcfg.get("net", "mlp")
+    if name not in NETS:
+        raise ValueError(f"unknown net {name!r}; allowed: {', '.join(NETS)}")
+    ts = mcfg.get("time_scale") or default_time_scale(process, mcfg.get("precond", "none"))
+    if name == "mlp":
+        if len(data_shape) != 1:
+            raise ValueError(f"net 'mlp' needs vector data, got examples of shape {data_shape}; use net=unet")
+        return NETS["mlp"](dim=data_shape[0], hidden=int(mcfg["hidden"]), depth=int(mcfg["depth"]),
+                           emb_dim=int(mcfg["emb_dim"]), time_scale=ts, num_classes=num_classes)
+    if name == "unet":
+        if len(data_shape) != 3:
+            raise ValueError(f"net 'unet' needs image data (C, H, W), got examples of shape {data_shape}")
+        C, H, _ = data_shape
+        ch = int(mcfg["channels"])
+        return NETS["unet"](in_channels=C, image_size=H, channels=ch, channel_mult=tuple(mcfg["channel_mult"]),
+                            num_res_blocks=int(mcfg["num_res_blocks"]),
+                            attn_resolutions=tuple(mcfg["attn_resolutions"]), dropout=float(mcfg["dropout"]),
+                            num_classes=num_classes, time_scale=ts, groups=min(32, ch),
+                            num_heads=int(mcfg.get("num_heads", 1)))
+    if name in ("autoencoder", "vae"):  # (denoising) autoencoder / VAE (nets/autoencoder.py, issue 9)
+        if len(data_shape) != 3:
+            raise ValueError(f"net {name!r} needs image data (C, H, W), got examples of shape {data_shape}")
+        ch = int(mcfg["channels"])
+        return NETS[name](in_channels=data_shape[0], image_size=data_shape[1], channels=ch,
+                          channel_mult=tuple(mcfg["channel_mult"]), num_res_blocks=int(mcfg["num_res_blocks"]),
+                          latent_channels=int(mcfg["latent_channels"]), latent_dim=mcfg.get("latent_dim"),
+                          kind="vae" if name == "vae" else "ae", decoder_var=mcfg["decoder_var"],
+                          decoder_std=float(mcfg["decoder_std"]), groups=min(32, ch))
+    if name == "unet_xattn":  # class conditioning through tau(y) and cross-attention (latent diffusion)
+        if len(data_shape) != 3 or not num_classes:
+            raise ValueError("net 'unet_xattn' needs labelled image (or latent) data: data.conditional=true and "
+                             f"(C, H, W) examples, got shape {data_shape} with num_classes={num_classes} "
+                             "(for unconditional data use model.net=unet)")
+        C, H, _ = data_shape
+        ch = int(mcfg["channels"])
+        return NETS[name](num_classes, tokens=int(mcfg["cond_tokens"]), in_channels=C, image_size=H, channels=ch,
+                          channel_mult=tuple(mcfg["channel_mult"]), num_res_blocks=int(mcfg["num_res_blocks"]),
+                          attn_resolutions=tuple(mcfg["attn_resolutions"]), dropout=float(mcfg["dropout"]),
+                          time_scale=ts, groups=min(32, ch), num_heads=int(mcfg.get("num_heads", 1)))
+    if name == "classifier":  # p_phi(y | x_t, t) for classifier guidance (nets/classifier.py)
+        if len(data_shape) != 3 or not num_classes:
+            raise ValueError("net 'classifier' needs labelled image data: data.conditional=true and (C, H, W) "
+                             f"examples, got shape {data_shape} with num_classes={num_classes}")
+        ch = int(mcfg["channels"])
+        return NETS["classifier"](in_channels=data_shape[0], num_classes=num_classes, channels=ch,
+                                  channel_mult=tuple(mcfg["channel_mult"]), num_res_blocks=int(mcfg["num_res_blocks"]),
+                                  dropout=float(mcfg["dropout"]), time_scale=ts, groups=min(32, ch))
+    if name == "energy":
+        if len(data_shape) != 1:
+            raise ValueError(f"net 'energy' needs vector data, got examples of shape {data_shape}")
+        return NETS["energy"](dim=data_shape[0], hidden=int(mcfg["hidden"]), depth=int(mcfg["depth"]),
+                              emb_dim=int(mcfg["emb_dim"]), time_scale=ts, num_classes=num_classes,
+                              prediction=mcfg.get("prediction", "score"))
+    raise ValueError(f"net {name!r} has no builder for data of shape {data_shape}")  # pragma: no cover
+
+
+def build_model(cfg: dict, data_shape: tuple[int, ...], num_classes: int | None = None) -> Denoiser:
+    """Process + network + parameterization from a full config."""
+    process = build_process(cfg["process"])
+    m = cfg["model"]
+    net = build_net(m, tuple(data_shape), process, num_classes)
+    return Denoiser(net, process, prediction=m["prediction"], precond=m["precond"], sigma_data=m["sigma_data"])
+
+
+def load_run(run: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[Denoiser, dict]:
+    """Load a trained run folder: the model (EMA weights by default) and its config."""
+    run = Path(run)
+    if not run.is_dir():
+        raise ValueError(f"run folder not found: {run}")
+    cfg = load_json(run / "config.json")
+    info = cfg.get("run")
+    if not info:
+        raise ValueError(f"{run}/config.json has no 'run' section: not a training run folder")
+    model = build_model(cfg, tuple(info["data_shape"]), info.get("num_classes"))
+    weights = run / ("ema.safetensors" if ema else "model.safetensors")
+    tensors, _ = load_tensors(weights)
+    try:
+        model.net.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {weights} does not match the config's network: {str(e)[:200]}") from None
+    return model.to(device).eval(), cfg
+
+
+def load_classifier(run: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[Denoiser, dict]:
+    """Load a noise-conditional classifier run (``model.net = "classifier"``, e.g. preset ``classifier_digits``):
+    a :class:`Denoiser` whose ``.net(x, t)`` gives the logits of ``p_phi(y | x_t, t)`` and whose ``.process`` is
+    the process it was trained on (for :class:`torchdiffusion.parameterization.guidance.ClassifierGuidance`)."""
+    model, cfg = load_run(run, ema=ema, device=device)
+    if cfg["model"].get("net") != "classifier":
+        raise ValueError(f"{run} is not a classifier run (model.net={cfg['model'].get('net')!r}); "
+                         "train one with the classifier_digits preset")
+    return model, cfg

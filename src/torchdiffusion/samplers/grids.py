@@ -1,0 +1,206 @@
+"""Time grids for sampling (axis 4 of DESIGN.md).
+
+A grid is a strictly decreasing float64 tensor of ``n + 1`` process times: ``n`` points at which a sampler
+may evaluate the model, followed by ``process.t_zero`` (the clean state, noise 0). Every grid is a function
+``grid(process, n) -> Tensor`` registered by name; ``get(name, process, n)`` looks it up.
+
+For DDPM the ``uniform`` (diffusers "linspace"), ``leading`` and ``trailing`` spacings produce integer
+timesteps exactly as diffusers does, so samples can be compared with its schedulers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from torchdiffusion.processes import Process, as_time, times_from_ve_sigmas
+
+GridFn = Callable[[Process, int], Tensor]
+_GRIDS: dict[str, GridFn] = {}
+_DEFAULTS: dict[str, str] = {"ddpm": "logsnr", "vp": "logsnr", "subvp": "logsnr", "ve": "karras", "edm": "karras"}
+
+
+def register(name: str) -> Callable[[GridFn], GridFn]:
+    """Decorator: add a grid function under ``name``."""
+    def deco(fn: GridFn) -> GridFn:
+        _GRIDS[name] = fn
+        return fn
+    return deco
+
+
+def names() -> list[str]:
+    """Every grid name that ``td.sample`` accepts."""
+    return sorted(_GRIDS)
+
+
+def default_for(process: Process) -> str:
+    """The grid a process uses when none is given."""
+    return _DEFAULTS.get(process.name, "logsnr")
+
+
+def _finish(process: Process, ts: Tensor) -> Tensor:
+    ts = torch.cat([as_time(ts).reshape(-1), torch.tensor([process.t_zero], dtype=torch.float64)])
+    if not (ts[1:] < ts[:-1]).all():
+        raise ValueError(f"grid is not strictly decreasing for {len(ts) - 1} steps on {process!r}; "
+                         "use fewer steps or another grid")
+    return ts
+
+
+def get(name: str | Tensor, process: Process, n: int) -> Tensor:
+    """Grid ``name`` with ``n`` evaluation points, or validate a user-given tensor of times."""
+    if isinstance(name, Tensor):
+        ts = as_time(name).detach().cpu().reshape(-1)
+        if len(ts) < 2 or not torch.isfinite(ts).all() or not (ts[1:] < ts[:-1]).all():
+            raise ValueError("a custom grid must be a strictly decreasing 1-D tensor of finite times with at "
+                             f"least 2 entries (got {len(ts)})")
+        process.check_time(ts)
+        if float(ts[-1]) != process.t_zero:
+            raise ValueError(f"a custom grid must end at the clean time t_zero = {process.t_zero:g} of "
+                             f"{process!r}, got {float(ts[-1]):g}")
+        return ts
+    if name not in _GRIDS:
+        raise ValueError(f"unknown grid {name!r}; allowed: {', '.join(names())}")
+    if int(n) < 1:
+        raise ValueError(f"steps must be >= 1, got {n}")
+    return _GRIDS[name](process, int(n))
+
+
+def _discrete_round(process: Process, ts: Tensor) -> Tensor:
+    return ts.round() if process.discrete else ts
+
+
+@register("uniform")
+def uniform(process: Process, n: int) -> Tensor:
+    """Uniform in t from ``t_max`` to ``t_min`` (diffusers ``linspace`` spacing for DDPM: rounded)."""
+    ts = torch.linspace(process.t_max, process.t_min, n, dtype=torch.float64)
+    return _finish(process, _discrete_round(process, ts))
+
+
+@register("leading")
+def leading(process: Process, n: int) -> Tensor:
+    """diffusers ``leading``: ``t_min + (T / n) * [n-1, ..., 0]`` (starts below ``t_max``)."""
+    if process.discrete:
+        T = int(process.t_max) + 1
+        ts = (torch.arange(n - 1, -1, -1, dtype=torch.float64) * (T // n)).round()
+        return _finish(process, ts)
+    span = process.t_max - process.t_min
+    return _finish(process, process.t_min + span * torch.arange(n - 1, -1, -1, dtype=torch.float64) / n)
+
+
+@register("trailing")
+def trailing(process: Process, n: int) -> Tensor:
+    """diffusers ``trailing``: ``t_max`` down in equal strides, never reaching ``t_min`` (Lin et al. 2024)."""
+    if process.discrete:
+        T = int(process.t_max) + 1
+        ts = (torch.round(torch.arange(T, 0, -T / n, dtype=torch.float64)) - 1)[:n]
+        return _finish(process, ts)
+    span = process.t_max - process.t_min
+    return _finish(process, process.t_max - span * torch.arange(n, dtype=torch.float64) / n)
+
+
+@register("logsnr")
+def logsnr(process: Process, n: int) -> Tensor:
+    """Uniform in log-SNR between ``t_max`` and ``t_min`` (natural for exponential integrators)."""
+    l0, l1 = process.log_snr(process.t_max), process.log_snr(process.t_min)
+    ls = torch.linspace(float(l0), float(l1), n, dtype=torch.float64)
+    ts = process.t_from_log_snr(ls)
+    ts[0], ts[-1] = process.t_max, (process.t_min if n > 1 else process.t_max)
+    return _finish(process, ts)
+
+
+def karras_sigmas(s_max: float, s_min: float, n: int, rho: float = 7.0) -> Tensor:
+    """EDM's rho-grid ``(s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho`` (B-9)."""
+    if n == 1:
+        return torch.tensor([s_max], dtype=torch.float64)
+    r = torch.linspace(0, 1, n, dtype=torch.float64)
+    return (s_max ** (1 / rho) + r * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+
+
+def _ve_range(process: Process) -> tuple[float, float]:
+    tmax, tmin = as_time(process.t_max), as_time(process.t_min)
+    return float(process.sigma(tmax) / process.alpha(tmax)), float(process.sigma(tmin) / process.alpha(tmin))
+
+
+@register("karras")
+def karras(process: Process, n: int, rho: float = 7.0) -> Tensor:
+    """Karras et al. rho = 7 grid in the VE noise level ``sigma/alpha`` of the process."""
+    s_max, s_min = _ve_range(process)
+    ts = times_from_ve_sigmas(process, karras_sigmas(s_max, s_min, n, rho))
+    ts[0], ts[-1] = process.t_max, (process.t_min if n > 1 else process.t_max)
+    return _finish(process, ts)
+
+
+def _rho_sigmas(hi: float, lo: float, n: int, rho: float) -> Tensor:
+    if math.isinf(rho):
+        return torch.logspace(math.log10(hi), math.log10(lo), n, dtype=torch.float64)
+    return karras_sigmas(hi, lo, n, rho)
+
+
+def _from_sigmas(process: Process, s: Tensor, lo_is_min: bool) -> Tensor:
+    ts = times_from_ve_sigmas(process, s)
+    ts[0] = process.t_max
+    if lo_is_min and len(ts) > 1:
+        ts[-1] = process.t_min
+    return _finish(process, ts)
+
+
+@register("edm")
+def edm(process: Process, n: int) -> Tensor:
+    """Karras et al.'s grid with EDM's own range ``sigma_min = 0.002``, ``sigma_max = 80`` (rho = 7, B-9),
+    clipped to the process's VE range, with the first point moved to ``t_max`` (where ``x_T`` lives).
+    It equals ``karras`` whenever the process's range lies inside [0.002, 80] (EDM, VE); for DDPM-linear
+    (``s_max ~ 157``) every point but the first follows the EDM range."""
+    s_max, s_min = _ve_range(process)
+    lo = max(0.002, s_min)
+    return _from_sigmas(process, karras_sigmas(min(80.0, s_max), lo, n), lo == s_min)
+
+
+def capped_grid(process: Process, n: int, s_hi: float, s_lo: float, rho: float) -> Tensor:
+    """``[t_max]`` followed by ``n - 1`` points of the rho-grid (:func:`karras_sigmas`; ``rho = inf`` is uniform
+    in log-SNR) from ``min(s_hi, s_max)`` down to ``max(s_lo, s_min)`` in VE noise level ``sigma/alpha``: the
+    first (cheap, nearly linear) interval jumps from ``s_max`` to ``s_hi``."""
+    s_max, s_min = _ve_range(process)
+    hi, lo = min(s_hi, s_max), max(s_lo, s_min)
+    if n == 1:
+        return _finish(process, torch.tensor([process.t_max], dtype=torch.float64))
+    if not lo < hi:
+        raise ValueError(f"empty noise range: s_hi={s_hi:g}, s_lo={s_lo:g} on {process!r}")
+    if hi >= s_max:
+        return _from_sigmas(process, _rho_sigmas(s_max, lo, n, rho), lo == s_min)
+    s = torch.cat([torch.tensor([s_max], dtype=torch.float64), _rho_sigmas(hi, lo, n - 1, rho)])
+    return _from_sigmas(process, s, lo == s_min)
+
+
+@register("blend")
+def blend(process: Process, n: int, w: float = 0.5) -> Tensor:
+    """Mix of the ``logsnr`` grid and the ``uniform`` (in t) grid in log-SNR: ``lambda_i = (1 - w) lambda_i^logsnr
+    + w lambda_i^uniform`` (``w = 0``: logsnr, ``w = 1``: uniform in t; end points kept)."""
+    if not 0 <= w <= 1:
+        raise ValueError(f"blend weight w must be in [0, 1], got {w}")
+    if n == 1:
+        return _finish(process, torch.tensor([process.t_max], dtype=torch.float64))
+    l0, l1 = float(process.log_snr(process.t_max)), float(process.log_snr(process.t_min))
+    lu = process.log_snr(torch.linspace(process.t_max, process.t_min, n, dtype=torch.float64))
+    ls = (1 - w) * torch.linspace(l0, l1, n, dtype=torch.float64) + w * lu
+    ts = process.t_from_log_snr(ls)
+    ts[0], ts[-1] = process.t_max, process.t_min
+    return _finish(process, ts)
+
+
+# (s_hi, s_lo, rho) of :func:`capped_grid` per number of evaluation points, found by
+# ``benchmarks/samplers.py --optimize-grid`` (UniPC on an 8-D Gaussian mixture under the cosine schedule, a
+# problem unlike the benchmark's); other n use the nearest key in log n. Assumes data scaled to about [-1, 1].
+OPTIMIZED: dict[int, tuple[float, float, float]] = {
+    5: (1.5, 0.08, 5.0), 10: (2.5, 0.02, math.inf), 20: (2.5, 0.01, 12.0), 50: (5.0, 0.0, 12.0)}
+
+
+@register("optimized")
+def optimized(process: Process, n: int) -> Tensor:
+    """A grid tuned for few-step multistep solvers: a first jump from ``t_max`` to VE noise ``s_hi`` (at high
+    noise the data look Gaussian and exponential integrators are nearly exact there), then a rho-grid down to
+    ``s_lo`` (:func:`capped_grid`), with parameters from :data:`OPTIMIZED`."""
+    key = min(OPTIMIZED, key=lambda k: abs(math.log(k) - math.log(max(n, 1))))
+    return capped_grid(process, n, *OPTIMIZED[key])

@@ -1,0 +1,2 @@
+"""L4 training: the loop, EMA, checkpoints, distributed data parallelism."""
+

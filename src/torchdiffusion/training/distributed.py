@@ -1,0 +1,120 @@
+"""Multi-process data-parallel training on torch.distributed.
+
+``torchrun --nproc_per_node N -m torchdiffusion train CONFIG --out RUN`` starts N processes; each joins the
+process group from the environment torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT``) with the ``gloo`` backend on CPU or ``nccl`` on GPU (one GPU per process, ``cuda:LOCAL_RANK``),
+and the :class:`~torchdiffusion.training.trainer.Trainer` wraps its network in ``DistributedDataParallel``.
+
+Batches (the scheme ``Trainer`` follows): ``train.batch`` is the *global* batch. At every step every rank
+draws the same global batch of example indices (and flips, label drops) from a data generator seeded
+identically on all ranks, so no communication is needed, and keeps the contiguous shard
+``[r B/W, (r+1) B/W)`` of it (:func:`shard`): the shards are disjoint and together form the global batch,
+which is exactly the batch a single process with the same seed draws. The diffusion noise (``t``, ``eps``)
+comes from a per-rank generator. DDP averages the gradients, so one step equals a single-process step on the
+combined batch (up to the noise draws). Only rank 0 writes checkpoints, logs, samples and progress bars;
+every rank loads the checkpoint on resume (so the run folder must be visible to every rank: one machine or a
+shared file system), and the per-rank generator states are gathered into it, so a resumed run with the same
+number of processes continues exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the process group (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` from the environment (1 when not launched by torchrun)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE must be an integer, got {os.environ['WORLD_SIZE']!r}") from None
+
+
+def current() -> DistInfo:
+    """The process group this process belongs to, or a single-process ``DistInfo``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+
+
+def init_from_env(device: str = "auto") -> DistInfo:
+    """Join the process group described by the torchrun environment (no-op for ``WORLD_SIZE`` 1 or when
+    already initialised). ``nccl`` when the training device is a GPU, ``gloo`` otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        return current()
+    if env_world_size() <= 1:
+        return DistInfo()
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(f"WORLD_SIZE > 1 but {', '.join(missing)} not set: launch with torchrun --nproc_per_node N")
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return current()
+
+
+def shard(global_batch: int, info: DistInfo) -> slice:
+    """This rank's contiguous part of a global batch of ``global_batch`` positions."""
+    if global_batch % info.world_size:
+        raise ValueError(f"train.batch={global_batch} (the global batch) must be divisible by the number of "
+                         f"processes {info.world_size}")
+    per = global_batch // info.world_size
+    return slice(info.rank * per, (info.rank + 1) * per)
+
+
+def wrap(net: nn.Module, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel(net)`` (parameters broadcast from rank 0)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def all_mean(x: Tensor) -> Tensor:
+    """Mean of a tensor over all ranks (the tensor itself when not distributed)."""
+    if not current().enabled:
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y)
+    return y / dist.get_world_size()
+
+
+def gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` when not distributed)."""
+    if not current().enabled:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if current().enabled:
+        dist.barrier()
+
+

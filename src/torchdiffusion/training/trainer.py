@@ -1,0 +1,361 @@
+"""One training loop for every model in the library.
+
+AdamW with warm-up and cosine/constant decay, gradient clipping and accumulation, EMA with warm-up, bf16
+autocast, optional ``torch.compile``, NaN/Inf detection, atomic checkpoints with exact resumption (model,
+EMA, optimizer and RNG states in one safetensors file), CSV logs, periodic sample grids, tqdm progress,
+optional TensorBoard scalars (``train.tensorboard``), and data-parallel training on torch.distributed (see
+:mod:`torchdiffusion.training.distributed` for the batch-sharding scheme; only rank 0 writes files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import dataclasses
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from torchdiffusion.data.datasets import Dataset
+from torchdiffusion.training import distributed as dist_mod
+from torchdiffusion.training.checkpoint import (
+    load_tensors,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_json,
+    save_tensors,
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """What the loop needs to know (the ``train`` section of a run's config, plus the flip augmentation)."""
+
+    steps: int
+    batch: int
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    ema: float = 0.999
+    ema_warmup: bool = True
+    clip: float | None = 1.0
+    accum: int = 1
+    seed: int = 0
+    ckpt_every: int = 0
+    log_every: int = 50
+    sample_every: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False
+    threads: int = 0
+    tensorboard: bool = False
+    flip: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch", "accum", "log_every"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"train.{key} must be a whole number >= 1, got {v!r}")
+        for key in ("ckpt_every", "sample_every", "warmup", "threads", "seed"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"train.{key} must be a whole number >= 0, got {v!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"unknown precision {self.precision!r}; allowed: fp32, bf16")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"unknown lr schedule {self.schedule!r}; allowed: cosine, constant")
+        for key in ("lr", "ema", "min_lr_ratio", "weight_decay"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"train.{key} must be a finite number >= 0, got {v!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainSettings:
+        """From a ``train`` section (unknown keys are an error naming them)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - names)
+        if bad:
+            raise ValueError(f"unknown train setting(s) {', '.join(bad)}; allowed: {', '.join(sorted(names))}")
+        return cls(**d)
+
+
+def lr_at(step: int, s: TrainSettings) -> float:
+    """Learning rate at ``step``: linear warm-up, then cosine (to ``min_lr_ratio``) or constant."""
+    base, warm, total = float(s.lr), int(s.warmup), int(s.steps)
+    f = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+    sched = s.schedule
+    if sched == "cosine":
+        r = float(s.min_lr_ratio)
+        f *= r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+    elif sched != "constant":
+        raise ValueError(f"unknown lr schedule {sched!r}; allowed: cosine, constant")
+    return base * f
+
+
+def ema_decay(step: int, decay: float, warmup: bool) -> float:
+    """EMA decay at ``step``; with warm-up ``min(decay, (1 + step) / (10 + step))``."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * net`` for parameters; buffers are copied."""
+    for pe, p in zip(ema.parameters(), net.parameters()):
+        pe.lerp_(p.detach(), 1 - decay)
+    for be, b in zip(ema.buffers(), net.buffers()):
+        be.copy_(b)
+
+
+@contextlib.contextmanager
+def _deferred_sigint(enabled: bool = True) -> Iterator[Callable[[], bool]]:
+    """Defer Ctrl-C (SIGINT) to the next step boundary, so that the checkpoint written on interrupt is the state
+    after a whole step and resuming stays bit-exact; a second Ctrl-C interrupts at once. Yields ``interrupted()``.
+    Only in the main thread of a single process (elsewhere Ctrl-C acts immediately, as usual)."""
+    hit = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if hit:
+            raise KeyboardInterrupt
+        hit.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(hit)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+LossFn = Callable[..., Tensor]
+Preview = Callable[[nn.Module, Path], Path]
+
+
+class Trainer:
+    """Train ``net`` on ``data`` with ``loss_fn`` into the run folder ``out``; ``run()`` resumes from its checkpoint.
+
+    The trainer knows no model kind: ``loss_fn(net, x0, *, cond, generator) -> scalar`` closes over whatever the
+    loss needs (process, parameterization, label dropout); ``config`` is the JSON written as ``config.json``;
+    ``preview(ema_net, path)`` writes a picture every ``sample_every`` steps; with ``conditional`` the batches
+    carry the dataset's labels as ``cond``.
+    """
+
+    def __init__(self, net: nn.Module, loss_fn: LossFn, data: Dataset, settings: TrainSettings, out: str | Path, *,
+                 config: dict | None = None, preview: Preview | None = None, conditional: bool = False,
+                 progress: bool = True, resume: bool = True):
+        self.settings, self.out, self.progress, self.config = settings, Path(out), progress, config or {}
+        t = settings
+        self.device = pick_device(t.device)
+        self.dist = dist_mod.current()
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self._shard = dist_mod.shard(int(t.batch), self.dist)
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        self.tb = None
+        if t.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("train.tensorboard=true needs the tensorboard package (pip install tensorboard); "
+                                 "the CSV log (log.csv) is written either way") from None
+        self.data, self.conditional, self.preview = data, conditional, preview
+        if conditional and data.y is None:
+            raise ValueError(f"data.conditional=true but dataset {data.name!r} has no labels")
+        self.net = net.to(self.device)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=float(t.lr), weight_decay=float(t.weight_decay))
+        self.loss_fn = loss_fn
+        self.gen = torch.Generator().manual_seed(int(t.seed))
+        self.data_gen = self.gen  # batches (shared by all ranks); self.gen: diffusion noise (per rank)
+        if self.dist.enabled:
+            self.data_gen = torch.Generator().manual_seed(int(t.seed))
+            self.gen = torch.Generator().manual_seed(int(t.seed) + 7919 * (self.dist.rank + 1))
+            torch.manual_seed(int(t.seed) + self.dist.rank)
+        self.step = 0
+        self._pending: list[float] = []  # losses since the last full log interval (checkpointed: exact log.csv)
+        self.ddp = dist_mod.wrap(self.net, self.device) if self.dist.enabled else None
+        self.fwd_net = self.ddp or self.net
+        if t.compile:
+            self.fwd_net = torch.compile(self.fwd_net)
+        if resume and (self.out / "train_state.safetensors").is_file():
+            self._load()
+        if t.tensorboard and self.dist.is_main:
+            self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step or None)
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+    def _load(self) -> None:
+        tensors, meta = load_tensors(self.out / "train_state.safetensors")
+        self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        optimizer_from_tensors(self.opt, {k: v.to(self.device) for k, v in tensors.items()}, meta["optimizer"])
+        self.data_gen.set_state(tensors["rng.gen"])
+        torch.set_rng_state(tensors["rng.torch"])
+        r = self.dist.rank
+        if self.dist.enabled and f"rng.noise.{r}" in tensors:  # saved by a run with at least r + 1 processes
+            self.gen.set_state(tensors[f"rng.noise.{r}"])
+            torch.set_rng_state(tensors[f"rng.torch.{r}"])
+        self.step = int(meta["step"])
+        self._pending = [float(v) for v in meta.get("pending_losses", [])]
+        if self.dist.is_main:
+            self._truncate_log()
+
+    def save(self, gather: bool = True) -> None:
+        """Write model, EMA and the full training state atomically (rank 0; with several processes every rank
+        must call this, as their generator states are gathered, unless ``gather=False``)."""
+        rngs = {}
+        if self.dist.enabled:
+            states = dist_mod.gather_objects((self.gen.get_state(), torch.get_rng_state())) if gather else []
+            for r, (noise, trng) in enumerate(states):
+                rngs[f"rng.noise.{r}"], rngs[f"rng.torch.{r}"] = noise, trng
+        if not self.dist.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        opt_t, opt_meta = optimizer_to_tensors(self.opt)
+        tensors = {**{f"net.{k}": v for k, v in self.net.state_dict().items()},
+                   **{f"ema.{k}": v for k, v in self.ema.state_dict().items()},
+                   **opt_t, "rng.gen": self.data_gen.get_state(), "rng.torch": torch.get_rng_state(), **rngs}
+        save_json(self.config, self.out / "config.json")
+        save_tensors(tensors, self.out / "train_state.safetensors", {"step": self.step, "optimizer": opt_meta,
+                                                                        "pending_losses": self._pending})
+        save_tensors(self.net.state_dict(), self.out / "model.safetensors", {"step": self.step})
+        save_tensors(self.ema.state_dict(), self.out / "ema.safetensors", {"step": self.step})
+
+    def _truncate_log(self) -> None:
+        log = self.out / "log.csv"
+        if log.is_file():
+            rows = list(csv.reader(log.open()))
+            keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= self.step]
+            with log.open("w", newline="") as f:
+                csv.writer(f).writerows(keep)
+
+    def _log(self, row: dict) -> None:
+        """Append a row to ``log.csv`` (and TensorBoard scalars when enabled); rank 0 only."""
+        if not self.dist.is_main:
+            return
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, row["step"])
+        self.out.mkdir(parents=True, exist_ok=True)
+        log = self.out / "log.csv"
+        new = not log.is_file()
+        with log.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    # --- one step ------------------------------------------------------------------------------------------
+    def _batch(self) -> tuple[Tensor, Tensor | None]:
+        """This rank's shard of the next global batch of ``train.batch`` examples (all of it for 1 process)."""
+        b, sh, g = int(self.settings.batch), self._shard, self.data_gen
+        idx = torch.randint(0, len(self.data), (b,), generator=g)
+        x = self.data.x[idx]
+        if self.settings.flip and x.ndim == 4:
+            flip = torch.rand(b, generator=g) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        y = None
+        if self.conditional:
+            y = self.data.y[idx][sh].to(self.device)
+        return x[sh].to(self.device), y
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step (with accumulation); returns (loss, grad norm)."""
+        t = self.settings
+        lr = lr_at(self.step, t)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        accum = int(t.accum)
+        for i in range(accum):
+            x0, y = self._batch()
+            # DDP all-reduces the gradients on the last micro-batch only
+            with self.ddp.no_sync() if self.ddp is not None and i < accum - 1 else contextlib.nullcontext():
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+                    loss = self.loss_fn(self.fwd_net, x0, cond=y, generator=self.gen)
+                (loss / accum).backward()
+            loss = dist_mod.all_mean(loss.detach())  # every rank sees the same value (and the same NaN)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"loss is {loss.item()} at step {self.step}: training diverged "
+                                   f"(last checkpoint kept in {self.out}); lower train.lr or check the data")
+            total += loss.item() / accum
+        gn = torch.nn.utils.clip_grad_norm_(self.net.parameters(), float(t.clip) if t.clip else math.inf)
+        if not torch.isfinite(gn):
+            raise RuntimeError(f"gradient norm is {gn.item()} at step {self.step}: training diverged")
+        self.opt.step()
+        ema_update(self.ema, self.net, ema_decay(self.step, float(t.ema), bool(t.ema_warmup)))
+        self.step += 1
+        return total, float(gn)
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    def run(self, stop_after: int | None = None) -> dict:
+        """Train until ``train.steps`` (or ``stop_after`` more steps); checkpoint periodically and at the end.
+        Ctrl-C writes a checkpoint before stopping, so the same command resumes."""
+        t = self.settings
+        total = int(t.steps)
+        end = total if stop_after is None else min(total, self.step + stop_after)
+        self.net.train()
+        start, t0, losses = self.step, time.time(), []
+        bar = tqdm(total=end, initial=self.step, disable=not (self.progress and self.dist.is_main), desc="train",
+                   dynamic_ncols=True)
+        try:
+            with _deferred_sigint(enabled=not self.dist.enabled) as interrupted:
+                self._loop(end, bar, losses, t0, interrupted)
+                if interrupted():
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            self.save(gather=False)  # other ranks may already be gone: no collective here
+            bar.close()
+            raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint saved in {self.out}; "
+                                    "run the same command to resume") from None
+        bar.close()
+        self.save()
+        if self.tb is not None:
+            self.tb.close()
+        return {"step": self.step, "steps_run": self.step - start, "seconds": time.time() - t0,
+                "loss": sum(losses[-50:]) / max(len(losses[-50:]), 1) if losses else float("nan"),
+                "out": str(self.out)}
+
+    def _loop(self, end: int, bar, losses: list[float], t0: float, interrupted: Callable[[], bool]) -> None:
+        """Steps until ``end``; returns early, at a step boundary, once ``interrupted()`` (a deferred Ctrl-C)."""
+        t = self.settings
+        while self.step < end and not interrupted():
+            loss, gn = self.train_step()
+            losses.append(loss)
+            self._pending.append(loss)
+            bar.update(1)
+            if self.step % int(t.log_every) == 0 or self.step == end:
+                # the mean over the interval, including its steps before a resume
+                avg = sum(self._pending) / len(self._pending)
+                if self.step % int(t.log_every) == 0:
+                    self._pending = []
+                bar.set_postfix(loss=f"{avg:.4f}")
+                self._log({"step": self.step, "loss": avg, "lr": lr_at(self.step - 1, t), "grad_norm": gn,
+                           "seconds": round(time.time() - t0, 3)})
+            if int(t.ckpt_every) and self.step % int(t.ckpt_every) == 0:
+                self.save()
+            if self.preview and t.sample_every and self.step % t.sample_every == 0 and self.dist.is_main:
+                self.preview(self.ema, self.out / "samples" / f"step_{self.step:07d}.png")
