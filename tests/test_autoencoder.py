@@ -212,10 +212,10 @@ def test_presets_build():
 
     for name, shape in (("ae_digits", (1, 16, 16)), ("dae_digits", (1, 16, 16)), ("vae_digits", (1, 16, 16)),
                         ("vae2d_digits", (1, 8, 8)), ("vae_images", (3, 32, 32))):
-        net = build_model(config.resolve(name), shape).net
+        net = build_model(config.resolve(name), shape)
         assert isinstance(net, Autoencoder)
-    assert build_model(config.resolve("vae2d_digits"), (1, 8, 8)).net.latent_shape == (2,)
-    assert build_model(config.resolve("vae_digits"), (1, 16, 16)).net.latent_shape == (4, 4, 4)
+    assert build_model(config.resolve("vae2d_digits"), (1, 8, 8)).latent_shape == (2,)
+    assert build_model(config.resolve("vae_digits"), (1, 16, 16)).latent_shape == (4, 4, 4)
 
 
 class _LinearAE(torch.nn.Module):

@@ -13,6 +13,7 @@ from torchdiffusion.cli.main import main
 from torchdiffusion.parameterization.guidance import (
     CFG,
     VIEWS,
+    Classifier,
     ClassifierGuidance,
     MultiView,
     View,
@@ -149,10 +150,10 @@ def test_classifier_guidance_errors():
         ClassifierGuidance(oracle_model(gmm, proc), bayes_classifier(gmm, proc), 1.0, model_cond="null")
     from torchdiffusion.nets.classifier import NoisyClassifier
 
-    clf_vp = td.Denoiser(NoisyClassifier(1, 3, channels=8, groups=8), td.VP(), "eps")
+    clf_vp = Classifier(NoisyClassifier(1, 3, channels=8, groups=8), td.VP())
     with pytest.raises(ValueError, match="another process"):
         ClassifierGuidance(oracle_model(gmm, proc), clf_vp, 1.0)
-    clf_ddpm = td.Denoiser(NoisyClassifier(1, 3, channels=8, groups=8), td.DDPM("linear", 1000), "eps")
+    clf_ddpm = Classifier(NoisyClassifier(1, 3, channels=8, groups=8), td.DDPM("linear", 1000))
     ClassifierGuidance(oracle_model(gmm, proc), clf_ddpm, 1.0)  # same process: accepted
 
 

@@ -145,3 +145,22 @@ def test_guided_digits_are_read_as_their_class(tmp_path):
     y = torch.arange(10).repeat_interleave(10)
     x = pipe(n=100, sampler="ddim", steps=20, class_labels=y, guidance=1.0, generator=gen(0))
     assert DigitsEvaluator(8).accuracy(x, y) >= 0.9
+
+
+def test_run_kinds_build_their_own_model_objects():
+    from torchdiffusion.nets.autoencoder import Autoencoder
+    from torchdiffusion.parameterization.guidance import Classifier
+    from torchdiffusion.runs.build import build_model, run_kind
+    from torchdiffusion.runs.train import build_trainer
+
+    kinds = {p: run_kind(config_mod.resolve(p)) for p in ("digits", "ae_digits", "classifier_digits", "latent")}
+    assert kinds == {"digits": "diffusion", "ae_digits": "autoencoder", "classifier_digits": "classifier",
+                     "latent": "latent"}
+    assert isinstance(build_model(config_mod.resolve("ae_digits"), (1, 16, 16)), Autoencoder)  # no Denoiser around it
+    clf = build_model(config_mod.resolve("classifier_digits"), (1, 8, 8), 10)
+    assert isinstance(clf, Classifier)
+    assert clf.logits(torch.zeros(2, 1, 8, 8), torch.tensor([5.0, 9.0])).shape == (2, 10)
+    with pytest.raises(ValueError, match="loss 'dsm' does not train an autoencoder run"):
+        build_trainer(config_mod.resolve("ae_digits", [*TINY, "loss.name=dsm"]), "unused", progress=False)
+    with pytest.raises(ValueError, match="loss 'ae' does not train a diffusion run"):
+        build_trainer(config_mod.resolve("digits", [*TINY, "loss.name=ae"]), "unused", progress=False)

@@ -14,14 +14,15 @@ import argparse
 import json
 import math
 
+import torch
+
 from torchdiffusion import samplers
-from torchdiffusion.cli.commands import command
+from torchdiffusion.cli.commands import StepBar, command
 from torchdiffusion.data.datasets import toy_density
 from torchdiffusion.evaluation.metrics import DigitsEvaluator
 from torchdiffusion.parameterization.guidance import CFG
 from torchdiffusion.runs.build import load_run
-from torchdiffusion.runs.generate import generate
-from torchdiffusion.runs.pipeline import require_kind
+from torchdiffusion.runs.pipeline import Pipeline, require_kind
 
 TOYS = ("ring", "moons", "swiss_roll", "checkerboard", "gmm")
 
@@ -36,6 +37,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _mean_se(v) -> tuple[float, float]:
@@ -44,12 +46,9 @@ def _mean_se(v) -> tuple[float, float]:
 
 
 def _eval_toy(model, cfg: dict, a, sampler: str, steps: int) -> dict:
-    import torch
-
-
     n = a.n or 4000
     dens = toy_density(cfg["data"]["name"])
-    x = generate(model, (2,), n, sampler=sampler, steps=steps, grid=a.grid, seed=a.seed).double()
+    x = _draw(model, cfg, model, n, None, a, sampler, steps).double()
     exact, _ = dens.sample(n, torch.Generator().manual_seed(a.seed + 1))
     nll, se = _mean_se(-dens.log_prob(x))
     ref, ref_se = _mean_se(-dens.log_prob(exact))
@@ -57,19 +56,16 @@ def _eval_toy(model, cfg: dict, a, sampler: str, steps: int) -> dict:
 
 
 def _eval_digits(model, cfg: dict, info: dict, a, sampler: str, steps: int) -> dict:
-    import torch
-
-
     shape = tuple(info["data_shape"])
     ev = DigitsEvaluator(shape[-1])
     n = a.n or 3 * len(ev.y_heldout)
-    cond = None
+    cond, base = None, model
     if info.get("num_classes"):
         cond = ev.y_heldout.repeat(n // len(ev.y_heldout) + 1)[:n]  # the held-out class counts
         if a.guidance:
 
             model = CFG(model, a.guidance)
-    x = generate(model, shape, n, sampler=sampler, steps=steps, grid=a.grid, seed=a.seed, cond=cond)
+    x = _draw(base, cfg, model, n, cond, a, sampler, steps)
     out = {"samples": n, "fd": ev.fd(x, cond), "fd_floor": ev.fd_floor()}
     if cond is not None:
         out["accuracy"] = ev.accuracy(x, cond)
@@ -77,11 +73,23 @@ def _eval_digits(model, cfg: dict, info: dict, a, sampler: str, steps: int) -> d
     return out
 
 
-def _run(a) -> int:
+def _draw(base, cfg: dict, model, n: int, cond, a, sampler: str, steps: int):
+    """``n`` samples of ``model`` (``base`` or a guidance wrapper around it) through the run's Pipeline, with a
+    progress bar: the same samples as ``torchdiffusion sample --seed``."""
+    bar = StepBar("eval", a.quiet)
+    try:
+        return Pipeline(base, cfg).generate(model, n, cond=cond, sampler=sampler, steps=steps, grid=a.grid,
+                                            generator=torch.Generator().manual_seed(a.seed), callback=bar)
+    finally:
+        bar.close()
 
+
+def _run(a) -> int:
     model, cfg = load_run(a.run, ema=not a.no_ema)
 
     require_kind(cfg, a.run, ("diffusion", "latent"), "eval")
+    if a.n is not None and a.n < 1:
+        raise ValueError(f"--n must be >= 1, got {a.n}")
     info = cfg["run"]
     sampler = a.sampler or cfg["sample"]["sampler"]
     samplers.get(sampler)

@@ -47,7 +47,6 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 
 def _dataset(cfg: dict, which: str):
-
     dcfg = cfg["data"]
     kw = {k: v for k, v in dcfg.items() if k != "name"}
     if which in ("test", "train"):
@@ -86,7 +85,6 @@ def breakdown(res: LikelihoodResult) -> list[tuple[str, float, float]]:
 
 def _run(a) -> int:
     from tqdm.auto import tqdm
-
 
     if a.batch < 1 or (a.n is not None and a.n < 1) or a.n_t < 1:
         raise ValueError("--batch, --n and --n-t must be >= 1")

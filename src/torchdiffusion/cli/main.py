@@ -12,13 +12,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from torchdiffusion import samplers
 from torchdiffusion.cli import eval as _eval  # noqa: F401  (torchdiffusion eval)
 from torchdiffusion.cli import likelihood as _likelihood  # noqa: F401  (torchdiffusion likelihood)
 from torchdiffusion.cli import scorefield as _scorefield  # noqa: F401  (torchdiffusion scorefield)
-from torchdiffusion.cli.commands import COMMANDS, command
+from torchdiffusion.cli.commands import COMMANDS, StepBar, command
 from torchdiffusion.evaluation.viz import save_gif, save_samples
 from torchdiffusion.parameterization import guidance as G
 from torchdiffusion.parameterization.guidance import get_view
@@ -47,7 +46,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_run(a) -> int:
-
     cfg = config_mod.resolve(a.config, a.sets)
     res = maybe_distributed_train(cfg, a.out, progress=not a.quiet, resume=not a.no_resume)
     if res is not None:
@@ -125,12 +123,10 @@ def _sample_run(a) -> int:
         k, v = item.split("=", 1)
         opts[k] = config_mod.parse_value(v)
     guided, cond = _guided_model(a, model, info)
-    frames, bars = [], []
+    frames, bar = [], StepBar("sample", a.quiet)
 
-    def cb(d: dict) -> None:  # the bar starts with the first step, so that option errors print one line
-        if not bars:
-            bars.append(tqdm(desc="sample", unit="step", disable=a.quiet, dynamic_ncols=True))
-        bars[0].update(1)
+    def cb(d: dict) -> None:
+        bar(d)
         if a.gif:
             frames.append(d["x"].clone())
     grid = a.grid or cfg["sample"].get("grid")
@@ -139,8 +135,7 @@ def _sample_run(a) -> int:
                           generator=torch.Generator().manual_seed(a.seed), callback=cb, batch_size=a.batch_size,
                           **opts)
     finally:
-        for b in bars:
-            b.close()
+        bar.close()
     frames = [to_images(f, info)[0] for f in frames]
     if info.get("latent"):
         info = {**info, "data_shape": info["latent"]["image_shape"], "value_range": info["latent"]["value_range"]}
@@ -165,7 +160,6 @@ def _guided_model(a, model, info: dict):
     """The model to sample from and its ``cond`` for ``--class``, ``--guidance`` (CFG), ``--classifier``
     (classifier guidance) and ``--anagram`` (multi-view denoising); misuse is a one-line ValueError."""
     import torch
-
 
     ncls = info.get("num_classes")
     if a.class2 is not None and not a.anagram:
@@ -233,7 +227,6 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_run(a) -> int:
-
     for line in run_demo(Path(a.out), quick=a.quick):
         print(line)
     return 0

@@ -34,7 +34,6 @@ def score_field(model, density, sigma: float, lim: float = 2.5, n: int = 41):
     model and a toy density (``exact`` and the error are ``None`` for densities without a score)."""
     import torch
 
-
     proc = model.process
     if not sigma > 0:
         raise ValueError(f"--sigma must be > 0, got {sigma}")
@@ -64,7 +63,6 @@ def score_field(model, density, sigma: float, lim: float = 2.5, n: int = 41):
 
 
 def _run(a) -> int:
-
     model, cfg = load_run(a.run, ema=not a.no_ema)
 
     require_kind(cfg, a.run, ("diffusion",), "scorefield")

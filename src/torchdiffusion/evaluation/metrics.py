@@ -74,7 +74,6 @@ def frechet_distance(feat_a: Tensor, feat_b: Tensor) -> float:
 class DigitsClassifier(nn.Module):
     """A small CNN: two conv layers (the first strided for images above 8x8), pooling to 4x4, a 128-unit
     layer and a ``feature_dim`` layer (the features), then a linear layer to the 10 logits."""
-
     def __init__(self, size: int = 8, feature_dim: int = 64):
         super().__init__()
         st = max(1, size // 8)  # larger images: a strided first convolution brings them to about 8x8
@@ -94,7 +93,6 @@ class DigitsClassifier(nn.Module):
 def digits_split(size: int = 8) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(x_train, y_train, x_heldout, y_heldout)``: digits in [-1, 1] split by a fixed permutation (seed 0);
     the last ``HOLDOUT`` fraction is held out."""
-
     d = digits(int(size))
     perm = torch.randperm(len(d), generator=torch.Generator().manual_seed(0))
     n_test = round(HOLDOUT * len(d))
@@ -159,7 +157,6 @@ class DigitsEvaluator:
     ``DigitsEvaluator(size)`` is cheap after the first call: the trained classifier is cached on disk (and
     in memory), the real-data features once computed.
     """
-
     def __new__(cls, size: int = 8):
         key = (int(size), str(cache_dir()))
         if key not in _LOADED:

@@ -206,7 +206,6 @@ def ncsn_loss(model: Denoiser, x0: Tensor, sigmas: Tensor, *, cond=None, generat
     each example draws one level uniformly. This is :func:`dsm_loss` with ``weighting="eps"`` at times of the
     discrete ladder, with the textbook normalisation (1/2, summed over dimensions).
     """
-
     sig = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
     if len(sig) < 1 or (sig <= 0).any():
         raise ValueError("sigmas must be a non-empty tensor of positive noise levels")

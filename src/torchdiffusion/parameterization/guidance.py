@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from torchdiffusion.processes import as_time, expand_like
+from torchdiffusion.processes import Process, as_time, expand_like
 
 
 class CFG:
@@ -56,14 +56,37 @@ def same_process(p, q, points: int = 11) -> bool:
                 and torch.allclose(p.sigma(t), q.sigma(t), rtol=1e-6, atol=1e-9))
 
 
+class Classifier:
+    """A noise-conditional classifier ``p_phi(y | x_t, t)``: its network (``net(x_t, t) -> logits``) and the process
+    whose times it was trained on (a ``classifier`` run; B-13)."""
+    def __init__(self, net: Callable, process: Process):
+        self.net, self.process = net, process
+
+    def with_net(self, net: Callable) -> Classifier:
+        return Classifier(net, self.process)
+
+    def logits(self, x: Tensor, t) -> Tensor:
+        """The logits at ``(x_t, t)``; ``t`` in the process's time."""
+        tt = self.process.check_time(t).to(x.device)
+        return self.net(x, tt if self.process.discrete else tt.to(x.dtype))
+
+    def to(self, device) -> Classifier:
+        self.net.to(device)
+        return self
+
+    def eval(self) -> Classifier:
+        self.net.eval()
+        return self
+
+
 class ClassifierGuidance:
     """Classifier guidance (Dhariwal & Nichol 2021, Alg. 2; THEORY T-CG-1, T-CG-2):
     ``eps_g = eps - s sigma(t) grad_x log p_phi(y | x_t, t)``, i.e. the score ``grad log p_t(x) + s grad log
     p_phi(y | x_t)`` of the tilted density ``p_t(x) p_phi(y | x)^s``; ``x0`` is made consistent with the guided
     eps, ``x0_g = (x - sigma eps_g) / alpha = x0 + s sigma^2 / alpha grad log p_phi``.
 
-    ``classifier`` is either a loaded classifier run (``runs.load_classifier``: ``.net(x, t) -> logits`` and
-    ``.process``, which must equal the model's) or any callable ``f(x, t) -> logits`` (or log-probabilities)
+    ``classifier`` is either a :class:`Classifier` (a loaded classifier run, ``runs.build.load_classifier``,
+    whose process must equal the model's) or any callable ``f(x, t) -> logits`` (or log-probabilities)
     taking the model's process time ``t`` of shape ``(B,)``. ``log p_phi`` is ``log_softmax`` of the logits
     (log space, T-BAY-2). ``predict(x, t, cond)`` guides towards the labels ``cond`` (``(B,)`` or one int).
 
@@ -84,20 +107,17 @@ class ClassifierGuidance:
         self.model_cond, self.min_alpha = model_cond, float(min_alpha)
         if not (model_cond is None or model_cond == "same" or isinstance(model_cond, int)):
             raise ValueError(f"model_cond must be 'same', None or an int label, got {model_cond!r}")
-        proc = getattr(classifier, "process", None)
-        if proc is not None and hasattr(classifier, "net") and not same_process(proc, model.process):
-            raise ValueError(f"the classifier was trained on another process ({proc.name}) than the model's "
-                             f"({model.process.name}); train it with the model's process config")
-        if proc is None and not callable(classifier):
+        if isinstance(classifier, Classifier):
+            if not same_process(classifier.process, model.process):
+                raise ValueError(f"the classifier was trained on another process ({classifier.process!r}) than the "
+                                 f"model's ({model.process!r}); train it with the model's process config")
+        elif not callable(classifier):
             raise TypeError("classifier must be a loaded classifier run or a callable f(x, t) -> logits")
 
     def logits(self, x: Tensor, t: Tensor) -> Tensor:
         """The classifier's logits at ``(x_t, t)``."""
         c = self.classifier
-        if hasattr(c, "net") and hasattr(c, "process"):
-            tt = c.process.check_time(t).to(x.device)
-            return c.net(x, tt if c.process.discrete else tt.to(x.dtype))
-        return c(x, t)
+        return c.logits(x, t) if isinstance(c, Classifier) else c(x, t)
 
     def grad_log_prob(self, x: Tensor, t, y: Tensor) -> Tensor:
         """``grad_x log p_phi(y | x_t, t)`` per example (log_softmax, so a huge logit gap stays finite)."""
@@ -272,7 +292,6 @@ class MultiView:
     view. The result is the score of the geometric mean of the view-transformed densities at every noise level
     (T-MV-2); at the end each ``v_i(x_0)`` should look like class ``c_i``.
     """
-
     def __init__(self, model, views: Sequence[str | View], conds: Sequence | None = None,
                  shape: tuple[int, ...] | None = None):
         self.model, self.process = model, model.process

@@ -7,10 +7,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from torchdiffusion.training.checkpoint import load_json, load_tensors
-from torchdiffusion.parameterization.denoiser import Denoiser
 from torchdiffusion.nets import NETS
+from torchdiffusion.nets.autoencoder import Autoencoder
+from torchdiffusion.parameterization.denoiser import Denoiser
+from torchdiffusion.parameterization.guidance import Classifier
 from torchdiffusion.processes import Process, process_from_config
+from torchdiffusion.training.checkpoint import load_json, load_tensors
 
 _PROCESS_KEYS = {
     "ddpm": ("betas", "T", "beta_start", "beta_end", "rescale_zero_snr"),
@@ -94,16 +96,54 @@ def build_net(mcfg: dict, data_shape: tuple[int, ...], process: Process, num_cla
     raise ValueError(f"net {name!r} has no builder for data of shape {data_shape}")  # pragma: no cover
 
 
-def build_model(cfg: dict, data_shape: tuple[int, ...], num_classes: int | None = None) -> Denoiser:
-    """Process + network + parameterization from a full config."""
-    process = build_process(cfg["process"])
-    m = cfg["model"]
-    net = build_net(m, tuple(data_shape), process, num_classes)
+AUTOENCODER_NETS = ("autoencoder", "vae")
+RUN_KINDS = ("diffusion", "latent", "autoencoder", "classifier")
+RunModel = Denoiser | Classifier | Autoencoder
+
+
+def run_kind(cfg: dict) -> str:
+    """The kind of a run (DESIGN.md section 5): ``autoencoder`` (model.net autoencoder / vae), ``classifier``
+    (a noise-conditional classifier for guidance), ``latent`` (diffusion on an autoencoder's codes) or
+    ``diffusion``."""
+    net = cfg.get("model", {}).get("net")
+    if net in AUTOENCODER_NETS:
+        return "autoencoder"
+    if net == "classifier":
+        return "classifier"
+    data = cfg.get("data", {})
+    latent = (cfg.get("run") or {}).get("latent") or data.get("autoencoder") or data.get("name") == "latent"
+    return "latent" if latent else "diffusion"
+
+
+def wrap_net(cfg: dict, net: nn.Module, process: Process) -> RunModel:
+    """The model object of the run's kind around ``net``: a :class:`Denoiser` (diffusion, latent), a
+    :class:`Classifier` (classifier) or the :class:`Autoencoder` itself."""
+    kind, m = run_kind(cfg), cfg["model"]
+    if kind == "autoencoder":
+        return net
+    if kind == "classifier":
+        return Classifier(net, process)
     return Denoiser(net, process, prediction=m["prediction"], precond=m["precond"], sigma_data=m["sigma_data"])
 
 
-def load_run(run: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[Denoiser, dict]:
-    """Load a trained run folder: the model (EMA weights by default) and its config."""
+def net_of(model: RunModel) -> nn.Module:
+    """The trainable network inside a run's model object."""
+    return model if isinstance(model, Autoencoder) else model.net
+
+
+def with_net(model: RunModel, net: nn.Module) -> RunModel:
+    """The model object with ``net`` in place of its network (an EMA copy, a DDP or compiled wrapper)."""
+    return net if isinstance(model, Autoencoder) else model.with_net(net)
+
+
+def build_model(cfg: dict, data_shape: tuple[int, ...], num_classes: int | None = None) -> RunModel:
+    """Process + network (+ parameterization for diffusion runs) from a full config."""
+    process = build_process(cfg["process"])
+    return wrap_net(cfg, build_net(cfg["model"], tuple(data_shape), process, num_classes), process)
+
+
+def load_run(run: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[RunModel, dict]:
+    """Load a trained run folder: its model object (:func:`wrap_net`; EMA weights by default) and its config."""
     run = Path(run)
     if not run.is_dir():
         raise ValueError(f"run folder not found: {run}")
@@ -115,16 +155,18 @@ def load_run(run: str | Path, ema: bool = True, device: str | torch.device = "cp
     weights = run / ("ema.safetensors" if ema else "model.safetensors")
     tensors, _ = load_tensors(weights)
     try:
-        model.net.load_state_dict(tensors)
+        net_of(model).load_state_dict(tensors)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {weights} does not match the config's network: {str(e)[:200]}") from None
     return model.to(device).eval(), cfg
 
 
-def load_classifier(run: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[Denoiser, dict]:
+def load_classifier(run: str | Path, ema: bool = True,
+                    device: str | torch.device = "cpu") -> tuple[Classifier, dict]:
     """Load a noise-conditional classifier run (``model.net = "classifier"``, e.g. preset ``classifier_digits``):
-    a :class:`Denoiser` whose ``.net(x, t)`` gives the logits of ``p_phi(y | x_t, t)`` and whose ``.process`` is
-    the process it was trained on (for :class:`torchdiffusion.parameterization.guidance.ClassifierGuidance`)."""
+    a :class:`Classifier` whose ``.net(x, t)`` gives the logits of ``p_phi(y | x_t, t)`` and whose
+    ``.process`` is the process it was trained on (for
+    :class:`torchdiffusion.parameterization.guidance.ClassifierGuidance`)."""
     model, cfg = load_run(run, ema=ema, device=device)
     if cfg["model"].get("net") != "classifier":
         raise ValueError(f"{run} is not a classifier run (model.net={cfg['model'].get('net')!r}); "

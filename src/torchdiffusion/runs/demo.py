@@ -13,14 +13,13 @@ from pathlib import Path
 
 import torch
 
-from torchdiffusion.runs import config as config_mod
 from torchdiffusion.data.datasets import toy_density
-from torchdiffusion.evaluation.viz import save_samples
-from torchdiffusion.runs.generate import generate
-from torchdiffusion.parameterization.guidance import CFG
-from torchdiffusion.runs.train import build_trainer, ema_model
-from torchdiffusion.evaluation.viz import save_gif, save_image_grid
 from torchdiffusion.evaluation.metrics import DigitsEvaluator
+from torchdiffusion.evaluation.viz import save_gif, save_image_grid, save_samples
+from torchdiffusion.parameterization.guidance import CFG
+from torchdiffusion.runs import config as config_mod
+from torchdiffusion.runs.generate import generate
+from torchdiffusion.runs.train import build_trainer, ema_model
 
 DIGITS_GUIDANCE = 0.5  # guidance scale w of the pictures: accuracy 1.0, FD about the real floor (digits_quality.md)
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from torchdiffusion.evaluation.viz import save_samples
-from torchdiffusion.samplers import sample
 from torchdiffusion.runs.latent import to_images
+from torchdiffusion.samplers import sample
 
 
 def generate(model, shape: tuple[int, ...], n: int, *, sampler: str = "ddim", steps: int = 50,

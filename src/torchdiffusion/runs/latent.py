@@ -20,24 +20,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from torchdiffusion.data.datasets import split_dataset
 from torchdiffusion.data import datasets as data_mod
-from torchdiffusion.nets.autoencoder import Autoencoder, reconstruct
-from torchdiffusion.runs.build import load_run
+from torchdiffusion.data.datasets import split_dataset
 from torchdiffusion.evaluation.viz import save_samples
+from torchdiffusion.nets.autoencoder import Autoencoder, reconstruct
+from torchdiffusion.runs.build import AUTOENCODER_NETS, load_run
 
-AUTOENCODER_NETS = ("autoencoder", "vae")
 _CACHE: dict[tuple[str, float, bool], tuple[Autoencoder, dict]] = {}
-
-
-def is_autoencoder_config(cfg: dict) -> bool:
-    """Whether a (run) config trains an autoencoder rather than a diffusion model."""
-    return cfg.get("model", {}).get("net") in AUTOENCODER_NETS
 
 
 def load_autoencoder(run: str | Path | None, ema: bool = True) -> tuple[Autoencoder, dict]:
     """The frozen (eval, no-grad) autoencoder of a trained run folder and its config (cached per file)."""
-
     if not run:
         raise ValueError("latent diffusion needs a trained autoencoder run: set data.autoencoder=RUN (a run "
                          "folder of preset ae_digits, vae_digits, vae_images, ...)")
@@ -49,10 +42,10 @@ def load_autoencoder(run: str | Path | None, ema: bool = True) -> tuple[Autoenco
     key = (str(run.resolve()), os.path.getmtime(cfg_path), bool(ema))
     if key not in _CACHE:
         model, cfg = load_run(run, ema=ema)
-        if not isinstance(model.net, Autoencoder):
+        if not isinstance(model, Autoencoder):
             raise ValueError(f"{run} is not an autoencoder run (model.net={cfg['model']['net']!r}; "
                              f"allowed: {', '.join(AUTOENCODER_NETS)})")
-        _CACHE[key] = (model.net.eval().requires_grad_(False), cfg)
+        _CACHE[key] = (model.eval().requires_grad_(False), cfg)
     return _CACHE[key]
 
 
@@ -82,7 +75,6 @@ def load_latents(run: str | Path | None, *, holdout: float = 0.0) -> data_mod.Da
     ``c`` is computed on the training split (the same deterministic split the trainer uses with
     ``data.holdout = holdout``); ``meta["latent"]`` holds what decoding needs.
     """
-
     net, ae_cfg = load_autoencoder(run)
     d = ae_cfg["data"]
     images = data_mod.load(d["name"], **{k: v for k, v in d.items() if k not in ("name", "autoencoder")})
@@ -142,7 +134,6 @@ def write_autoencoder_samples(net: Autoencoder, cfg: dict, run: str | Path, *, n
     reconstruction grid of held-out data (``RUN/reconstructions.png``); a plain autoencoder has no prior, so
     only the reconstructions are written (to ``out`` if given). ``cfg`` is the run's config (with its ``run``
     section). Returns the written paths."""
-
     if int(n) < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     vr = tuple(cfg["run"].get("value_range", (-1, 1)))

@@ -1,0 +1,116 @@
+"""The loss named by a run's ``loss`` section: ``LOSSES[name](model, x0, *, cond, generator, cfg) -> scalar``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+
+from torchdiffusion.losses.autoencoder import ae_loss, dae_loss, vae_loss
+from torchdiffusion.losses.classifier import classifier_loss
+from torchdiffusion.losses.score import dsm_loss, ncsn_loss, noisy_score_matching_loss, process_ncsn_sigmas
+from torchdiffusion.losses.vlb import hybrid_loss, importance_dsm_loss, vlb_loss
+from torchdiffusion.nets.autoencoder import Autoencoder
+from torchdiffusion.parameterization.denoiser import Denoiser
+
+# ---------------------------------------------------------------------------------------------------------
+LossFn = Callable[..., Tensor]
+
+
+def _dsm(model: Denoiser, x0: Tensor, *, cond, generator, cfg: dict) -> Tensor:
+    return dsm_loss(model, x0, weighting=cfg.get("weighting", "native"), cond=cond, generator=generator,
+                    min_snr_gamma=float(cfg.get("min_snr_gamma", 5.0)))
+
+
+def _vlb(model: Denoiser, x0: Tensor, *, cond, generator, cfg: dict) -> Tensor:
+    return vlb_loss(model, x0, cond=cond, generator=generator)
+
+
+def _hybrid(model: Denoiser, x0: Tensor, *, cond, generator, cfg: dict) -> Tensor:
+    return hybrid_loss(model, x0, cond=cond, generator=generator, lambda_vlb=float(cfg.get("lambda_vlb", 0.001)))
+
+
+def _dsm_is(model: Denoiser, x0: Tensor, *, cond, generator, cfg: dict) -> Tensor:
+    weighting = cfg.get("weighting", "native")
+    if weighting == "native":  # the default weighting would make the importance sampling uniform: refuse
+        raise ValueError("loss dsm_is samples t in proportion to a weighting: set loss.weighting (g2 = the "
+                         "likelihood weighting, eps, x0, v, min_snr, edm); the default 'native' would be uniform")
+    return importance_dsm_loss(model, x0, weighting=weighting, cond=cond, generator=generator)
+
+
+LOSSES: dict[str, LossFn] = {"dsm": _dsm, "vlb": _vlb, "hybrid": _hybrid, "dsm_is": _dsm_is}
+
+
+# score-matching family (NCSN, exact and sliced score matching on the noised marginals; losses.py)
+def _ncsn(model: Denoiser, x0: Tensor, *, cond, generator, cfg: dict) -> Tensor:
+    sigmas = process_ncsn_sigmas(model.process, int(cfg.get("ncsn_levels", 10)))
+    return ncsn_loss(model, x0, sigmas, cond=cond, generator=generator)
+
+
+def _score_matching(method: str) -> LossFn:
+    def loss(model: Denoiser, x0: Tensor, *, cond, generator, cfg: dict) -> Tensor:
+        return noisy_score_matching_loss(model, x0, method=method, weighting=cfg.get("weighting", "native"),
+                                         cond=cond, generator=generator,
+                                         n_projections=int(cfg.get("ssm_projections", 1)),
+                                         dist=cfg.get("ssm_dist", "gaussian"),
+                                         variance_reduced=bool(cfg.get("ssm_variance_reduced", True)))
+    return loss
+
+
+LOSSES.update({"ncsn": _ncsn, "esm": _score_matching("esm"), "ssm": _score_matching("ssm")})
+
+
+def _classifier(model: Denoiser, x0: Tensor, *, cond, generator, cfg: dict) -> Tensor:
+    if cond is None:
+        raise ValueError("loss 'classifier' needs labels: set data.conditional=true")
+    return classifier_loss(model.net, model.process, x0, cond, generator=generator)
+
+
+LOSSES["classifier"] = _classifier
+
+
+# autoencoders: ae, dae, vae on model.net (losses/autoencoder.py)
+def _autoencoder(model) -> Autoencoder:
+    if not isinstance(model, Autoencoder):
+        raise ValueError(f"autoencoder losses (ae, dae, vae) need model.net=autoencoder or vae, got a "
+                         f"{type(model).__name__} (distributed / compiled training of autoencoders is not supported)")
+    return model
+
+
+def _train_ae(model, x0: Tensor, *, cond, generator, cfg: dict) -> Tensor:
+    return ae_loss(_autoencoder(model), x0)
+
+
+def _train_dae(model, x0: Tensor, *, cond, generator, cfg: dict) -> Tensor:
+    return dae_loss(_autoencoder(model), x0, float(cfg.get("dae_sigma", 0.2)), generator=generator)
+
+
+def _train_vae(model, x0: Tensor, *, cond, generator, cfg: dict) -> Tensor:
+    return vae_loss(_autoencoder(model), x0, beta=float(cfg.get("beta", 1.0)),
+                    likelihood=cfg.get("likelihood", "gaussian"), levels=cfg.get("levels"),
+                    n_samples=int(cfg.get("vae_samples", 1)), generator=generator)
+
+
+LOSSES.update({"ae": _train_ae, "dae": _train_dae, "vae": _train_vae})
+
+
+KIND_LOSSES = {"autoencoder": ("ae", "dae", "vae"), "classifier": ("classifier",)}
+
+
+def losses_for(kind: str) -> tuple[str, ...]:
+    """The loss names that train a run of ``kind`` (diffusion and latent runs: all the others)."""
+    special = {n for names in KIND_LOSSES.values() for n in names}
+    return KIND_LOSSES.get(kind) or tuple(sorted(n for n in LOSSES if n not in special))
+
+
+def get_loss(name: str, kind: str | None = None) -> LossFn:
+    """The loss ``name`` (for a run of ``kind``: refused with one line when it does not train that kind)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(sorted(LOSSES))}")
+    if kind is not None and name not in losses_for(kind):
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise ValueError(f"loss {name!r} does not train {article} {kind} run (model.net); allowed: "
+                         f"{', '.join(losses_for(kind))}")
+    return LOSSES[name]
+
+

@@ -1,0 +1,135 @@
+"""The front door for Python users (DESIGN.md section 5): load any diffusion run folder and sample it.
+
+    pipe = td.Pipeline.from_pretrained("runs/digits")
+    x = pipe(n=64, sampler="unipc", steps=10, class_labels=3, guidance=0.5,
+             generator=torch.Generator().manual_seed(0))
+
+Every sample has its own noise: ``generator`` first draws one seed per sample (in sample order), and each
+sample's ``x_T`` and every noise the sampler draws for it come from that sample's generator
+(:class:`torchdiffusion._tensor.SampleGenerators`). So results do not depend on ``batch_size``, and the
+command line's ``sample --seed S`` equals ``generator=torch.Generator().manual_seed(S)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from torchdiffusion._tensor import SampleGenerators
+from torchdiffusion.parameterization.denoiser import Denoiser
+from torchdiffusion.parameterization.guidance import CFG
+from torchdiffusion.processes import Process
+from torchdiffusion.runs.build import load_run, run_kind
+from torchdiffusion.runs.latent import to_images
+from torchdiffusion.samplers import sample
+from torchdiffusion.training.checkpoint import save_json, save_tensors
+
+
+def require_kind(cfg: dict, path: str | Path, allowed: Sequence[str], what: str) -> str:
+    """The run's kind, or a one-line error saying what the command needs."""
+    kind = run_kind(cfg)
+    if kind not in allowed:
+        raise ValueError(f"{path} is a{'n' if kind[0] in 'aeiou' else ''} {kind} run; {what} needs a "
+                         f"{' or '.join(allowed)} run")
+    return kind
+
+
+def sample_seeds(n: int, generator: torch.Generator | None) -> list[int]:
+    """One seed per sample, drawn in sample order from ``generator`` (the global RNG when None)."""
+    return torch.randint(0, 2**62, (n,), generator=generator).tolist()
+
+
+class Pipeline:
+    """A trained diffusion model (``model``: its :class:`Denoiser`), its ``process`` and its run ``config``."""
+    def __init__(self, model: Denoiser, config: dict):
+        self.model, self.config = model, config
+        self.process: Process = model.process
+        info = config["run"]
+        self.data_shape = tuple(info["data_shape"])
+        self.num_classes = info.get("num_classes")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> Pipeline:
+        """Load a run folder (EMA weights by default); autoencoder and classifier runs are refused."""
+        model, cfg = load_run(path, ema=ema, device=device)
+        require_kind(cfg, path, ("diffusion", "latent"), "a Pipeline")
+        return cls(model, cfg)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write a run folder that :meth:`from_pretrained` loads again (config, weights as model and EMA)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_json(self.config, path / "config.json")
+        state = self.model.net.state_dict()
+        for name in ("model.safetensors", "ema.safetensors"):
+            save_tensors(state, path / name, {"saved_by": "Pipeline.save_pretrained"})
+        return path
+
+    # --- sampling --------------------------------------------------------------------------------------------
+    def labels(self, class_labels: int | Sequence[int] | Tensor | None, n: int) -> Tensor | None:
+        """``class_labels`` (an int or a length-``n`` sequence) as a tensor of ``n`` labels, checked."""
+        if class_labels is None:
+            return None
+        if not self.num_classes:
+            raise ValueError("class_labels given but this model is not class-conditional")
+        y = torch.as_tensor(class_labels, dtype=torch.long)
+        y = y.expand(n).clone() if y.ndim == 0 else y.flatten()
+        if len(y) != n:
+            raise ValueError(f"class_labels must be one int or {n} labels, got {len(y)}")
+        if ((y < 0) | (y >= self.num_classes)).any():
+            raise ValueError(f"class labels must be in 0..{self.num_classes - 1}")
+        return y
+
+    def __call__(self, n: int = 1, sampler: str | None = None, steps: int | None = None,
+                 grid: str | Tensor | None = None,
+                 class_labels: int | Sequence[int] | Tensor | None = None, guidance: float = 0.0,
+                 generator: torch.Generator | None = None, batch_size: int | None = None,
+                 callback: Callable[[dict], None] | None = None, **sampler_options) -> Tensor:
+        """``n`` samples in the data's own range and shape (a latent run decodes); defaults from the run's
+        ``sample`` section; ``guidance`` is the classifier-free scale ``w`` (needs ``class_labels``)."""
+        guidance = float(guidance)
+        if not torch.isfinite(torch.tensor(guidance)):
+            raise ValueError(f"guidance must be a finite number, got {guidance}")
+        y = self.labels(class_labels, int(n)) if isinstance(n, int) and n >= 1 else None
+        model = self.model
+        if guidance:
+            if y is None:
+                raise ValueError("guidance needs class_labels and a class-conditional model")
+            model = CFG(model, guidance)
+        return self.generate(model, n, cond=y, sampler=sampler, steps=steps, grid=grid, generator=generator,
+                             batch_size=batch_size, callback=callback, **sampler_options)
+
+    def generate(self, model, n: int, *, cond: Tensor | None = None, sampler: str | None = None,
+                 steps: int | None = None, grid: str | Tensor | None = None, generator: torch.Generator | None = None,
+                 batch_size: int | None = None, callback: Callable[[dict], None] | None = None,
+                 **sampler_options) -> Tensor:
+        """Sample any model over this run's process and data (e.g. a guidance wrapper around ``self.model``)
+        with per-sample noise (module doc), in batches of ``batch_size``; decoded to images for latent runs."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a whole number >= 1, got {n!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        s = self.config.get("sample", {})
+        sampler = sampler or s.get("sampler", "ddim")
+        steps = steps if steps is not None or isinstance(grid, Tensor) else int(s.get("steps", 50))
+        grid = grid if grid is not None else s.get("grid")
+        device = next(iter(self.model.net.parameters())).device if hasattr(self.model.net, "parameters") else "cpu"
+        seeds = sample_seeds(n, generator)
+        out = []
+        for lo in range(0, n, batch_size or n):
+            gens = SampleGenerators(seeds[lo: lo + (batch_size or n)])
+            x_T = gens.randn((len(gens), *self.data_shape), dtype=torch.float32) * self.process.prior_std()
+            c = None if cond is None else cond[lo: lo + len(gens)].to(device)
+            x = sample(model, x_T.to(device), sampler, steps, grid=grid, generator=gens, cond=c,
+                       callback=callback, **sampler_options)
+            out.append(x.cpu())
+        x = torch.cat(out)
+        if not torch.isfinite(x).all():
+            raise ValueError(f"sampling produced non-finite values ({int((~torch.isfinite(x)).sum())} of "
+                             f"{x.numel()}): the weights or the options are broken")
+        return to_images(x, self.config["run"])[0]
+

@@ -1,0 +1,121 @@
+"""Train a run from its config, in this process or as one rank under torchrun.
+
+:func:`build_trainer` turns a config into the plain objects the trainer takes: the network, a loss closure
+(process, parameterization and label dropout inside), the training split, :class:`TrainSettings`, the JSON to
+write as ``config.json`` and a preview writer; the trainer itself knows no model kind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from torchdiffusion.data.datasets import Dataset, split_dataset
+from torchdiffusion.runs.build import RunModel, build_model, net_of, run_kind, with_net
+from torchdiffusion.runs.generate import generate_to_file
+from torchdiffusion.runs.latent import dataset_from_config, write_autoencoder_samples
+from torchdiffusion.runs.losses import get_loss
+from torchdiffusion.training.checkpoint import load_json
+from torchdiffusion.training.distributed import barrier, init_from_env
+from torchdiffusion.training.trainer import Preview, Trainer, TrainSettings
+
+MODEL_SECTIONS = ("data", "process", "model", "loss")
+
+
+def train_dataset(cfg: dict) -> Dataset:
+    """The training split of a run's data (``data.holdout`` stays unseen)."""
+    return split_dataset(dataset_from_config(cfg["data"]), float(cfg["data"].get("holdout", 0.0)))[0]
+
+
+def loss_closure(model: RunModel, cfg: dict):
+    """``loss(net, x0, *, cond, generator)`` for the trainer: the configured loss of ``model`` with ``net`` in
+    place of its network (DDP / compiled wrappers), after dropping each label with probability
+    ``loss.p_uncond`` (classifier-free guidance training: ``-1`` is the null class)."""
+    fn, lcfg = get_loss(cfg["loss"]["name"], run_kind(cfg)), cfg["loss"]
+    p_uncond = float(lcfg.get("p_uncond", 0.0))
+
+    def loss(net: nn.Module, x0: Tensor, *, cond: Tensor | None, generator: torch.Generator) -> Tensor:
+        cond = drop_labels(cond, p_uncond, generator)
+        return fn(with_net(model, net), x0, cond=cond, generator=generator, cfg=lcfg)
+    return loss
+
+
+def drop_labels(y: Tensor | None, p: float, generator: torch.Generator | None = None) -> Tensor | None:
+    """Each label replaced by the null class ``-1`` with probability ``p`` (T-CFG-2)."""
+    if y is None or p <= 0:
+        return y
+    drop = torch.rand(y.shape[0], generator=generator).to(y.device) < p
+    return y.masked_fill(drop, -1)
+
+
+def run_info(cfg: dict, data: Dataset) -> dict:
+    """The ``run`` section of ``config.json``: what loading and sampling need to know about the data."""
+    ncls = data.num_classes if cfg["data"].get("conditional") else None
+    return {"data_shape": list(data.shape), "num_classes": ncls, "levels": data.levels,
+            "value_range": list(data.value_range), "data_name": data.name,
+            **({"latent": data.meta["latent"]} if "latent" in data.meta else {})}
+
+
+def previewer(cfg: dict, model: RunModel, data: Dataset) -> Preview | None:
+    """``preview(ema_net, path)`` for the trainer: a sample grid (diffusion and latent runs), prior samples and
+    reconstructions (autoencoders), or None (a classifier has nothing to draw)."""
+    kind = run_kind(cfg)
+    if kind == "classifier":
+        return None
+
+    def preview(ema_net: nn.Module, path: Path) -> Path:
+        if kind == "autoencoder":
+            return write_autoencoder_samples(ema_net.eval(), cfg, path.parent.parent, out=path)[0]
+        return generate_to_file(with_net(model, ema_net).eval(), cfg, cfg["run"], path, data=data)
+    return preview
+
+
+def build_trainer(cfg: dict, out: str | Path, *, dataset: Dataset | None = None, progress: bool = True,
+                  resume: bool = True) -> Trainer:
+    """The trainer of run ``cfg`` in folder ``out`` (resuming its checkpoint when ``resume``)."""
+    out = Path(out)
+    settings = TrainSettings.from_dict({**cfg["train"], "flip": bool(cfg["data"].get("flip", False))})
+    data = dataset if dataset is not None else train_dataset(cfg)
+    conditional = bool(cfg["data"].get("conditional"))
+    if conditional and data.y is None:
+        raise ValueError(f"data.conditional=true but dataset {data.name!r} has no labels")
+    if resume and (out / "train_state.safetensors").is_file():
+        saved = load_json(out / "config.json")
+        if any(saved.get(k) != cfg.get(k) for k in MODEL_SECTIONS):
+            raise ValueError(f"{out} holds a run with a different data/process/model/loss config; "
+                             "use another --out or --no-resume")
+    torch.manual_seed(int(settings.seed))  # the initial weights follow train.seed
+    model = build_model(cfg, data.shape, data.num_classes if conditional else None)
+    config = {**cfg, "run": run_info(cfg, data)}
+    tr = Trainer(net_of(model), loss_closure(model, cfg), data, settings, out, config=config,
+                 preview=previewer(config, model, data), conditional=conditional, progress=progress, resume=resume)
+    tr.model = model  # the parameterization around the trained net (for callers; the trainer never reads it)
+    return tr
+
+
+def ema_model(tr: Trainer) -> RunModel:
+    """The EMA network of a trainer built by :func:`build_trainer`, in the run's model object."""
+    return with_net(tr.model, tr.ema).eval()
+
+
+def train(cfg: dict, out: str | Path, *, dataset: Dataset | None = None, progress: bool = True, resume: bool = True,
+          stop_after: int | None = None) -> dict:
+    """Train (or resume) the run ``cfg`` into ``out``; returns a summary dict."""
+    return build_trainer(cfg, out, dataset=dataset, progress=progress, resume=resume).run(stop_after)
+
+
+def maybe_distributed_train(cfg: dict, out: str | Path, *, progress: bool = True, resume: bool = True):
+    """Train in this process; under torchrun (``WORLD_SIZE`` > 1) join the process group first, show progress
+    on rank 0 only, and leave the group at the end. Returns the summary on rank 0 and ``None`` elsewhere."""
+    started = not (dist.is_available() and dist.is_initialized())
+    info = init_from_env(cfg["train"].get("device", "auto"))
+    try:
+        res = train(cfg, out, progress=progress and info.is_main, resume=resume)
+        barrier()
+    finally:
+        if info.enabled and started:
+            dist.destroy_process_group()
+    return res if info.is_main else None
