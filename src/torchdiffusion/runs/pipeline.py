@@ -117,7 +117,8 @@ class Pipeline:
         sampler = sampler or s.get("sampler", "ddim")
         steps = steps if steps is not None or isinstance(grid, Tensor) else int(s.get("steps", 50))
         grid = grid if grid is not None else s.get("grid")
-        device = next(iter(self.model.net.parameters())).device if hasattr(self.model.net, "parameters") else "cpu"
+        first = next(iter(self.model.net.parameters()), None) if hasattr(self.model.net, "parameters") else None
+        device = first.device if first is not None else "cpu"
         seeds = sample_seeds(n, generator)
         out = []
         for lo in range(0, n, batch_size or n):
