@@ -73,13 +73,13 @@ def energy_distance(a, b):
 
 
 def check_matrix(pname: str, prediction: str, n: int, rms_tol: float, nll_floor: float,
-                 langevin_steps: int = 200) -> None:
+                 steps_for: dict[str, int] | None = None) -> None:
     proc, model, x_T = setup(pname, prediction, n)
     ref = ode_reference(model, x_T)
     exact = exact_nll(n)
     failures = []
     for name in SAMPLERS:
-        steps = langevin_steps if name == "annealed_langevin" else 200
+        steps = (steps_for or {}).get(name, 200)
         x = td.sample(model, x_T, name, steps=steps, generator=gen(3))
         if not torch.isfinite(x).all():
             failures.append(f"{name}: non-finite samples")
@@ -106,9 +106,12 @@ def test_every_sampler_on_every_process(pname, prediction):
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 @pytest.mark.parametrize("pname", list(PROCESSES))
 def test_every_sampler_on_every_process_tight(pname, prediction):
-    # 8192 samples (3 SE ~ 0.04 nats); annealed Langevin, whose Langevin bias is ~0.1 nats at 200 calls, is
-    # held to the same limit at 2000
-    check_matrix(pname, prediction, n=8192, rms_tol=1e-2, nll_floor=0.03, langevin_steps=2000)
+    # 8192 samples (3 SE ~ 0.046 nats). Three samplers carry a first-order bias that 200 calls do not hide at this
+    # precision (measured at N = 8192): ancestral ddpm -0.063 (DDPM linear) / -0.080 (VE) nats, too sharp (the
+    # plug-in posterior mean ignores Cov[x0 | x_t]); reverse_diffusion +0.059 on VE; annealed Langevin ~+0.1.
+    # They are held to the same limits with 1000 (2000) calls, where they measure -0.041 / -0.033, -0.005, <= 0.02.
+    check_matrix(pname, prediction, n=8192, rms_tol=1e-2, nll_floor=0.03,
+                 steps_for={"annealed_langevin": 2000, "ddpm": 1000, "reverse_diffusion": 1000})
 
 
 @pytest.mark.parametrize("pname", list(PROCESSES))
