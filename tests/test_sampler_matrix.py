@@ -109,9 +109,10 @@ def test_every_sampler_on_every_process_tight(pname, prediction):
     # 8192 samples (3 SE ~ 0.046 nats). Three samplers carry a first-order bias that 200 calls do not hide at this
     # precision (measured at N = 8192): ancestral ddpm -0.063 (DDPM linear) / -0.080 (VE) nats, too sharp (the
     # plug-in posterior mean ignores Cov[x0 | x_t]); reverse_diffusion +0.059 on VE; annealed Langevin ~+0.1.
-    # They are held to the same limits with 1000 (2000) calls, where they measure -0.041 / -0.033, -0.005, <= 0.02.
+    # They are held to the same limits with more calls: reverse_diffusion 1000 (VE: -0.005), annealed Langevin and
+    # ddpm 2000 (ddpm at 1000 still measured -0.047 on VP against 3 SE = 0.046).
     check_matrix(pname, prediction, n=8192, rms_tol=1e-2, nll_floor=0.03,
-                 steps_for={"annealed_langevin": 2000, "ddpm": 1000, "reverse_diffusion": 1000})
+                 steps_for={"annealed_langevin": 2000, "ddpm": 2000, "reverse_diffusion": 1000})
 
 
 @pytest.mark.parametrize("pname", list(PROCESSES))
