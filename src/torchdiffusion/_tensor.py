@@ -24,6 +24,7 @@ class SampleGenerators:
     """One ``torch.Generator`` per sample of a batch: noise for row ``i`` comes from generator ``i`` only, so a
     sample's randomness does not depend on which batch it is drawn in (the Pipeline's batch-size invariance).
     Samplers accept it wherever they accept a generator (:func:`torchdiffusion.samplers.common.noise_like`)."""
+
     def __init__(self, seeds: list[int]):
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
 

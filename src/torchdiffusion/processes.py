@@ -42,6 +42,7 @@ def expand_like(c: Tensor, x: Tensor) -> Tensor:
 
 class Process(ABC):
     """An affine Gaussian forward process ``q(x_t | x_0) = N(alpha(t) x_0, sigma(t)^2 I)``."""
+
     name: str = "process"
     t_min: float
     t_max: float
@@ -195,6 +196,7 @@ class DDPM(Process):
 
     ``DDPM(betas="linear", T=1000)``, ``DDPM(betas=tensor)``, or ``DDPM(alphas_cumprod=tensor)``.
     """
+
     name = "ddpm"
     discrete = True
     t_zero = -1.0

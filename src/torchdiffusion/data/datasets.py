@@ -93,6 +93,7 @@ def toy_density(name: str) -> GaussianMixture | Checkerboard:
 
 class Checkerboard:
     """Uniform density on the dark squares of a 4x4 board on [-2, 2]^2 (exact log-density)."""
+
     dim = 2
 
     def log_prob(self, x: Tensor) -> Tensor:

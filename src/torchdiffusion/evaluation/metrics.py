@@ -74,6 +74,7 @@ def frechet_distance(feat_a: Tensor, feat_b: Tensor) -> float:
 class DigitsClassifier(nn.Module):
     """A small CNN: two conv layers (the first strided for images above 8x8), pooling to 4x4, a 128-unit
     layer and a ``feature_dim`` layer (the features), then a linear layer to the 10 logits."""
+
     def __init__(self, size: int = 8, feature_dim: int = 64):
         super().__init__()
         st = max(1, size // 8)  # larger images: a strided first convolution brings them to about 8x8
@@ -157,6 +158,7 @@ class DigitsEvaluator:
     ``DigitsEvaluator(size)`` is cheap after the first call: the trained classifier is cached on disk (and
     in memory), the real-data features once computed.
     """
+
     def __new__(cls, size: int = 8):
         key = (int(size), str(cache_dir()))
         if key not in _LOADED:

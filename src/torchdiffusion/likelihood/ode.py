@@ -67,6 +67,7 @@ def _examples(idx: list[int], values: Tensor | None = None, limit: int = 20) -> 
 class _X0InRange:
     """The model with ``x0_hat`` clamped to the data's range ``[lo, hi]`` and ``eps`` recomputed to match
     (``eps = (x - alpha x0) / sigma``): the posterior mean of data in ``[lo, hi]^D`` always lies there."""
+
     def __init__(self, model, lo: float, hi: float):
         self.model, self.process, self.lo, self.hi = model, model.process, lo, hi
 

@@ -274,6 +274,7 @@ class LikelihoodResult:
     tensors; ``per_step`` (B, N) holds ``L_0 .. L_{N-1}`` (VLB; an unbiased estimate when sampled);
     ``nfe`` is the mean number of network evaluations per example.
     """
+
     nll: Tensor
     dims: int
     method: str

@@ -26,6 +26,7 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Te
 
 class TimeEmbedding(nn.Module):
     """Sinusoidal features of ``time_scale * t`` followed by a two-layer MLP (DDPM's time MLP)."""
+
     def __init__(self, dim: int, out_dim: int, time_scale: float = 1.0):
         super().__init__()
         self.dim = dim

@@ -53,6 +53,7 @@ class ResBlock(nn.Module):
     The skip is a 1x1 convolution when the channel count changes; the last convolution is zero-initialised
     so that the block starts as (a projection of) the identity.
     """
+
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()
         self.norm1 = _norm(in_ch, groups)

@@ -59,6 +59,7 @@ class Denoiser(nn.Module):
     with ``precond="edm"``, ``c_noise``. ``predict(x, t, cond)`` returns ``(x0, eps)`` from one network call;
     ``eps``, ``x0``, ``score``, ``v`` and the DDPM reverse mean ``mean`` derive from it.
     """
+
     def __init__(self, net: Callable, process: Process, prediction: str = "eps", precond: str = "none",
                  sigma_data: float = 0.5):
         super().__init__()

@@ -59,6 +59,7 @@ def same_process(p, q, points: int = 11) -> bool:
 class Classifier:
     """A noise-conditional classifier ``p_phi(y | x_t, t)``: its network (``net(x_t, t) -> logits``) and the process
     whose times it was trained on (a ``classifier`` run; B-13)."""
+
     def __init__(self, net: Callable, process: Process):
         self.net, self.process = net, process
 
@@ -292,6 +293,7 @@ class MultiView:
     view. The result is the score of the geometric mean of the view-transformed densities at every noise level
     (T-MV-2); at the end each ``v_i(x_0)`` should look like class ``c_i``.
     """
+
     def __init__(self, model, views: Sequence[str | View], conds: Sequence | None = None,
                  shape: tuple[int, ...] | None = None):
         self.model, self.process = model, model.process

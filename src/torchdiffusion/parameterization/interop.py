@@ -73,6 +73,7 @@ class DiffusersNet(nn.Module):
     (``UNet2DModel`` with ``num_class_embeds``); pass ``cond_kwarg="encoder_hidden_states"`` for a
     ``UNet2DConditionModel``. Models with learned variances (``2 C`` output channels) keep the first ``C``.
     """
+
     def __init__(self, unet: nn.Module, cond_kwarg: str = "class_labels"):
         super().__init__()
         if not callable(unet):

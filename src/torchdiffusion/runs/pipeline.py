@@ -44,6 +44,7 @@ def sample_seeds(n: int, generator: torch.Generator | None) -> list[int]:
 
 class Pipeline:
     """A trained diffusion model (``model``: its :class:`Denoiser`), its ``process`` and its run ``config``."""
+
     def __init__(self, model: Denoiser, config: dict):
         self.model, self.config = model, config
         self.process: Process = model.process

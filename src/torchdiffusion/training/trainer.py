@@ -160,6 +160,7 @@ class Trainer:
     ``preview(ema_net, path)`` writes a picture every ``sample_every`` steps; with ``conditional`` the batches
     carry the dataset's labels as ``cond``.
     """
+
     def __init__(self, net: nn.Module, loss_fn: LossFn, data: Dataset, settings: TrainSettings, out: str | Path, *,
                  config: dict | None = None, preview: Preview | None = None, conditional: bool = False,
                  progress: bool = True, resume: bool = True):
