@@ -18,7 +18,7 @@ from torchdiffusion.cli import eval as _eval  # noqa: F401  (torchdiffusion eval
 from torchdiffusion.cli import likelihood as _likelihood  # noqa: F401  (torchdiffusion likelihood)
 from torchdiffusion.cli import scorefield as _scorefield  # noqa: F401  (torchdiffusion scorefield)
 from torchdiffusion.cli.commands import COMMANDS, StepBar, command
-from torchdiffusion.evaluation.viz import save_gif, save_samples
+from torchdiffusion.evaluation.viz import check_sample_path, save_gif, save_samples
 from torchdiffusion.parameterization import guidance as G
 from torchdiffusion.parameterization.guidance import get_view
 from torchdiffusion.runs import config as config_mod
@@ -108,9 +108,7 @@ def _sample_run(a) -> int:
         for p in sample_autoencoder_run(a.run, n=a.n, seed=a.seed, out=a.out, ema=not a.no_ema):
             print(f"wrote {p}")
         return 0
-    out = Path(a.out) if a.out else Path(a.run) / "samples.png"
-    if out.suffix not in (".png", ".npz"):  # refuse before sampling
-        raise ValueError(f"output must end in .png or .npz, got {out.name}")
+    out = check_sample_path(a.out if a.out else Path(a.run) / "samples.png")  # refuse before sampling
     pipe = Pipeline(model, cfg)
     info = cfg["run"]
     sampler = a.sampler or cfg["sample"]["sampler"]

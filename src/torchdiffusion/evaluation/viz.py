@@ -127,16 +127,26 @@ def save_score_field(score_fns: dict, path: str | Path, log_density=None, lim: f
     return path
 
 
+SAMPLE_FORMATS = (".png", ".npz")
+
+
+def check_sample_path(path: str | Path) -> Path:
+    """``path`` as a :class:`Path` if :func:`save_samples` can write it (``.png`` or ``.npz``), else a one-line
+    error (callers check before doing the work)."""
+    path = Path(path)
+    if path.suffix not in SAMPLE_FORMATS:
+        raise ValueError(f"output must end in .png or .npz, got {path.name}")
+    return path
+
+
 def save_samples(x: Tensor, path: str | Path, *, data: Tensor | None = None, nrow: int | None = None,
                  value_range=(-1.0, 1.0), title: str = "") -> Path:
     """Write samples: ``.npz`` (array ``x``), or a PNG (image grid, or 2-D scatter beside ``data``)."""
-    path = Path(path)
+    path = check_sample_path(path)
     if path.suffix == ".npz":
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, x=x.detach().cpu().numpy())
         return path
-    if path.suffix != ".png":
-        raise ValueError(f"output must end in .png or .npz, got {path.name}")
     if x.ndim == 4:
         return save_image_grid(x, path, nrow=nrow, value_range=value_range)
     if x.ndim == 2 and x.shape[1] == 2:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from torchdiffusion._tensor import sample_projections
 from torchdiffusion.parameterization.denoiser import Denoiser
-from torchdiffusion.parameterization.flow import Bound, pf_ode_drift
+from torchdiffusion.parameterization.flow import ADAPTIVE_METHODS, Bound, adaptive_options, pf_ode_drift
 from torchdiffusion.processes import as_time, expand_like
 
 DIVERGENCES = ("exact", "hutchinson")
@@ -42,7 +42,6 @@ def jacobian_trace(fx: Tensor, x: Tensor, v: Tensor | None = None) -> Tensor:
     return out
 
 
-ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 DIVERGED_TAIL = 1e-12
 
 
@@ -88,7 +87,7 @@ def ode_log_likelihood(model: Denoiser, x: Tensor, *, divergence: str = "hutchin
 
     Integrates ``d[x, delta]/dt = [f~(x, t), div f~(x, t)]`` with torchdiffeq from ``t_eps`` (default
     ``process.t_min``) to ``t_max`` and returns ``process.prior_logp(x(t_max)) + delta``. The drift is
-    ``samplers.common.pf_ode_drift``. ``divergence="exact"`` costs one backward pass per dimension (low
+    ``parameterization.flow.pf_ode_drift``. ``divergence="exact"`` costs one backward pass per dimension (low
     dimensions); ``"hutchinson"`` draws one probe per example from ``generator`` (Gaussian or Rademacher),
     fixed for the whole solve, giving an unbiased estimate of ``log p`` up to the solver error.
     ``prior_logp(x_T)`` replaces ``process.prior_logp`` (e.g. the exact ``p_T`` of an oracle in tests).
@@ -137,11 +136,7 @@ def ode_log_likelihood(model: Denoiser, x: Tensor, *, divergence: str = "hutchin
     B, D = x.shape[0], x[0].numel()
     options = dict(options or {})
     if method in ADAPTIVE_METHODS:
-        options.setdefault("step_t", span[1:])  # land on t_max instead of stepping past it
-        # torchdiffeq's initial-step guess probes the drift at t0 + h0 with an unbounded h0; 1 % of the span
-        # keeps every evaluation inside it (the solver adapts the step from there)
-        options.setdefault("first_step", 0.01 * (proc.t_max - t0))
-        options.setdefault("max_num_steps", int(max_steps))
+        options = {**adaptive_options(t0, proc.t_max, method), "max_num_steps": int(max_steps), **options}
     try:
         xs, deltas = odeint(f, (x.detach(), zero), span, rtol=rtol, atol=atol, method=method, options=options)
     except AssertionError as e:  # torchdiffeq's step limit, dt underflow and non-finite state are assertions

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -26,3 +27,16 @@ def pf_ode_drift(model, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     f, g = proc.sde_coefficients(t)
     sig = float(proc.sigma(t))
     return float(f) * x + 0.5 * float(g) ** 2 / sig * eps, x0, eps
+
+
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+def adaptive_options(t0: float, t1: float, method: str) -> dict:
+    """torchdiffeq options for a PF-ODE solve from ``t0`` to ``t1`` (empty for fixed-step methods): ``step_t``
+    lands on ``t1`` instead of stepping past it (where the drift may be undefined) and interpolating back, and
+    ``first_step`` (1 % of the span) replaces torchdiffeq's initial-step guess, which probes the drift at
+    ``t0 + h0`` with an unbounded ``h0`` (t = -48617 on DDPM), outside the process's time range."""
+    if method not in ADAPTIVE_METHODS:
+        return {}
+    return {"step_t": torch.tensor([float(t1)], dtype=torch.float64), "first_step": 0.01 * abs(float(t1) - float(t0))}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchdiffusion.parameterization.flow import pf_ode_drift
+from torchdiffusion.parameterization.flow import adaptive_options, pf_ode_drift
 from torchdiffusion.samplers.common import emit
 from torchdiffusion.samplers.registry import register
 
@@ -46,15 +46,6 @@ def rk4(model, x: Tensor, ts: Tensor, *, generator=None, callback=None) -> Tenso
     return x
 
 
-ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
-
-
-def first_step(span: Tensor) -> float:
-    """A first trial step for an adaptive solve over ``span`` (1 % of it): the solver then adapts it, and no
-    evaluation falls outside the span (torchdiffeq's own guess can)."""
-    return 0.01 * abs(float(span[-1] - span[0]))
-
-
 def _any_steps(steps: int, **_) -> int:
     return max(int(steps), 2)
 
@@ -86,10 +77,7 @@ def ode(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, method: 
         return pf_ode_drift(model, y, t.to(torch.float64))[0].to(y.dtype)
 
     if ts[0] > end:
-        # step_t makes adaptive solvers land on the end time instead of stepping past it (where the drift may
-        # be undefined) and interpolating back; first_step replaces torchdiffeq's initial-step guess, which probes
-        # the drift at t0 + h0 with an unbounded h0 (t = -48617 on DDPM) outside the process's time range
-        opts = {"step_t": t_span, "first_step": first_step(t_span)} if method in ADAPTIVE else None
+        opts = adaptive_options(float(t_span[0]), float(t_span[1]), method) or None
         try:
             x = odeint(func, x, t_span.to(x.device), rtol=rtol, atol=atol, method=method, options=opts)[-1]
         except ValueError as e:
