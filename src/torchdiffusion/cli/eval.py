@@ -63,7 +63,6 @@ def _eval_digits(model, cfg: dict, info: dict, a, sampler: str, steps: int) -> d
     if info.get("num_classes"):
         cond = ev.y_heldout.repeat(n // len(ev.y_heldout) + 1)[:n]  # the held-out class counts
         if a.guidance:
-
             model = CFG(model, a.guidance)
     x = _draw(base, cfg, model, n, cond, a, sampler, steps)
     out = {"samples": n, "fd": ev.fd(x, cond), "fd_floor": ev.fd_floor()}

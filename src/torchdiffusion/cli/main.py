@@ -20,7 +20,6 @@ from torchdiffusion.cli import scorefield as _scorefield  # noqa: F401  (torchdi
 from torchdiffusion.cli.commands import COMMANDS, StepBar, command
 from torchdiffusion.evaluation.viz import check_sample_path, save_gif, save_samples
 from torchdiffusion.parameterization import guidance as G
-from torchdiffusion.parameterization.guidance import get_view
 from torchdiffusion.runs import config as config_mod
 from torchdiffusion.runs.build import load_classifier, load_run
 from torchdiffusion.runs.demo import run_demo
@@ -120,6 +119,9 @@ def _sample_run(a) -> int:
             raise ValueError(f"--opt expects key=value, got {item!r}")
         k, v = item.split("=", 1)
         opts[k] = config_mod.parse_value(v)
+    image_shape = info["latent"]["image_shape"] if info.get("latent") else info["data_shape"]
+    if a.gif and len(image_shape) != 3:  # refuse before sampling
+        raise ValueError("--gif needs image data; this run's samples are vectors (use the PNG scatter)")
     guided, cond = _guided_model(a, model, info)
     frames, bar = [], StepBar("sample", a.quiet)
 
@@ -141,14 +143,12 @@ def _sample_run(a) -> int:
     if len(info["data_shape"]) == 1 and info["data_shape"][0] == 2 and out.suffix == ".png":
         data = dataset_from_config(cfg["data"]).x[:2000]
     if a.anagram and out.suffix == ".png":  # each sample as it is and under the view, side by side
-        pairs = torch.stack([x, get_view(a.anagram).forward(x)], 1).flatten(0, 1)
+        pairs = torch.stack([x, G.get_view(a.anagram).forward(x)], 1).flatten(0, 1)
         save_samples(pairs, out, nrow=2 * min(len(x), 8), value_range=tuple(info.get("value_range", (-1, 1))))
     else:
         save_samples(x, out, data=data, value_range=tuple(info.get("value_range", (-1, 1))),
                      title=f"{sampler}, {steps} NFE")
     if a.gif:
-        if len(info["data_shape"]) != 3:
-            raise ValueError("--gif needs image data; this run's samples are vectors (use the PNG scatter)")
         save_gif(frames, a.gif, value_range=tuple(info.get("value_range", (-1, 1))))
     print(f"wrote {len(x)} samples to {out}")
     return 0
@@ -157,8 +157,6 @@ def _sample_run(a) -> int:
 def _guided_model(a, model, info: dict):
     """The model to sample from and its ``cond`` for ``--class``, ``--guidance`` (CFG), ``--classifier``
     (classifier guidance) and ``--anagram`` (multi-view denoising); misuse is a one-line ValueError."""
-    import torch
-
     ncls = info.get("num_classes")
     if a.class2 is not None and not a.anagram:
         raise ValueError("--class2 needs --anagram VIEW")
@@ -174,7 +172,6 @@ def _guided_model(a, model, info: dict):
             raise ValueError("--anagram needs --class and --class2 (the class seen in each view)")
     clf = None
     if a.classifier:
-
         clf, ccfg = load_classifier(a.classifier, device=a.device)
         kmax = int(ccfg["run"]["num_classes"])
         if a.klass is None:

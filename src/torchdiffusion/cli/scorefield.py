@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from torchdiffusion.cli.commands import command
 from torchdiffusion.data.datasets import TOYS, toy_density
 from torchdiffusion.evaluation.viz import save_score_field
@@ -32,8 +34,6 @@ def _args(p: argparse.ArgumentParser) -> None:
 def score_field(model, density, sigma: float, lim: float = 2.5, n: int = 41):
     """``(t, learned(x), exact(x), log_density(x), relative_error)`` at VE noise level ``sigma`` for a 2-D
     model and a toy density (``exact`` and the error are ``None`` for densities without a score)."""
-    import torch
-
     proc = model.process
     if not sigma > 0:
         raise ValueError(f"--sigma must be > 0, got {sigma}")

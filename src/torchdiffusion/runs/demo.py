@@ -75,7 +75,6 @@ def digits_demo(out: Path, quick: bool = False) -> Iterator[str]:
                    duration_ms=120)
     yield f"digits: DDIM-{steps} with guidance w={DIGITS_GUIDANCE} -> {grid} (row k = digit k), {gif}"
     if not quick:
-
         ev = DigitsEvaluator(tr.data.shape[-1])
         y_ev = ev.y_heldout  # the class counts of the real held-out digits, so that the FDs compare
         x_ev = generate(model, tr.data.shape, len(y_ev), sampler="ddim", steps=steps, seed=2, cond=y_ev)
