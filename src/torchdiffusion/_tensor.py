@@ -1,4 +1,4 @@
-"""L0: small tensor helpers shared across layers."""
+"""L0: small helpers shared across layers (random draws, argument checks)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,14 @@ import torch
 from torch import Tensor
 
 PROJECTIONS = ("gaussian", "rademacher")
+
+
+def check_count(value, name: str, minimum: int = 1) -> int:
+    """``value`` if it is a whole number (not a bool or a float) ``>= minimum``, else a one-line ``ValueError``
+    naming ``name``: the one check for counts (steps, batch sizes, levels, config counts)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return value
 
 
 def sample_projections(like: Tensor, dist: str = "gaussian", generator: torch.Generator | None = None) -> Tensor:

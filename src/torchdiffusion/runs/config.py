@@ -11,6 +11,8 @@ import copy
 import json
 from pathlib import Path
 
+from torchdiffusion._tensor import check_count
+
 DEFAULTS: dict[str, dict] = {
     "data": {"name": "ring", "n": 10000, "seed": 0, "size": 8, "channels": 3, "key": None, "label_key": None,
              "flip": False, "conditional": False, "holdout": 0.1,
@@ -167,8 +169,8 @@ def check_values(cfg: dict) -> dict:
         for section, keys in table.items():
             for k in keys:
                 v = cfg.get(section, {}).get(k)
-                if v is not None and not (_whole(v) and v >= low):
-                    raise ValueError(f"{section}.{k} must be a whole number >= {low}, got {v!r}")
+                if v is not None:
+                    check_count(v, f"{section}.{k}", low)
     mult = cfg.get("model", {}).get("channel_mult")
     if mult is not None and not (isinstance(mult, list) and mult and all(_whole(m) and m >= 1 for m in mult)):
         raise ValueError(f"model.channel_mult must be a non-empty list of whole numbers >= 1, got {mult!r}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from torchdiffusion._tensor import SampleGenerators
+from torchdiffusion._tensor import SampleGenerators, check_count
 from torchdiffusion.parameterization.denoiser import Denoiser
 from torchdiffusion.parameterization.guidance import CFG
 from torchdiffusion.processes import Process
@@ -109,11 +109,9 @@ class Pipeline:
                  **sampler_options) -> Tensor:
         """Sample any model over this run's process and data (e.g. a guidance wrapper around ``self.model``)
         with per-sample noise (module doc), in batches of ``batch_size``; decoded to images for latent runs."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a whole number >= 1, got {n!r}")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
-            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        check_count(n, "n")
+        if batch_size is not None:
+            check_count(batch_size, "batch_size")
         s = self.config.get("sample", {})
         sampler = sampler or s.get("sampler", "ddim")
         steps = steps if steps is not None or isinstance(grid, Tensor) else int(s.get("steps", 50))

@@ -18,16 +18,11 @@ import math
 
 from torch import Tensor
 
+from torchdiffusion._tensor import check_count
 from torchdiffusion.samplers.common import coeffs, emit, noise_like
 from torchdiffusion.samplers.dynamics import annealed_step_sizes, langevin_step
 from torchdiffusion.samplers.registry import register
 from torchdiffusion.samplers.sde import snr_step_size
-
-
-def _positive_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"annealed_langevin: {name} must be an integer >= 1, got {v!r}")
-    return v
 
 
 def level_plan(steps: int, levels: int | None = None, n_steps_each: int | None = None) -> tuple[int, int]:
@@ -35,11 +30,11 @@ def level_plan(steps: int, levels: int | None = None, n_steps_each: int | None =
 
     With one of them given the other is ``steps`` divided by it (an error unless it divides ``steps``); with
     neither, ``n_steps_each`` is the divisor of ``steps`` nearest ``sqrt(steps)`` (at least 1)."""
-    steps = _positive_int("steps", steps)
+    steps = check_count(steps, "annealed_langevin: steps")
     if levels is not None:
-        levels = _positive_int("levels", levels)
+        levels = check_count(levels, "annealed_langevin: levels")
     if n_steps_each is not None:
-        n_steps_each = _positive_int("n_steps_each", n_steps_each)
+        n_steps_each = check_count(n_steps_each, "annealed_langevin: n_steps_each")
     if levels is None and n_steps_each is None:
         divs = [d for d in range(1, steps + 1) if steps % d == 0]
         n_steps_each = min(divs, key=lambda d: (abs(math.log(d) - 0.5 * math.log(steps)), d))
@@ -87,7 +82,7 @@ def annealed_langevin(model, x: Tensor, ts: Tensor, *, generator=None, callback=
         raise ValueError(f"annealed_langevin: levels={levels} but the grid has {n_levels} noise levels")
     if n_steps_each is None:
         raise ValueError("annealed_langevin: n_steps_each is required when called directly (td.sample sets it)")
-    n_each = _positive_int("n_steps_each", n_steps_each)
+    n_each = check_count(n_steps_each, "annealed_langevin: n_steps_each")
     for name, v in (("eps", eps), ("snr", snr)):
         if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise ValueError(f"annealed_langevin: {name} must be a finite number > 0, got {v!r}")

@@ -17,6 +17,7 @@ import math
 
 from torch import Tensor
 
+from torchdiffusion._tensor import check_count
 from torchdiffusion.samplers.common import coeffs, emit, noise_like
 from torchdiffusion.samplers.dynamics import langevin_step
 from torchdiffusion.samplers.registry import register
@@ -119,14 +120,8 @@ def corrector(model, x: Tensor, t: Tensor, *, snr: float = 0.16, n_steps: int = 
 def pc_intervals(steps: int, n_corrector: int = 1, **_) -> int:
     """Grid points for a budget of ``steps`` NFE: ``n`` points cost ``(n - 1)(1 + n_corrector) + 1`` (no
     corrector before the final denoising call), so ``n = (steps + n_corrector) // (1 + n_corrector)``."""
-    nc = _corrector_count(n_corrector)
+    nc = check_count(n_corrector, "pc: n_corrector", 0)
     return (steps + nc) // (1 + nc)
-
-
-def _corrector_count(n_corrector) -> int:
-    if isinstance(n_corrector, bool) or not isinstance(n_corrector, int) or n_corrector < 0:
-        raise ValueError(f"pc: n_corrector must be an integer >= 0, got {n_corrector!r}")
-    return n_corrector
 
 
 @register("pc", intervals=pc_intervals, stochastic=True)
@@ -142,7 +137,7 @@ def pc(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, predictor
     """
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; allowed: {', '.join(PREDICTORS)}")
-    n_corrector = _corrector_count(n_corrector)
+    n_corrector = check_count(n_corrector, "pc: n_corrector", 0)
     if not (isinstance(snr, (int, float)) and math.isfinite(snr) and snr > 0):
         raise ValueError(f"pc: snr must be a finite number > 0, got {snr!r}")
     proc = model.process

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from torchdiffusion._tensor import check_count
 from torchdiffusion.data.datasets import Dataset
 from torchdiffusion.training import distributed as dist_mod
 from torchdiffusion.training.checkpoint import (
@@ -73,13 +74,9 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch", "accum", "log_every"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"train.{key} must be a whole number >= 1, got {v!r}")
+            check_count(getattr(self, key), f"train.{key}", 1)
         for key in ("ckpt_every", "sample_every", "warmup", "threads", "seed"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"train.{key} must be a whole number >= 0, got {v!r}")
+            check_count(getattr(self, key), f"train.{key}", 0)
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"unknown precision {self.precision!r}; allowed: fp32, bf16")
         if self.schedule not in ("cosine", "constant"):
