@@ -17,6 +17,7 @@ from torchdiffusion import samplers
 from torchdiffusion.cli import eval as _eval  # noqa: F401  (torchdiffusion eval)
 from torchdiffusion.cli import likelihood as _likelihood  # noqa: F401  (torchdiffusion likelihood)
 from torchdiffusion.cli import scorefield as _scorefield  # noqa: F401  (torchdiffusion scorefield)
+from torchdiffusion.cli import studio as _studio  # noqa: F401  (torchdiffusion studio)
 from torchdiffusion.cli.commands import COMMANDS, StepBar, command
 from torchdiffusion.evaluation.viz import check_sample_path, save_gif, save_samples
 from torchdiffusion.parameterization import guidance as G

@@ -1,0 +1,47 @@
+"""``torchdiffusion studio RUN [--host 127.0.0.1] [--port 0]``: a local web page to explore a trained run.
+
+The first line on stdout is ``serving http://HOST:PORT/``; Ctrl-C stops the server and the command returns 0.
+The server binds the loopback address unless ``--host`` names another one (then it says so on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from torchdiffusion.cli.commands import command
+from torchdiffusion.studio import is_loopback, make_server
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder written by `torchdiffusion train` (a diffusion or latent run)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes the page)")
+    p.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--device", default="cpu")
+
+
+def _run(a) -> int:
+    if not 0 <= a.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {a.port}")
+    try:
+        server = make_server(a.run, a.host, a.port, ema=not a.no_ema, device=a.device)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}") from None
+    print(f"serving {server.url}", flush=True)
+    if not is_loopback(a.host):
+        print(f"torchdiffusion: warning: listening on {a.host}, reachable from other machines", file=sys.stderr,
+              flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    finally:
+        server.server_close()
+        server.studio.close()
+    return 0
+
+
+command("studio", "serve a local web page to explore a trained run (samplers, reverse process, compare)")(
+    (_args, _run))
