@@ -1,0 +1,277 @@
+"""``torchdiffusion studio`` (DESIGN.md section 7), tested in a real browser: Playwright for Python drives the
+system's headless Chromium (Debian package ``chromium``; installed with apt-get when we are root and it is
+missing) against studios of two tiny runs trained here (a 2-D ring and class-conditional digits)."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import torchdiffusion as td
+from torchdiffusion.cli.main import main
+from torchdiffusion.evaluation.viz import save_samples
+from torchdiffusion.runs import config as config_mod
+from torchdiffusion.runs.latent import dataset_from_config
+from torchdiffusion.runs.train import train
+from torchdiffusion.studio import Studio
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+TINY = ["model.channels=8", "model.num_res_blocks=1", "train.batch=16", "train.ckpt_every=0", "train.log_every=2",
+        "train.threads=0", "train.warmup=2", "train.device=cpu", "train.steps=3", "sample.steps=4"]
+TESTIDS = ("sampler", "steps", "seed", "generate", "result", "status")
+CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
+
+
+# --- set-up: a browser, two runs, two servers ----------------------------------------------------------------
+def _chromium() -> str:
+    """The system Chromium, installed with apt-get when missing and we are root; else the test is skipped."""
+    found = next((p for p in CHROMIUM if os.path.exists(p)), None) or shutil.which("chromium")
+    if found:
+        return found
+    if os.name != "posix" or os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("no system Chromium (/usr/bin/chromium) and not root with apt-get to install it: "
+                    "run `apt-get install -y chromium` (Playwright cannot download its own browser here)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "install", "-y", "-q", "chromium"], ["apt-get", "update", "-q"],
+                ["apt-get", "install", "-y", "-q", "chromium"]):
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if cmd[1] == "install" and res.returncode == 0:
+            break
+    found = next((p for p in CHROMIUM if os.path.exists(p)), None)
+    if not found:
+        pytest.skip(f"`apt-get install -y chromium` failed: {(res.stderr or res.stdout).strip()[-300:]}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="playwright is not installed: pip install -e '.[dev]'")
+    exe = _chromium()
+    with sync_api.sync_playwright() as p:
+        try:
+            b = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+        except sync_api.Error as e:
+            pytest.skip(f"Chromium at {exe} does not start under Playwright: {str(e).splitlines()[0]}")
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("studio")
+    train(config_mod.resolve("ring", ["train.steps=20", "model.hidden=16", "model.depth=1", "train.device=cpu",
+                                      "train.ckpt_every=0"]), root / "ring", progress=False)
+    train(config_mod.resolve("digits", TINY), root / "digits", progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def servers(runs):
+    out = {}
+    for name in ("ring", "digits"):
+        server = Studio.from_run(runs / name).serve("127.0.0.1", 0)
+        server.start_background()
+        out[name] = server
+    yield out
+    for server in out.values():
+        server.stop()
+
+
+@pytest.fixture
+def open_page(browser, servers):
+    """``open_page(name)``: a fresh page on that run's studio, ready; no uncaught page errors allowed."""
+    pages, errors = [], []
+
+    def open_(name: str):
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(servers[name].url)
+        page.wait_for_selector("body[data-ready='1']", timeout=15000)
+        pages.append(page)
+        return page
+    yield open_
+    for page in pages:
+        page.close()
+    assert not errors, f"uncaught errors in the page: {errors}"
+
+
+def tid(page, name: str):
+    return page.get_by_test_id(name)
+
+
+def runs_done(page) -> int:
+    """How many runs (generate or compare) have finished in the page, with a result or an error."""
+    return int(tid(page, "status").get_attribute("data-runs") or 0)
+
+
+def settle(page, before: int) -> str:
+    """Wait until the page has finished more than ``before`` runs; the status text."""
+    page.wait_for_function("(b) => Number(document.querySelector('[data-testid=status]').dataset.runs || 0) > b",
+                           arg=before, timeout=30000)
+    return tid(page, "status").inner_text()
+
+
+def generate(page, **values) -> str:
+    for key, v in values.items():
+        if key == "sampler":
+            tid(page, "sampler").select_option(v)
+        else:
+            tid(page, key).fill(str(v))
+    before = runs_done(page)
+    tid(page, "generate").click()
+    return settle(page, before)
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGBA"))
+
+
+def fetch(page, url: str) -> bytes:
+    resp = page.request.get(url)
+    assert resp.ok, url
+    return resp.body()
+
+
+def shown(page, testid: str = "result") -> np.ndarray:
+    return pixels(fetch(page, tid(page, testid).evaluate("e => e.src")))
+
+
+# --- tests ---------------------------------------------------------------------------------------------------
+def test_every_testid_present(open_page):
+    page = open_page("digits")
+    for name in (*TESTIDS, "class", "guidance"):
+        assert tid(page, name).count() == 1, name
+    assert tid(page, "sampler").evaluate("e => e.tagName") == "SELECT"
+    assert tid(page, "result").evaluate("e => e.tagName") == "IMG"
+    for name in ("steps", "seed"):
+        assert tid(page, name).get_attribute("type") == "number"
+    assert "ddim" in tid(page, "sampler").evaluate("e => [...e.options].map(o => o.value)")
+    page = open_page("ring")  # unconditional 2-D run: no class or guidance, a score field instead
+    for name in TESTIDS:
+        assert tid(page, name).count() == 1, name
+    assert tid(page, "class").count() == 0 and tid(page, "guidance").count() == 0
+    page.wait_for_function("document.querySelector('[data-testid=scorefield]').naturalWidth > 0", timeout=20000)
+
+
+def test_generate_equals_the_pipeline_and_is_reproducible(open_page, runs, tmp_path):
+    page = open_page("digits")
+    status = generate(page, sampler="ddim", steps=10, seed=1, n=16, **{"class": 3})
+    assert re.search(r"NFE 10 · \d+\.\d\d s", status), status
+    pipe = td.Pipeline.from_pretrained(runs / "digits")
+    x = pipe(16, sampler="ddim", steps=10, class_labels=3, generator=torch.Generator().manual_seed(1))
+    expected = save_samples(x, tmp_path / "expected.png", value_range=tuple(pipe.config["run"]["value_range"]))
+    first = shown(page)
+    np.testing.assert_array_equal(first, pixels(expected.read_bytes()))
+    # the download links: the same PNG, and the samples themselves as .npz
+    assert fetch(page, tid(page, "download-png").evaluate("e => e.href")) == expected.read_bytes()
+    npz = np.load(io.BytesIO(fetch(page, tid(page, "download-npz").evaluate("e => e.href"))))
+    np.testing.assert_array_equal(npz["x"], x.numpy())
+    # the reverse process was streamed: x_t and x0 pictures of the last step
+    assert tid(page, "step").text_content().startswith("step 10")
+    assert tid(page, "xt").get_attribute("src").startswith("data:image/png")
+    assert tid(page, "x0").get_attribute("src").startswith("data:image/png")
+    # same settings, same image; another seed, another image
+    generate(page, seed=1)
+    np.testing.assert_array_equal(shown(page), first)
+    generate(page, seed=2)
+    assert not np.array_equal(shown(page), first)
+
+
+def test_2d_generate_equals_the_pipeline_scatter(open_page, runs, tmp_path):
+    page = open_page("ring")
+    status = generate(page, sampler="ddim", steps=10, seed=1, n=300)
+    assert "NFE 10" in status, status
+    pipe = td.Pipeline.from_pretrained(runs / "ring")
+    x = pipe(300, sampler="ddim", steps=10, generator=torch.Generator().manual_seed(1))
+    data = dataset_from_config(pipe.config["data"]).x[:2000]
+    expected = save_samples(x, tmp_path / "expected.png", data=data, title="ddim, 10 NFE")
+    np.testing.assert_array_equal(shown(page), pixels(expected.read_bytes()))
+    before = tid(page, "scorefield").get_attribute("src")
+    tid(page, "sigma").fill("0")  # the noise-level slider: sigma = 1
+    page.wait_for_function("(b) => document.querySelector('[data-testid=scorefield]').src !== b", arg=before,
+                           timeout=20000)
+    assert "t = " in page.locator("#score-note").inner_text()
+
+
+def test_compare_shows_two_images_and_their_rms(open_page):
+    page = open_page("digits")
+    tid(page, "steps").fill("6")
+    tid(page, "sampler-b").select_option("ddpm")
+    tid(page, "steps-b").fill("6")
+    before = runs_done(page)
+    tid(page, "compare").click()
+    status = settle(page, before)
+    assert "RMS difference" in status, status
+    for name in ("compare-a", "compare-b"):
+        assert tid(page, name).evaluate("e => e.complete && e.naturalWidth") > 0
+    rms = float(tid(page, "rms").inner_text())
+    assert rms > 0 and np.isfinite(rms)
+    # the same setting twice from the same noise: no difference
+    tid(page, "sampler-b").select_option("ddim")
+    before = runs_done(page)
+    tid(page, "compare").click()
+    settle(page, before)
+    assert float(tid(page, "rms").inner_text()) == 0.0
+
+
+def test_bad_values_show_an_error_and_the_page_keeps_working(open_page, tmp_path):
+    page = open_page("digits")
+    status = generate(page, steps=0, seed=1)
+    assert status.startswith("error:") and "steps" in status, status
+    assert tid(page, "status").get_attribute("data-state") == "error"
+    status = generate(page, steps=5, **{"class": 99})
+    assert "error:" in status and "class" in status, status
+    status = generate(page, steps="", **{"class": 2})
+    assert "error:" in status and "steps must be a whole number" in status, status
+    status = generate(page, steps=5, guidance=1, **{"class": ""})
+    assert "error:" in status and "guidance needs a class" in status, status
+    status = generate(page, guidance=0.5, n=8, **{"class": 2})
+    assert "NFE 5" in status, status  # guided: one batched call per step
+    # a visual anagram (class-conditional image run): pairs side by side
+    page.get_by_test_id("view").select_option("rot180")
+    status = generate(page, class2=7)
+    assert "NFE 5" in status, status
+    page.screenshot(path=str(tmp_path / "studio.png"), full_page=True)
+    target = os.environ.get("TD_STUDIO_SCREENSHOT")  # e.g. docs/studio.png
+    if target:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / "studio.png", target)
+    assert Image.open(tmp_path / "studio.png").size[0] == 1280
+
+
+def test_command_prints_the_address_and_stops_on_ctrl_c(runs):
+    proc = subprocess.Popen([sys.executable, "-m", "torchdiffusion", "studio", str(runs / "ring"), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        m = re.fullmatch(r"serving (http://127\.0\.0\.1:(\d+)/)\n", line)
+        assert m, line
+        with urllib.request.urlopen(m.group(1), timeout=10) as resp:
+            assert b'data-testid="generate"' in resp.read()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and out.strip() == "stopped"
+
+
+def test_command_refuses_what_it_cannot_serve(runs, capsys, tmp_path):
+    assert main(["studio", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert main(["studio", str(runs / "ring"), "--port", "70000"]) == 2
+    assert "--port" in capsys.readouterr().err
