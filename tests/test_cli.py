@@ -117,7 +117,7 @@ def test_train_errors(capsys, tmp_path: Path) -> None:
     assert "config file not found" in msg
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("{")
-    assert "not valid JSON" in _error(capsys, "train", str(bad_json), "--out", out)
+    assert "corrupt JSON in" in _error(capsys, "train", str(bad_json), "--out", out)
     msg = _error(capsys, "train", "ring", "--out", out, "--set", "train.foo=1")
     assert "unknown config key 'train.foo'" in msg and "allowed here:" in msg and "steps" in msg
     msg = _error(capsys, "train", "ring", "--out", out, "--set", "trian.steps=1")
@@ -148,7 +148,7 @@ def test_resume_into_a_different_config_is_an_error(run: Path, capsys, tmp_path:
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     msg = _error(capsys, "train", "ring", "--out", str(copy), *TINY[:-1], "--set", "model.hidden=64")
-    assert "different data/process/model/loss config" in msg and "--no-resume" in msg
+    assert "different model config" in msg and "--force" in msg
 
 
 # --- sample errors (in-process) -----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ density minus the mean NLL of exact samples (the entropy estimate), in nats.
 from __future__ import annotations
 
 import csv
+import errno
 import math
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 import torchdiffusion as td
+from torchdiffusion import _files as files
 from torchdiffusion.data.datasets import Dataset, toy_density
 from torchdiffusion.losses.score import dsm_loss
 from torchdiffusion.runs import config as C
@@ -139,7 +141,7 @@ def test_real_ctrl_c_mid_step_stops_at_the_step_boundary(straight: Path, tmp_pat
 
 def test_checkpoint_files_are_complete_and_written_atomically(straight: Path, tmp_path: Path, monkeypatch) -> None:
     names = sorted(p.name for p in straight.iterdir())
-    assert names == sorted(FILES)  # nothing else (no temp files left behind)
+    assert names == sorted([*FILES, ".lock"])  # nothing else (no temp files left behind)
     saved = ckpt.load_json(straight / "config.json")
     assert saved["run"]["data_shape"] == [2] and saved["train"]["steps"] == 20
     model, cfg = load_run(straight)  # EMA weights by default
@@ -149,12 +151,11 @@ def test_checkpoint_files_are_complete_and_written_atomically(straight: Path, tm
     path = tmp_path / "w.safetensors"
     ckpt.save_tensors({"a": torch.arange(3.0)}, path, {"step": 1})
 
-    def broken(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")
-        raise OSError("disk full")
+    def broken(fd):  # the temp file is written, then the disk turns out full
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(files.os, "fsync", broken)
+    with pytest.raises(ValueError, match=r"cannot write .*w.safetensors: No space left on device"):
         ckpt.save_tensors({"a": torch.zeros(3)}, path, {"step": 2})
     monkeypatch.undo()
     t, meta = ckpt.load_tensors(path)
@@ -162,7 +163,7 @@ def test_checkpoint_files_are_complete_and_written_atomically(straight: Path, tm
     jpath = tmp_path / "c.json"
     ckpt.save_json({"x": 1}, jpath)
     with pytest.raises(TypeError):
-        ckpt.save_json({"a": 1, "z": object()}, jpath)  # fails after part of the JSON was written
+        ckpt.save_json({"a": 1, "z": object()}, jpath)  # not JSON: refused before anything is written
     assert ckpt.load_json(jpath) == {"x": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "w.safetensors"]
 
@@ -202,12 +203,18 @@ def test_resume_with_a_different_model_config_is_refused(straight: Path, tmp_pat
     run = tmp_path / "run"
     shutil.copytree(straight, run)
     for change in ("model.hidden=64", "process.T=500", "loss.weighting=x0", "data.name=moons"):
-        with pytest.raises(ValueError, match="different data/process/model/loss config"):
+        with pytest.raises(ValueError, match="different .*config"):
             build_trainer(_cfg("train.steps=20", change), run, progress=False)
-    assert build_trainer(_cfg("train.steps=20", "model.hidden=64"), run, progress=False, resume=False).step == 0
+    with pytest.raises(ValueError, match="already holds a trained model.*--force"):
+        build_trainer(_cfg("train.steps=20", "model.hidden=64"), run, progress=False, resume=False)
     # the train section may change: a finished run can be extended
     tr = build_trainer(_cfg("train.steps=25"), run, progress=False)
     assert tr.step == 20 and tr.run()["steps_run"] == 5
+    # force starts another run afresh: the old weights and log are gone
+    tr = build_trainer(_cfg("train.steps=3", "model.hidden=64"), run, progress=False, force=True)
+    assert tr.step == 0 and not (run / "model.safetensors").exists() and not (run / "log.csv").exists()
+    tr.run()
+    assert [r["step"] for r in csv.DictReader((run / "log.csv").open())] == ["3"]
 
 
 # --- bad data, divergence ----------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -14,6 +16,63 @@ def check_count(value, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
     return value
+
+
+def check_number(value, name: str, minimum: float | None = None) -> float:
+    """``value`` as a float if it is a finite real number (not a bool, not a string) ``>= minimum``, else a
+    one-line ``ValueError`` naming ``name`` (guidance scales, sampler options, config numbers)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (minimum is not None and value < minimum):
+        low = "" if minimum is None else f" >= {minimum:g}"
+        raise ValueError(f"{name} must be a finite number{low}, got {value!r}")
+    return float(value)
+
+
+def check_finite_values(values: dict, what: str) -> dict:
+    """``values`` if every float in it is finite, else a one-line ``ValueError`` naming the keys (a likelihood,
+    a metric: a NaN result is an error, never a number printed or stored)."""
+    bad = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{what} came out non-finite ({', '.join(f'{k}={values[k]}' for k in bad)}); nothing "
+                         "was written; check the run's weights and the options")
+    return values
+
+
+def check_finite(x: Tensor, what: str) -> Tensor:
+    """``x`` if every value is finite, else a one-line ``ValueError``: ``what`` held NaN/Inf in so many entries
+    (and rows). The guard that turns a silent NaN result into an error."""
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        rows = int(bad.reshape(len(x), -1).any(1).sum()) if x.ndim > 1 else int(bad.sum())
+        raise ValueError(f"{what} has {int(bad.sum())} NaN/Inf value(s) in {rows} of {len(x)} row(s); "
+                         "nothing was written")
+    return x
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto`` (CUDA when available, else CPU) or a device that this torch build and machine have; ``cuda`` on a
+    CPU build or a missing GPU index is a one-line error, not an assertion deep inside torch."""
+    if isinstance(name, torch.device):
+        dev = name
+    elif name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "built with CUDA but sees no GPU"
+            raise ValueError(f"device {str(dev)!r} requested but this torch ({torch.__version__}) is {build}; "
+                             "use device auto or cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(dev)!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' requested but this machine has no Metal GPU; use device auto or cpu")
+    elif dev.type not in ("cpu", "mps", "meta"):
+        raise ValueError(f"unknown device {str(dev)!r}; use auto, cpu, cuda or cuda:N")
+    return dev
 
 
 def sample_projections(like: Tensor, dist: str = "gaussian", generator: torch.Generator | None = None) -> Tensor:

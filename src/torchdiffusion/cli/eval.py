@@ -11,12 +11,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import torch
 
 from torchdiffusion import samplers
+from torchdiffusion._files import prepare_output, write_json
+from torchdiffusion._tensor import check_finite_values
 from torchdiffusion.cli.commands import StepBar, command
 from torchdiffusion.data.datasets import toy_density
 from torchdiffusion.evaluation.metrics import DigitsEvaluator
@@ -84,6 +85,8 @@ def _draw(base, cfg: dict, model, n: int, cond, a, sampler: str, steps: int):
 
 
 def _run(a) -> int:
+    if a.json:
+        prepare_output(a.json)  # refuse an unwritable --json before the work
     model, cfg = load_run(a.run, ema=not a.no_ema)
 
     require_kind(cfg, a.run, ("diffusion", "latent"), "eval")
@@ -100,11 +103,11 @@ def _run(a) -> int:
     if a.guidance and not info.get("num_classes"):
         raise ValueError("--guidance needs a class-conditional run (trained with data.conditional=true)")
     if name in TOYS:
-        res = _eval_toy(model, cfg, a, sampler, steps)
+        res = check_finite_values(_eval_toy(model, cfg, a, sampler, steps), "the evaluation")
         print(f"{name}: {res['samples']} samples ({sampler}, {steps} NFE): NLL {res['nll']:.4f} +- "
               f"{res['nll_se']:.4f} nats; exact samples {res['exact_nll']:.4f} +- {res['exact_nll_se']:.4f}")
     elif name == "digits":
-        res = _eval_digits(model, cfg, info, a, sampler, steps)
+        res = check_finite_values(_eval_digits(model, cfg, info, a, sampler, steps), "the evaluation")
         acc = f"accuracy {res['accuracy']:.3f}, " if "accuracy" in res else ""
         print(f"digits: {res['samples']} samples ({sampler}, {steps} NFE, w={a.guidance}): {acc}"
               f"FD {res['fd']:.2f} (real-data floor {res['fd_floor']:.2f})")
@@ -112,8 +115,7 @@ def _run(a) -> int:
         raise ValueError(f"eval knows the 2-D toys ({', '.join(TOYS)}) and digits; this run's data is {name!r} "
                          "(use `torchdiffusion likelihood` for bits/dim of other data)")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"run": str(a.run), "sampler": sampler, "steps": steps, **res}, f, indent=1)
+        write_json(a.json, {"run": str(a.run), "sampler": sampler, "steps": steps, **res})
     return 0
 
 

@@ -4,12 +4,13 @@ the probability-flow ODE (see :mod:`torchdiffusion.likelihood`)."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import torch
 
+from torchdiffusion._files import prepare_output, write_json
+from torchdiffusion._tensor import check_finite
 from torchdiffusion.cli.commands import command
 from torchdiffusion.data.datasets import load, split_dataset
 from torchdiffusion.likelihood import LikelihoodResult, bits_per_dim, time_at_sigma, truncate_times, vlb_times
@@ -88,6 +89,8 @@ def _run(a) -> int:
 
     if a.batch < 1 or (a.n is not None and a.n < 1) or a.n_t < 1:
         raise ValueError("--batch, --n and --n-t must be >= 1")
+    if a.json:
+        prepare_output(a.json)  # refuse an unwritable --json before the work
     model, cfg = load_run(a.run, ema=not a.no_ema, device=a.device)
     require_kind(cfg, a.run, ("diffusion",), "likelihood")
     ds = _dataset(cfg, a.data)
@@ -125,6 +128,7 @@ def _run(a) -> int:
         except ValueError as e:  # name the batch (the indices in the message count from its start)
             raise ValueError(f"examples {i}..{i + len(xb) - 1}: {e}") from e
     res = LikelihoodResult.cat(results)
+    check_finite(res.bpd, "the bits/dim")
     mean, se = res.mean_se()
     what = (f"all {res.per_step.shape[1]} terms" if a.exact else f"{a.n_t} sampled terms per example") \
         if method == "vlb" else ("exact divergence" if a.exact else f"Hutchinson ({a.noise})")
@@ -137,9 +141,9 @@ def _run(a) -> int:
     for name, m, s in rows:
         print(f"  {name:<16s} {m:10.5f} +- {s:.5f}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"run": str(a.run), "data": a.data, "method": method, "n": len(x),
-                                            "bpd": mean, "se": se, "nfe": res.nfe, "seconds": res.seconds,
-                                            "breakdown": {n: [m, s] for n, m, s in rows}}, indent=2))
+        write_json(a.json, {"run": str(a.run), "data": a.data, "method": method, "n": len(x), "bpd": mean,
+                            "se": se, "nfe": res.nfe, "seconds": res.seconds,
+                            "breakdown": {n: [m, s] for n, m, s in rows}})
     return 0
 
 

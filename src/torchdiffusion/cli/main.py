@@ -1,12 +1,15 @@
 """Command line: ``torchdiffusion train | sample | demo`` (``--help`` on each).
 
-User errors print one line (``torchdiffusion: error: ...``) and exit with status 2, without a traceback.
+User errors print one line (``torchdiffusion: error: ...``) and exit with status 2, without a traceback; so do
+file-system failures (full disk, read-only, a folder where a file should be), naming the file. SIGINT and
+SIGTERM stop training after the current step with a checkpoint (exit status 128 + the signal's number).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -14,7 +17,10 @@ from pathlib import Path
 import torch
 
 from torchdiffusion import samplers
+from torchdiffusion._files import cause, prepare_output
+from torchdiffusion._tensor import check_count
 from torchdiffusion.cli import eval as _eval  # noqa: F401  (torchdiffusion eval)
+from torchdiffusion.cli import export as _export  # noqa: F401  (torchdiffusion export-diffusers)
 from torchdiffusion.cli import likelihood as _likelihood  # noqa: F401  (torchdiffusion likelihood)
 from torchdiffusion.cli import scorefield as _scorefield  # noqa: F401  (torchdiffusion scorefield)
 from torchdiffusion.cli import studio as _studio  # noqa: F401  (torchdiffusion studio)
@@ -41,13 +47,16 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder (created; resumed if it holds a checkpoint)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=2000 (repeatable)")
-    p.add_argument("--no-resume", action="store_true", help="start from scratch even if --out has a checkpoint")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start from scratch (a folder that already holds a model needs --force)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite the run that --out holds (its weights, log and previews are deleted)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _train_run(a) -> int:
     cfg = config_mod.resolve(a.config, a.sets)
-    res = maybe_distributed_train(cfg, a.out, progress=not a.quiet, resume=not a.no_resume)
+    res = maybe_distributed_train(cfg, a.out, progress=not a.quiet, resume=not a.no_resume, force=a.force)
     if res is not None:
         print(f"trained {res['steps_run']} steps (now at {res['step']}) in {res['seconds']:.1f}s, "
               f"final loss {res['loss']:.4f}; run folder: {res['out']}")
@@ -100,8 +109,13 @@ def _sample_run(a) -> int:
         return _list_samplers()
     if a.run is None:
         raise ValueError("sample needs a RUN folder (or --list)")
-    if isinstance(a.n, int) and a.n < 1:
-        raise ValueError(f"--n must be >= 1, got {a.n}")
+    check_count(a.n, "--n")
+    if a.batch_size is not None:
+        check_count(a.batch_size, "--batch-size")
+    if a.gif:
+        if not a.gif.endswith(".gif"):
+            raise ValueError(f"--gif must name a .gif file, got {a.gif}")
+        prepare_output(a.gif)
     model, cfg = load_run(a.run, ema=not a.no_ema, device=a.device)
     kind = require_kind(cfg, a.run, ("diffusion", "latent", "autoencoder"), "sample")
     if kind == "autoencoder":  # autoencoder run: VAE prior samples and reconstructions (issue 9)
@@ -220,10 +234,11 @@ command("config", "print the resolved config of a preset (with --set overrides) 
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="folder for the demo runs and pictures")
     p.add_argument("--quick", action="store_true", help="a much shorter demo (smoke test)")
+    p.add_argument("--force", action="store_true", help="retrain runs in --out that hold another configuration")
 
 
 def _demo_run(a) -> int:
-    for line in run_demo(Path(a.out), quick=a.quick):
+    for line in run_demo(Path(a.out), quick=a.quick, force=a.force):
         print(line)
     return 0
 
@@ -253,8 +268,15 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command][2](args)
     except KeyboardInterrupt as e:
         print(f"torchdiffusion: {e or 'interrupted'}", file=sys.stderr)
-        return 130
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, KeyError) as e:
+        return 128 + int(getattr(e, "signum", signal.SIGINT))
+    except OSError as e:  # the file system's failures: one line naming the file and the cause
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"torchdiffusion: error: {where}{cause(e)}", file=sys.stderr)
+        return 2
+    except KeyError as e:
+        print(f"torchdiffusion: error: missing key {e.args[0]!r} (in a config or checkpoint)", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, RuntimeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"torchdiffusion: error: {msg}", file=sys.stderr)
         return 2

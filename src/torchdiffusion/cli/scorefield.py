@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from torchdiffusion._files import prepare_output
+from torchdiffusion._tensor import check_number
 from torchdiffusion.cli.commands import command
 from torchdiffusion.data.datasets import TOYS, toy_density
 from torchdiffusion.evaluation.scorefield import score_field  # noqa: F401  (also imported from here)
@@ -31,6 +33,11 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(a) -> int:
+    out = Path(a.out) if a.out else Path(a.run) / "scorefield.png"
+    if out.suffix != ".png":
+        raise ValueError(f"--out must end in .png, got {out.name}")
+    if not check_number(a.sigma, "--sigma") > 0 or not check_number(a.lim, "--lim") > 0:
+        raise ValueError(f"--sigma and --lim must be > 0, got {a.sigma:g} and {a.lim:g}")
     model, cfg = load_run(a.run, ema=not a.no_ema)
 
     require_kind(cfg, a.run, ("diffusion",), "scorefield")
@@ -43,9 +50,7 @@ def _run(a) -> int:
         raise ValueError(f"--n must be >= 2, got {a.n}")
     t, learned, exact, log_density, err = score_field(model, toy_density(name), a.sigma, a.lim)
     fields = {"learned": learned} if exact is None else {"learned": learned, "exact": exact}
-    out = Path(a.out) if a.out else Path(a.run) / "scorefield.png"
-    if out.suffix != ".png":
-        raise ValueError(f"--out must end in .png, got {out.name}")
+    prepare_output(out)
     title = f"{name}: score at sigma={a.sigma:g} (t={t:.3g})"
     save_score_field(fields, out, log_density=log_density, lim=a.lim, n=a.n, title=title)
     msg = f"wrote {out}"

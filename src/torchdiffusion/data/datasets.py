@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,11 +149,13 @@ def load_npz(path: str | Path, key: str | None = None, label_key: str | None = N
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no such .npz file: {path}")
+    if not zipfile.is_zipfile(path):  # numpy would answer with a hint about pickles, which we never load
+        raise ValueError(f"cannot read {path}: not a .npz archive (a zip of .npy arrays, as numpy.savez writes)")
     try:
         z = np.load(path, allow_pickle=False)
-    except Exception as e:  # corrupt file
-        raise ValueError(f"cannot read {path} as .npz: {e}") from None
-    keys = list(z.keys())
+        keys = list(z.keys())
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:  # damaged archive
+        raise ValueError(f"cannot read {path}: damaged .npz archive ({str(e).splitlines()[0][:120]})") from None
     if key is None:
         cand = [k for k in ("x", "data", "images", "arr_0") if k in keys] or (keys if len(keys) == 1 else [])
         if not cand:
@@ -160,7 +163,16 @@ def load_npz(path: str | Path, key: str | None = None, label_key: str | None = N
         key = cand[0]
     if key not in keys:
         raise ValueError(f"{path}: no array {key!r}; arrays: {keys}")
-    arr = z[key]
+    try:
+        arr = z[key]
+        if label_key is None:
+            label_key = next((k for k in ("y", "labels") if k in keys and k != key), None)
+        labels = z[label_key] if label_key else None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"cannot read {path}: damaged array in the .npz ({str(e).splitlines()[0][:120]})") from None
+    if arr.dtype.kind not in "uif" or arr.ndim < 2 or len(arr) == 0:
+        raise ValueError(f"{path}: array {key!r} must hold numbers of shape (N, ...) with N >= 1, got dtype "
+                         f"{arr.dtype} and shape {arr.shape}")
     levels = None
     if arr.dtype == np.uint8:
         levels = 256
@@ -171,9 +183,7 @@ def load_npz(path: str | Path, key: str | None = None, label_key: str | None = N
             x = x.permute(0, 3, 1, 2)
     else:
         x = torch.tensor(arr, dtype=torch.float32)
-    if label_key is None:
-        label_key = next((k for k in ("y", "labels") if k in keys and k != key), None)
-    y = torch.tensor(z[label_key], dtype=torch.long) if label_key else None
+    y = torch.tensor(labels, dtype=torch.long) if labels is not None else None
     return Dataset(x.contiguous(), y, levels=levels, name=path.stem)
 
 

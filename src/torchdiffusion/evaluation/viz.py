@@ -1,4 +1,8 @@
-"""Pictures: image grids (PNG), 2-D scatter plots beside the data, score-field plots, reverse-process GIFs."""
+"""Pictures: image grids (PNG), 2-D scatter plots beside the data, score-field plots, reverse-process GIFs.
+
+Every file is written atomically (:func:`torchdiffusion._files.atomic_write`): a full disk or an interrupt
+leaves the old file, never a truncated one; values to draw or store must be finite.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+from torchdiffusion._files import atomic_write, prepare_output
+from torchdiffusion._tensor import check_finite
 
 
 def _mpl():
@@ -26,8 +33,8 @@ def to_uint8(x: Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.nd
 
 
 def grid_array(x: Tensor, nrow: int | None = None, pad: int = 1, value_range=(-1.0, 1.0)) -> np.ndarray:
-    """Tile images (N, C, H, W) into one uint8 array (rows of ``nrow`` images)."""
-    imgs = to_uint8(x, value_range)
+    """Tile images (N, C, H, W) into one uint8 array (rows of ``nrow`` images); NaN/Inf is an error."""
+    imgs = to_uint8(check_finite(x, "the images to draw"), value_range)
     n, h, w, c = imgs.shape
     nrow = nrow or int(np.ceil(np.sqrt(n)))
     ncol = int(np.ceil(n / nrow))
@@ -47,10 +54,7 @@ def save_image_grid(x: Tensor, path: str | Path, nrow: int | None = None, scale:
     im = Image.fromarray(arr)
     if scale > 1:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path)
-    return path
+    return atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
 
 
 def save_gif(frames: list[Tensor], path: str | Path, nrow: int | None = None, scale: int = 4,
@@ -62,15 +66,17 @@ def save_gif(frames: list[Tensor], path: str | Path, nrow: int | None = None, sc
     for f in frames:
         im = Image.fromarray(grid_array(f, nrow, value_range=value_range))
         ims.append(im.resize((im.width * scale, im.height * scale), Image.NEAREST) if scale > 1 else im)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ims[0].save(path, save_all=True, append_images=ims[1:] + [ims[-1]] * 10, duration=duration_ms, loop=0)
-    return path
+    if not ims:
+        raise ValueError(f"no frames to write to {path}")
+    return atomic_write(path, lambda tmp: ims[0].save(tmp, format="GIF", save_all=True,
+                                                      append_images=ims[1:] + [ims[-1]] * 10,
+                                                      duration=duration_ms, loop=0))
 
 
 def save_scatter(samples: Tensor, path: str | Path, data: Tensor | None = None, title: str = "",
                  lim: float | None = None) -> Path:
     """2-D samples as a scatter PNG, beside the training data when given."""
+    check_finite(samples, "the samples to plot")
     plt = _mpl()
     panels = [("data", data), ("samples", samples)] if data is not None else [("samples", samples)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
@@ -86,11 +92,10 @@ def save_scatter(samples: Tensor, path: str | Path, data: Tensor | None = None, 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def save_score_field(score_fns: dict, path: str | Path, log_density=None, lim: float = 3.0, n: int = 21,
@@ -108,7 +113,7 @@ def save_score_field(score_fns: dict, path: str | Path, log_density=None, lim: f
         lp = log_density(torch.stack([XX.flatten(), YY.flatten()], 1)).reshape(200, 200)
         ax.imshow(lp.exp().numpy(), extent=(-lim, lim, -lim, lim), origin="lower", cmap="Greys", alpha=0.6)
     for i, (name, f) in enumerate(score_fns.items()):
-        s = f(pts).detach().double()
+        s = check_finite(f(pts).detach().double(), f"the {name} score field")
         norm = s.norm(dim=1, keepdim=True).clamp_min(1e-12)
         s = s / norm * norm.log1p() / norm.log1p().max()  # compress magnitudes for legibility
         ax.quiver(pts[:, 0], pts[:, 1], s[:, 0], s[:, 1], color=f"C{i}", label=name, alpha=0.8,
@@ -119,34 +124,37 @@ def save_score_field(score_fns: dict, path: str | Path, log_density=None, lim: f
     ax.legend(loc="upper right")
     if title:
         ax.set_title(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 SAMPLE_FORMATS = (".png", ".npz")
 
 
 def check_sample_path(path: str | Path) -> Path:
-    """``path`` as a :class:`Path` if :func:`save_samples` can write it (``.png`` or ``.npz``), else a one-line
-    error (callers check before doing the work)."""
+    """``path`` as a :class:`Path` if :func:`save_samples` can write it (``.png`` or ``.npz`` in a writable
+    folder), else a one-line error (callers check before doing the work); stale temp files there are removed."""
     path = Path(path)
     if path.suffix not in SAMPLE_FORMATS:
         raise ValueError(f"output must end in .png or .npz, got {path.name}")
-    return path
+    return prepare_output(path)
 
 
 def save_samples(x: Tensor, path: str | Path, *, data: Tensor | None = None, nrow: int | None = None,
                  value_range=(-1.0, 1.0), title: str = "") -> Path:
     """Write samples: ``.npz`` (array ``x``), or a PNG (image grid, or 2-D scatter beside ``data``)."""
     path = check_sample_path(path)
+    check_finite(x, f"the samples for {path}")
     if path.suffix == ".npz":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, x=x.detach().cpu().numpy())
-        return path
+        arr = x.detach().cpu().numpy()
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, x=arr)
+        return atomic_write(path, write)
     if x.ndim == 4:
         return save_image_grid(x, path, nrow=nrow, value_range=value_range)
     if x.ndim == 2 and x.shape[1] == 2:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from torchdiffusion._tensor import check_number
 from torchdiffusion.processes import Process, as_time, expand_like
 
 
@@ -23,7 +24,7 @@ class CFG:
     """
 
     def __init__(self, model, w: float):
-        self.model, self.w, self.process = model, float(w), model.process
+        self.model, self.w, self.process = model, check_number(w, "guidance scale w"), model.process
 
     def predict(self, x: Tensor, t, cond=None) -> tuple[Tensor, Tensor]:
         if cond is None:
@@ -46,14 +47,26 @@ def _labels(cond, n: int, device) -> Tensor:
     return c.expand(n) if c.ndim == 0 else c
 
 
-def same_process(p, q, points: int = 11) -> bool:
-    """Whether two processes have the same ``alpha(t)`` and ``sigma(t)`` (checked on a grid of their range)."""
-    if type(p) is not type(q) or p.discrete != q.discrete or abs(p.t_max - q.t_max) > 1e-9:
-        return False
+def process_difference(p, q, points: int = 11) -> str | None:
+    """How process ``p`` differs from ``q`` in words (kind, time range, or the first grid time where ``alpha(t)``
+    or ``sigma(t)`` differ), or None when they are the same."""
+    if type(p) is not type(q) or p.discrete != q.discrete:
+        return f"a {type(p).__name__} process against a {type(q).__name__} process"
+    if abs(p.t_max - q.t_max) > 1e-9:
+        return f"t_max {p.t_max:g} against {q.t_max:g}"
     t = torch.linspace(max(p.t_min, q.t_min), p.t_max, points, dtype=torch.float64)
     t = t.round() if p.discrete else t
-    return bool(torch.allclose(p.alpha(t), q.alpha(t), rtol=1e-6, atol=1e-9)
-                and torch.allclose(p.sigma(t), q.sigma(t), rtol=1e-6, atol=1e-9))
+    for ti in t:
+        a, b = (float(p.alpha(ti)), float(p.sigma(ti))), (float(q.alpha(ti)), float(q.sigma(ti)))
+        if any(abs(u - v) > 1e-9 + 1e-6 * abs(v) for u, v in zip(a, b)):
+            return (f"at t = {float(ti):g} alpha, sigma = {a[0]:.4g}, {a[1]:.4g} against {b[0]:.4g}, {b[1]:.4g} "
+                    f"(same kind, {type(p).__name__}, other schedule)")
+    return None
+
+
+def same_process(p, q, points: int = 11) -> bool:
+    """Whether two processes have the same ``alpha(t)`` and ``sigma(t)`` (checked on a grid of their range)."""
+    return process_difference(p, q, points) is None
 
 
 class Classifier:
@@ -104,14 +117,16 @@ class ClassifierGuidance:
     """
 
     def __init__(self, model, classifier, scale: float, *, model_cond="same", min_alpha: float = 1e-3):
-        self.model, self.classifier, self.scale, self.process = model, classifier, float(scale), model.process
+        self.model, self.classifier, self.process = model, classifier, model.process
+        self.scale = check_number(scale, "classifier guidance scale")
         self.model_cond, self.min_alpha = model_cond, float(min_alpha)
         if not (model_cond is None or model_cond == "same" or isinstance(model_cond, int)):
             raise ValueError(f"model_cond must be 'same', None or an int label, got {model_cond!r}")
         if isinstance(classifier, Classifier):
-            if not same_process(classifier.process, model.process):
-                raise ValueError(f"the classifier was trained on another process ({classifier.process!r}) than the "
-                                 f"model's ({model.process!r}); train it with the model's process config")
+            diff = process_difference(classifier.process, model.process)
+            if diff is not None:
+                raise ValueError(f"the classifier was trained on another process than the model's ({diff}: "
+                                 "classifier against model); train it with the model's process config")
         elif not callable(classifier):
             raise TypeError("classifier must be a loaded classifier run or a callable f(x, t) -> logits")
 

@@ -7,11 +7,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from torchdiffusion._tensor import resolve_device
 from torchdiffusion.nets import NETS
 from torchdiffusion.nets.autoencoder import Autoencoder
 from torchdiffusion.parameterization.denoiser import Denoiser
 from torchdiffusion.parameterization.guidance import Classifier
 from torchdiffusion.processes import Process, process_from_config
+from torchdiffusion.runs.config import check_values
 from torchdiffusion.training.checkpoint import load_json, load_tensors
 
 _PROCESS_KEYS = {
@@ -147,10 +149,15 @@ def load_run(run: str | Path, ema: bool = True, device: str | torch.device = "cp
     run = Path(run)
     if not run.is_dir():
         raise ValueError(f"run folder not found: {run}")
+    device = resolve_device(device)
     cfg = load_json(run / "config.json")
     info = cfg.get("run")
-    if not info:
+    if not isinstance(info, dict) or not info.get("data_shape"):
         raise ValueError(f"{run}/config.json has no 'run' section: not a training run folder")
+    try:
+        check_values(cfg)
+    except ValueError as e:
+        raise ValueError(f"{run}/config.json: {e}") from None
     model = build_model(cfg, tuple(info["data_shape"]), info.get("num_classes"))
     weights = run / ("ema.safetensors" if ema else "model.safetensors")
     tensors, _ = load_tensors(weights)

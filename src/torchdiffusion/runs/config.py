@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
+from torchdiffusion._files import read_json
 from torchdiffusion._tensor import check_count
 
 DEFAULTS: dict[str, dict] = {
@@ -87,7 +89,10 @@ def deep_update(base: dict, over: dict, *, strict: bool = True, path: str = "") 
 
 def _check_kind(where: str, default, value) -> None:
     """A value replacing a number, flag or list default must be one too (``--set train.steps=abc`` is an
-    error naming the key); ``None`` (auto/off) and keys whose default is ``None`` or a string are not checked."""
+    error naming the key); every number must be finite (``--set train.lr=NaN``); ``None`` (auto/off) and keys
+    whose default is ``None`` or a string are not checked further."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"config key {where!r} must be a finite number, got {value!r}")
     if value is None or default is None:
         return
     if isinstance(default, bool):
@@ -137,10 +142,7 @@ def resolve(spec: str | dict | None, sets: list[str] | None = None) -> dict:
             p = Path(spec)
             if not p.is_file():
                 raise ValueError(f"config file not found: {p}")
-            try:
-                user = json.loads(p.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"config file {p} is not valid JSON: {e}") from None
+            user = read_json(p, "config file")
             user.pop("preset", None)
             cfg = deep_update(cfg, user)
         else:
@@ -165,6 +167,9 @@ def _whole(v) -> bool:
 def check_values(cfg: dict) -> dict:
     """Refuse count values that are not whole numbers (``train.steps=2.5``, ``model.hidden=0``, ``process.T=2.5``)
     with one line naming the key; returns ``cfg``."""
+    for section, values in cfg.items():
+        if section in DEFAULTS and not isinstance(values, dict):
+            raise ValueError(f"config section {section!r} must be an object of keys, got {values!r}")
     for table, low in ((COUNTS, 1), (OPTIONAL_COUNTS, 0)):
         for section, keys in table.items():
             for k in keys:

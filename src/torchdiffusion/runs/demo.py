@@ -19,9 +19,20 @@ from torchdiffusion.evaluation.viz import save_gif, save_image_grid, save_sample
 from torchdiffusion.parameterization.guidance import CFG
 from torchdiffusion.runs import config as config_mod
 from torchdiffusion.runs.generate import generate
-from torchdiffusion.runs.train import build_trainer, ema_model
+from torchdiffusion.runs.train import MODEL_SECTIONS, build_trainer, ema_model
+from torchdiffusion.training.checkpoint import load_json
 
 DIGITS_GUIDANCE = 0.5  # guidance scale w of the pictures: accuracy 1.0, FD about the real floor (digits_quality.md)
+
+
+def _finished(folder: Path, cfg: dict) -> bool:
+    """Whether ``folder`` holds a resumable run of the same model configuration (then ``force`` is not needed)."""
+    try:
+        saved = load_json(folder / "config.json")
+    except ValueError:
+        return False
+    return (folder / "train_state.safetensors").is_file() and all(saved.get(k) == cfg.get(k)
+                                                                 for k in MODEL_SECTIONS)
 
 
 def _trained(name: str, res: dict) -> str:
@@ -30,12 +41,12 @@ def _trained(name: str, res: dict) -> str:
     return f"{name}: trained {res['step']} steps in {res['seconds']:.0f}s (loss {res['loss']:.3f})"
 
 
-def toy_demo(out: Path, quick: bool = False) -> Iterator[str]:
+def toy_demo(out: Path, quick: bool = False, force: bool = False) -> Iterator[str]:
     """A DDPM on the 8-Gaussian ring with an MLP; ancestral samples (200 steps) beside the data, their NLL."""
     steps = 300 if quick else 3000
     # one intra-op thread: this small MLP is many times slower with 2 threads on a busy 2-core machine
     cfg = config_mod.resolve("ring", [f"train.steps={steps}", "train.ckpt_every=1000", "train.threads=1"])
-    tr = build_trainer(cfg, out / "ring")
+    tr = build_trainer(cfg, out / "ring", force=force and not _finished(out / "ring", cfg))
     res = tr.run()
     yield _trained("ring", res)
     model = ema_model(tr)
@@ -53,13 +64,13 @@ def toy_demo(out: Path, quick: bool = False) -> Iterator[str]:
     yield f"ring: DDPM-200 samples NLL {nll:.3f} nats vs {nll_exact:.3f} for exact samples -> {p}"
 
 
-def digits_demo(out: Path, quick: bool = False) -> Iterator[str]:
+def digits_demo(out: Path, quick: bool = False, force: bool = False) -> Iterator[str]:
     """Class-conditional digits: train the ``digits`` preset (a few minutes on 2 CPU cores; ``quick``: a tiny
     net for a few seconds), write a 10x10 grid (row k = digit k) and a GIF of the reverse process, and score the
     samples with the real-data classifier (conditional accuracy, Frechet distance vs the real-data floor)."""
     sets = ["train.steps=60", "model.channels=16", "train.batch=64", "train.ckpt_every=0"] if quick else []
     cfg = config_mod.resolve("digits", sets)
-    tr = build_trainer(cfg, out / "digits")
+    tr = build_trainer(cfg, out / "digits", force=force and not _finished(out / "digits", cfg))
     res = tr.run()
     yield _trained("digits", res)
     model = CFG(ema_model(tr), DIGITS_GUIDANCE)
@@ -83,8 +94,8 @@ def digits_demo(out: Path, quick: bool = False) -> Iterator[str]:
                f"distance {ev.fd(x_ev, y_ev):.2f} (real held-out digits {ev.fd_floor():.2f})")
 
 
-def run_demo(out: Path, quick: bool = False) -> Iterator[str]:
-    """Every demo part in turn; yields one line per result."""
-    out.mkdir(parents=True, exist_ok=True)
-    yield from toy_demo(out, quick)
-    yield from digits_demo(out, quick)
+def run_demo(out: Path, quick: bool = False, force: bool = False) -> Iterator[str]:
+    """Every demo part in turn; yields one line per result. A part whose folder holds a run of another
+    configuration (say, the ``quick`` one) is refused unless ``force``, which retrains it."""
+    yield from toy_demo(out, quick, force)
+    yield from digits_demo(out, quick, force)

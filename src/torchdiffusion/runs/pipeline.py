@@ -18,14 +18,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from torchdiffusion._files import FileError
 from torchdiffusion._tensor import SampleGenerators, check_count
 from torchdiffusion.parameterization.denoiser import Denoiser
 from torchdiffusion.parameterization.guidance import CFG
 from torchdiffusion.processes import Process
 from torchdiffusion.runs.build import load_run, run_kind
+from torchdiffusion.runs.diffusers_io import is_diffusers_folder, load_diffusers_folder
 from torchdiffusion.runs.latent import to_images
 from torchdiffusion.samplers import sample
-from torchdiffusion.training.checkpoint import save_json, save_tensors
+from torchdiffusion.training.checkpoint import model_files, save_json, save_tensors
 
 
 def require_kind(cfg: dict, path: str | Path, allowed: Sequence[str], what: str) -> str:
@@ -54,15 +56,25 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> Pipeline:
-        """Load a run folder (EMA weights by default); autoencoder and classifier runs are refused."""
+        """Load a run folder (EMA weights by default), or a local diffusers folder (``UNet2DModel`` + scheduler,
+        :func:`~torchdiffusion.runs.diffusers_io.load_diffusers_folder`); autoencoder and classifier runs are
+        refused."""
+        if is_diffusers_folder(path):
+            return cls(*load_diffusers_folder(path, device))
         model, cfg = load_run(path, ema=ema, device=device)
         require_kind(cfg, path, ("diffusion", "latent"), "a Pipeline")
         return cls(model, cfg)
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write a run folder that :meth:`from_pretrained` loads again (config, weights as model and EMA)."""
+    def save_pretrained(self, path: str | Path, *, force: bool = False) -> Path:
+        """Write a run folder that :meth:`from_pretrained` loads again (config, weights as model and EMA). A
+        folder that already holds a model is refused unless ``force``."""
+        if self.config["run"].get("diffusers"):
+            raise ValueError(f"this Pipeline reads the diffusers folder {self.config['run']['diffusers']}; copy that "
+                             "folder instead of save_pretrained")
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        held = model_files(path)
+        if held and not force:
+            raise FileError(f"{path} already holds a model ({', '.join(held)}); pass force=True to overwrite it")
         save_json(self.config, path / "config.json")
         state = self.model.net.state_dict()
         for name in ("model.safetensors", "ema.safetensors"):

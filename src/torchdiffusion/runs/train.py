@@ -74,24 +74,27 @@ def previewer(cfg: dict, model: RunModel, data: Dataset) -> Preview | None:
 
 
 def build_trainer(cfg: dict, out: str | Path, *, dataset: Dataset | None = None, progress: bool = True,
-                  resume: bool = True) -> Trainer:
-    """The trainer of run ``cfg`` in folder ``out`` (resuming its checkpoint when ``resume``)."""
+                  resume: bool = True, force: bool = False) -> Trainer:
+    """The trainer of run ``cfg`` in folder ``out``: resuming its checkpoint when ``resume``; a folder that holds
+    another run (or a model without a training state) is refused unless ``force``, which starts afresh."""
     out = Path(out)
     settings = TrainSettings.from_dict({**cfg["train"], "flip": bool(cfg["data"].get("flip", False))})
     data = dataset if dataset is not None else train_dataset(cfg)
     conditional = bool(cfg["data"].get("conditional"))
     if conditional and data.y is None:
         raise ValueError(f"data.conditional=true but dataset {data.name!r} has no labels")
-    if resume and (out / "train_state.safetensors").is_file():
+    if resume and not force and (out / "train_state.safetensors").is_file():
         saved = load_json(out / "config.json")
-        if any(saved.get(k) != cfg.get(k) for k in MODEL_SECTIONS):
-            raise ValueError(f"{out} holds a run with a different data/process/model/loss config; "
-                             "use another --out or --no-resume")
+        diff = [k for k in MODEL_SECTIONS if saved.get(k) != cfg.get(k)]
+        if diff:
+            raise ValueError(f"{out} holds a run with a different {'/'.join(diff)} config; use another --out, or "
+                             "--force to overwrite that run")
     torch.manual_seed(int(settings.seed))  # the initial weights follow train.seed
     model = build_model(cfg, data.shape, data.num_classes if conditional else None)
     config = {**cfg, "run": run_info(cfg, data)}
     tr = Trainer(net_of(model), loss_closure(model, cfg), data, settings, out, config=config,
-                 preview=previewer(config, model, data), conditional=conditional, progress=progress, resume=resume)
+                 preview=previewer(config, model, data), conditional=conditional, progress=progress, resume=resume,
+                 force=force)
     tr.model = model  # the parameterization around the trained net (for callers; the trainer never reads it)
     return tr
 
@@ -102,18 +105,20 @@ def ema_model(tr: Trainer) -> RunModel:
 
 
 def train(cfg: dict, out: str | Path, *, dataset: Dataset | None = None, progress: bool = True, resume: bool = True,
-          stop_after: int | None = None) -> dict:
-    """Train (or resume) the run ``cfg`` into ``out``; returns a summary dict."""
-    return build_trainer(cfg, out, dataset=dataset, progress=progress, resume=resume).run(stop_after)
+          stop_after: int | None = None, force: bool = False) -> dict:
+    """Train (or resume) the run ``cfg`` into ``out``; returns a summary dict (``force``: see
+    :func:`build_trainer`)."""
+    return build_trainer(cfg, out, dataset=dataset, progress=progress, resume=resume, force=force).run(stop_after)
 
 
-def maybe_distributed_train(cfg: dict, out: str | Path, *, progress: bool = True, resume: bool = True):
+def maybe_distributed_train(cfg: dict, out: str | Path, *, progress: bool = True, resume: bool = True,
+                            force: bool = False):
     """Train in this process; under torchrun (``WORLD_SIZE`` > 1) join the process group first, show progress
     on rank 0 only, and leave the group at the end. Returns the summary on rank 0 and ``None`` elsewhere."""
     started = not (dist.is_available() and dist.is_initialized())
     info = init_from_env(cfg["train"].get("device", "auto"))
     try:
-        res = train(cfg, out, progress=progress and info.is_main, resume=resume)
+        res = train(cfg, out, progress=progress and info.is_main, resume=resume, force=force)
         barrier()
     finally:
         if info.enabled and started:

@@ -16,12 +16,31 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from torchdiffusion._tensor import check_finite, check_number
 from torchdiffusion.parameterization.flow import Bound
 from torchdiffusion.samplers import ddpm, langevin, ode, sde, solvers  # noqa: F401  (register the families)
 from torchdiffusion.samplers import grids as _grids
 from torchdiffusion.samplers.registry import SamplerSpec, get, names, register  # noqa: F401
 
 DEFAULT_STEPS = 50
+
+
+def check_options(sampler: str, fn: Callable, options: dict) -> None:
+    """The options of ``sampler``: known names, and values of the kind of their defaults (a finite number where
+    the default is a number, true/false where it is a flag); one-line errors saying what is allowed."""
+    params = inspect.signature(fn).parameters
+    allowed = [k for k, p in params.items() if p.kind == p.KEYWORD_ONLY and k not in ("generator", "callback")]
+    bad = sorted(set(options) - set(allowed))
+    if bad:
+        raise ValueError(f"sampler {sampler!r} has no option {', '.join(map(repr, bad))}; "
+                         f"allowed: {', '.join(allowed) or 'none'}")
+    for k, v in options.items():
+        default = params[k].default
+        if isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise ValueError(f"sampler option {k} must be true or false, got {v!r}")
+        elif isinstance(default, (int, float)) or (default is None and isinstance(v, float)):
+            check_number(v, f"sampler option {k}")
 
 
 def _interval_options(spec: SamplerSpec, options: dict) -> dict:
@@ -49,12 +68,7 @@ def sample(model, x_T: Tensor, sampler: str = "ddim", steps: int | None = None, 
         raise TypeError("x_T must be a tensor")
     if not torch.isfinite(x_T).all():
         raise ValueError("x_T contains NaN or Inf")
-    params = inspect.signature(spec.fn).parameters
-    allowed = [k for k, p in params.items() if p.kind == p.KEYWORD_ONLY and k not in ("generator", "callback")]
-    bad = sorted(set(options) - set(allowed))
-    if bad:
-        raise ValueError(f"sampler {sampler!r} has no option {', '.join(map(repr, bad))}; "
-                         f"allowed: {', '.join(allowed) or 'none'}")
+    check_options(sampler, spec.fn, options)
     process = model.process
     iopts = _interval_options(spec, options)
     if isinstance(grid, Tensor):
@@ -73,5 +87,6 @@ def sample(model, x_T: Tensor, sampler: str = "ddim", steps: int | None = None, 
         options = spec.prepare(steps, len(ts) - 1, options)
     bound = Bound(model, cond)
     with torch.no_grad():
-        return spec.fn(bound, x_T, ts, generator=generator, callback=callback, **options)
+        x = spec.fn(bound, x_T, ts, generator=generator, callback=callback, **options)
+    return check_finite(x, f"the {sampler} sample")
 

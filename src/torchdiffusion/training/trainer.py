@@ -5,6 +5,10 @@ autocast, optional ``torch.compile``, NaN/Inf detection, atomic checkpoints with
 EMA, optimizer and RNG states in one safetensors file), CSV logs, periodic sample grids, tqdm progress,
 optional TensorBoard scalars (``train.tensorboard``), and data-parallel training on torch.distributed (see
 :mod:`torchdiffusion.training.distributed` for the batch-sharding scheme; only rank 0 writes files).
+
+The run folder is never lost or silently wrong (DESIGN.md section 6): one trainer holds it (``.lock``); SIGINT
+and SIGTERM finish the current step, save and stop; a folder that holds a model is overwritten only with
+``force`` (which also starts a fresh log); temp files of killed writers are removed at start.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import io
 import math
+import os
+import shutil
 import signal
 import threading
 import time
@@ -24,13 +31,17 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from torchdiffusion._tensor import check_count
+from torchdiffusion._files import FileError, FolderLock, atomic_write, cause, read_text, remove_stale_temps
+from torchdiffusion._tensor import check_count, resolve_device
 from torchdiffusion.data.datasets import Dataset
 from torchdiffusion.training import distributed as dist_mod
 from torchdiffusion.training.checkpoint import (
+    RUN_FILES,
     load_tensors,
+    model_files,
     optimizer_from_tensors,
     optimizer_to_tensors,
+    require,
     save_json,
     save_tensors,
 )
@@ -38,12 +49,8 @@ from torchdiffusion.training.checkpoint import (
 
 # ---------------------------------------------------------------------------------------------------------
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    """``train.device``: ``auto`` (CUDA when available) or a device this torch build has (one-line error else)."""
+    return resolve_device(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,26 +130,57 @@ def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
         be.copy_(b)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by a signal (``signum``: SIGINT for Ctrl-C, SIGTERM from a scheduler or ``kill``)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 @contextlib.contextmanager
-def _deferred_sigint(enabled: bool = True) -> Iterator[Callable[[], bool]]:
-    """Defer Ctrl-C (SIGINT) to the next step boundary, so that the checkpoint written on interrupt is the state
-    after a whole step and resuming stays bit-exact; a second Ctrl-C interrupts at once. Yields ``interrupted()``.
-    Only in the main thread of a single process (elsewhere Ctrl-C acts immediately, as usual)."""
-    hit = []
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+def _deferred_signals(enabled: bool = True) -> Iterator[Callable[[], int]]:
+    """Defer SIGINT (Ctrl-C) and SIGTERM to the next step boundary, so that the checkpoint written on interrupt is
+    the state after a whole step and resuming stays bit-exact; a second signal interrupts at once. Yields
+    ``interrupted()``: the first signal's number, or 0. Only in the main thread of a single process (elsewhere
+    the signals act immediately, as usual)."""
+    hit: list[int] = []
+    if not enabled or not _main_thread():
+        yield lambda: 0
         return
 
     def handler(signum, frame):
         if hit:
-            raise KeyboardInterrupt
+            raise Interrupted(f"interrupted again ({signal.Signals(signum).name})", signum)
         hit.append(signum)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
-        yield lambda: bool(hit)
+        yield lambda: hit[0] if hit else 0
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while a checkpoint is written (they are delivered right after), so that its files
+    are all from one step; a no-op outside the main thread or where signal masks do not exist."""
+    if not (_main_thread() and hasattr(signal, "pthread_sigmask")):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 LossFn = Callable[..., Tensor]
@@ -156,15 +194,35 @@ class Trainer:
     loss needs (process, parameterization, label dropout); ``config`` is the JSON written as ``config.json``;
     ``preview(ema_net, path)`` writes a picture every ``sample_every`` steps; with ``conditional`` the batches
     carry the dataset's labels as ``cond``.
+
+    The trainer holds ``out`` (a lock) from construction until :meth:`run` returns or :meth:`close`; a second
+    trainer on the folder is refused. With ``resume`` a ``train_state.safetensors`` there is continued; otherwise
+    a folder that holds a model (:data:`RUN_FILES`) is refused unless ``force``, which deletes the old run's
+    files (weights, log, previews) and starts afresh.
     """
 
     def __init__(self, net: nn.Module, loss_fn: LossFn, data: Dataset, settings: TrainSettings, out: str | Path, *,
                  config: dict | None = None, preview: Preview | None = None, conditional: bool = False,
-                 progress: bool = True, resume: bool = True):
+                 progress: bool = True, resume: bool = True, force: bool = False):
         self.settings, self.out, self.progress, self.config = settings, Path(out), progress, config or {}
         t = settings
         self.device = pick_device(t.device)
         self.dist = dist_mod.current()
+        self.lock = FolderLock(self.out, "trainer") if self.dist.is_main else None
+        self._in_step = False
+        if self.lock is not None:
+            self.lock.acquire()
+            for folder in (self.out, self.out / "samples"):
+                remove_stale_temps(folder)
+        try:
+            self._setup(net, loss_fn, data, preview, conditional, resume, force)
+        except BaseException:
+            self.close()  # a trainer that failed to start does not keep the folder
+            raise
+
+    def _setup(self, net: nn.Module, loss_fn: LossFn, data: Dataset, preview: Preview | None, conditional: bool,
+               resume: bool, force: bool) -> None:
+        t = self.settings
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self._shard = dist_mod.shard(int(t.batch), self.dist)
@@ -196,19 +254,51 @@ class Trainer:
         self.fwd_net = self.ddp or self.net
         if t.compile:
             self.fwd_net = torch.compile(self.fwd_net)
-        if resume and (self.out / "train_state.safetensors").is_file():
+        if resume and not force and (self.out / "train_state.safetensors").is_file():
             self._load()
+        elif self.dist.is_main:
+            self._start_fresh(force)
         if t.tensorboard and self.dist.is_main:
             self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step or None)
 
+    # --- the run folder -------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Give the run folder back (another trainer may then take it)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _start_fresh(self, force: bool) -> None:
+        """A new run in ``out``: refuse a folder that holds a model unless ``force``, which deletes the old run's
+        files; a log without a checkpoint (a run stopped before its first save) is dropped: a fresh log."""
+        held = model_files(self.out)
+        if held and not force:
+            why = "" if (self.out / "train_state.safetensors").exists() else " and no train_state.safetensors to resume"
+            self.close()
+            raise FileError(f"{self.out} already holds a trained model ({', '.join(held)}){why}; pass --force "
+                            "(force=True) to overwrite it, or use another --out")
+        try:
+            for name in (*RUN_FILES, "config.json", "log.csv"):
+                if (self.out / name).exists():
+                    (self.out / name).unlink()
+            if force:
+                for p in (self.out / "samples").glob("step_*.png"):
+                    p.unlink()
+                shutil.rmtree(self.out / "tensorboard", ignore_errors=True)
+        except OSError as e:
+            raise FileError(f"cannot clear the old run in {self.out}: {cause(e)}") from None
+
     # --- checkpoints ------------------------------------------------------------------------------------
     def _load(self) -> None:
-        tensors, meta = load_tensors(self.out / "train_state.safetensors")
+        path = self.out / "train_state.safetensors"
+        tensors, meta = load_tensors(path)
+        for key in ("step", "optimizer"):
+            if key not in meta:
+                raise FileError(f"corrupt checkpoint {path}: its metadata lacks {key!r}")
         self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         optimizer_from_tensors(self.opt, {k: v.to(self.device) for k, v in tensors.items()}, meta["optimizer"])
-        self.data_gen.set_state(tensors["rng.gen"])
-        torch.set_rng_state(tensors["rng.torch"])
+        self.data_gen.set_state(require(tensors, "rng.gen", path))
+        torch.set_rng_state(require(tensors, "rng.torch", path))
         r = self.dist.rank
         if self.dist.enabled and f"rng.noise.{r}" in tensors:  # saved by a run with at least r + 1 processes
             self.gen.set_state(tensors[f"rng.noise.{r}"])
@@ -228,24 +318,51 @@ class Trainer:
                 rngs[f"rng.noise.{r}"], rngs[f"rng.torch.{r}"] = noise, trng
         if not self.dist.is_main:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
         opt_t, opt_meta = optimizer_to_tensors(self.opt)
         tensors = {**{f"net.{k}": v for k, v in self.net.state_dict().items()},
                    **{f"ema.{k}": v for k, v in self.ema.state_dict().items()},
                    **opt_t, "rng.gen": self.data_gen.get_state(), "rng.torch": torch.get_rng_state(), **rngs}
-        save_json(self.config, self.out / "config.json")
-        save_tensors(tensors, self.out / "train_state.safetensors", {"step": self.step, "optimizer": opt_meta,
-                                                                        "pending_losses": self._pending})
-        save_tensors(self.net.state_dict(), self.out / "model.safetensors", {"step": self.step})
-        save_tensors(self.ema.state_dict(), self.out / "ema.safetensors", {"step": self.step})
+        with _signals_held():
+            self._sync_log()
+            save_json(self.config, self.out / "config.json")
+            # train_state first: it alone decides a resume; the weights files follow it
+            save_tensors(tensors, self.out / "train_state.safetensors", {"step": self.step, "optimizer": opt_meta,
+                                                                            "pending_losses": self._pending})
+            save_tensors(self.net.state_dict(), self.out / "model.safetensors", {"step": self.step})
+            save_tensors(self.ema.state_dict(), self.out / "ema.safetensors", {"step": self.step})
 
-    def _truncate_log(self) -> None:
+    def _sync_log(self) -> None:
+        """fsync ``log.csv`` before a checkpoint, so that no logged row up to the checkpoint's step can be lost."""
         log = self.out / "log.csv"
         if log.is_file():
-            rows = list(csv.reader(log.open()))
-            keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= self.step]
-            with log.open("w", newline="") as f:
-                csv.writer(f).writerows(keep)
+            try:
+                fd = os.open(log, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise FileError(f"cannot write {log}: {cause(e)}") from None
+
+    def _truncate_log(self) -> None:
+        """Drop the log rows after the checkpoint's step (written before an interruption; they are written again),
+        and a last row cut short by a kill; the rewrite is atomic. A damaged log is refused, naming the file."""
+        log = self.out / "log.csv"
+        if not log.is_file():
+            return
+        text = read_text(log, "training log")
+        if text and not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]  # a row cut short by a kill during its write
+        try:
+            rows = list(csv.reader(io.StringIO(text)))
+            head = rows[0] if rows else []
+            keep = [head] + [r for r in rows[1:] if len(r) == len(head) and int(r[0]) <= self.step]
+        except (ValueError, csv.Error) as e:
+            raise FileError(f"cannot resume: the training log {log} is damaged ({e}); restore it, or delete it "
+                            "(the checkpoint is intact; rows before the resume are then lost)") from None
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(keep)
+        atomic_write(log, lambda tmp: tmp.write_text(buf.getvalue()))
 
     def _log(self, row: dict) -> None:
         """Append a row to ``log.csv`` (and TensorBoard scalars when enabled); rank 0 only."""
@@ -255,14 +372,16 @@ class Trainer:
             for k, v in row.items():
                 if k != "step":
                     self.tb.add_scalar(f"train/{k}", v, row["step"])
-        self.out.mkdir(parents=True, exist_ok=True)
         log = self.out / "log.csv"
         new = not log.is_file()
-        with log.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        try:
+            with log.open("a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(row), lineterminator="\n")
+                if new:
+                    w.writeheader()
+                w.writerow(row)
+        except OSError as e:
+            raise FileError(f"cannot write {log}: {cause(e)}") from None
 
     # --- one step ------------------------------------------------------------------------------------------
     def _batch(self) -> tuple[Tensor, Tensor | None]:
@@ -280,6 +399,7 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step (with accumulation); returns (loss, grad norm)."""
+        self._in_step = True
         t = self.settings
         lr = lr_at(self.step, t)
         for g in self.opt.param_groups:
@@ -305,12 +425,22 @@ class Trainer:
         self.opt.step()
         ema_update(self.ema, self.net, ema_decay(self.step, float(t.ema), bool(t.ema_warmup)))
         self.step += 1
+        self._in_step = False
         return total, float(gn)
 
     # --- the loop ------------------------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> dict:
         """Train until ``train.steps`` (or ``stop_after`` more steps); checkpoint periodically and at the end.
-        Ctrl-C writes a checkpoint before stopping, so the same command resumes."""
+        SIGINT (Ctrl-C) and SIGTERM finish the current step and write a checkpoint before stopping
+        (:class:`Interrupted`), so the same command resumes; the folder is given back when this returns."""
+        if self.lock is not None:
+            self.lock.acquire()
+        try:
+            return self._run(stop_after)
+        finally:
+            self.close()
+
+    def _run(self, stop_after: int | None) -> dict:
         t = self.settings
         total = int(t.steps)
         end = total if stop_after is None else min(total, self.step + stop_after)
@@ -318,16 +448,23 @@ class Trainer:
         start, t0, losses = self.step, time.time(), []
         bar = tqdm(total=end, initial=self.step, disable=not (self.progress and self.dist.is_main), desc="train",
                    dynamic_ncols=True)
+        signum = signal.SIGINT
         try:
-            with _deferred_sigint(enabled=not self.dist.enabled) as interrupted:
+            with _deferred_signals(enabled=not self.dist.enabled) as interrupted:
                 self._loop(end, bar, losses, t0, interrupted)
                 if interrupted():
+                    signum = interrupted()
                     raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            self.save(gather=False)  # other ranks may already be gone: no collective here
+        except KeyboardInterrupt as e:
             bar.close()
-            raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint saved in {self.out}; "
-                                    "run the same command to resume") from None
+            signum = getattr(e, "signum", signum)
+            name = signal.Signals(signum).name
+            if self._in_step:  # stopped inside a step: its state is partial, the last checkpoint stands
+                raise Interrupted(f"interrupted during step {self.step + 1} ({name}); the last checkpoint in "
+                                  f"{self.out} is kept; run the same command to resume", signum) from None
+            self.save(gather=False)  # other ranks may already be gone: no collective here
+            raise Interrupted(f"interrupted at step {self.step} ({name}); checkpoint saved in {self.out}; "
+                              "run the same command to resume", signum) from None
         bar.close()
         self.save()
         if self.tb is not None:
@@ -336,7 +473,7 @@ class Trainer:
                 "loss": sum(losses[-50:]) / max(len(losses[-50:]), 1) if losses else float("nan"),
                 "out": str(self.out)}
 
-    def _loop(self, end: int, bar, losses: list[float], t0: float, interrupted: Callable[[], bool]) -> None:
+    def _loop(self, end: int, bar, losses: list[float], t0: float, interrupted: Callable[[], int]) -> None:
         """Steps until ``end``; returns early, at a step boundary, once ``interrupted()`` (a deferred Ctrl-C)."""
         t = self.settings
         while self.step < end and not interrupted():
