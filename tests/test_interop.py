@@ -39,7 +39,7 @@ def test_trained_betas_and_errors():
     proc = process_from_diffusers({"num_train_timesteps": 50, "trained_betas": betas.tolist()})
     torch.testing.assert_close(proc.betas, betas.double())
     with pytest.raises(ValueError, match="beta_schedule"):
-        process_from_diffusers({"beta_schedule": "sigmoid"})
+        process_from_diffusers({"beta_schedule": "nope"})
     with pytest.raises(ValueError, match="trained_betas"):
         process_from_diffusers({"num_train_timesteps": 10, "trained_betas": [0.1] * 3})
     with pytest.raises(TypeError):
@@ -52,6 +52,8 @@ def test_prediction_types():
     assert prediction_from_diffusers({"prediction_type": "v_prediction"}) == "v"
     assert prediction_from_diffusers({}) == "eps"
     with pytest.raises(ValueError, match="prediction_type"):
+        prediction_from_diffusers({"prediction_type": "score"})
+    with pytest.raises(ValueError, match="flow matching"):
         prediction_from_diffusers({"prediction_type": "flow_prediction"})
 
 
