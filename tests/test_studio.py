@@ -5,12 +5,15 @@ missing) against studios of two tiny runs trained here (a 2-D ring and class-con
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from torchdiffusion.runs import config as config_mod
 from torchdiffusion.runs.latent import dataset_from_config
 from torchdiffusion.runs.train import train
 from torchdiffusion.studio import Studio
+from torchdiffusion.studio import server as server_mod
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 TINY = ["model.channels=8", "model.num_res_blocks=1", "train.batch=16", "train.ckpt_every=0", "train.log_every=2",
@@ -175,6 +179,10 @@ def test_generate_equals_the_pipeline_and_is_reproducible(open_page, runs, tmp_p
     expected = save_samples(x, tmp_path / "expected.png", value_range=tuple(pipe.config["run"]["value_range"]))
     first = shown(page)
     np.testing.assert_array_equal(first, pixels(expected.read_bytes()))
+    cli_png = tmp_path / "cli.png"  # and the same picture as the sample command's
+    assert main(["sample", str(runs / "digits"), "--sampler", "ddim", "--steps", "10", "--seed", "1", "--n", "16",
+                 "--class", "3", "--out", str(cli_png), "--quiet"]) == 0
+    np.testing.assert_array_equal(first, pixels(cli_png.read_bytes()))
     # the download links: the same PNG, and the samples themselves as .npz
     assert fetch(page, tid(page, "download-png").evaluate("e => e.href")) == expected.read_bytes()
     npz = np.load(io.BytesIO(fetch(page, tid(page, "download-npz").evaluate("e => e.href"))))
@@ -250,6 +258,41 @@ def test_bad_values_show_an_error_and_the_page_keeps_working(open_page, tmp_path
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(tmp_path / "studio.png", target)
     assert Image.open(tmp_path / "studio.png").size[0] == 1280
+
+
+def test_sampling_runs_off_the_request_thread_one_job_at_a_time(servers, monkeypatch):
+    studio = servers["digits"].studio
+    body = json.dumps({"sampler": "ddim", "grid": "", "steps": "3", "seed": "0", "n": "2", "class": "1"}).encode()
+
+    def post() -> list[dict]:
+        req = urllib.request.Request(servers["digits"].url + "api/generate", data=body, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return [json.loads(line) for line in resp]
+        except urllib.error.HTTPError as e:
+            return [json.loads(line) for line in e]
+
+    threads = []
+    inner = studio.counter.model
+    monkeypatch.setattr(studio.counter, "model", _Spy(inner, threads))
+    assert post()[-1]["type"] == "done"
+    assert threads and set(threads) == {"studio-worker"}
+    monkeypatch.setattr(server_mod, "WAIT_SECONDS", 0.2)
+    with studio.lock:  # another job holds the model
+        msgs = post()
+    assert msgs == [{"type": "error", "message": "the model is busy with another request; try again when it finishes"}]
+    assert post()[-1]["type"] == "done"
+
+
+class _Spy:
+    """A model that records the thread of every call."""
+
+    def __init__(self, model, threads: list):
+        self.model, self.threads = model, threads
+
+    def predict(self, *args):
+        self.threads.append(threading.current_thread().name)
+        return self.model.predict(*args)
 
 
 def test_command_prints_the_address_and_stops_on_ctrl_c(runs):
