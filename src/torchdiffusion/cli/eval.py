@@ -19,6 +19,7 @@ from torchdiffusion import samplers
 from torchdiffusion._files import prepare_output, write_json
 from torchdiffusion._tensor import check_finite_values
 from torchdiffusion.cli.commands import StepBar, command
+from torchdiffusion.cli.evalref import add_ref_arguments, eval_against_folder
 from torchdiffusion.data.datasets import toy_density
 from torchdiffusion.evaluation.metrics import DigitsEvaluator
 from torchdiffusion.parameterization.guidance import CFG
@@ -39,6 +40,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_ref_arguments(p)
 
 
 def _mean_se(v) -> tuple[float, float]:
@@ -102,7 +104,11 @@ def _run(a) -> int:
     name = info.get("data_name") or cfg["data"]["name"]
     if a.guidance and not info.get("num_classes"):
         raise ValueError("--guidance needs a class-conditional run (trained with data.conditional=true)")
-    if name in TOYS:
+    if a.ref:  # real images against a reference folder (issue 19)
+        res = check_finite_values(eval_against_folder(a, model, cfg, sampler, steps), "the evaluation")
+        print(f"{res['samples']} samples ({sampler}, {steps} NFE) against {a.ref}: "
+              + ", ".join(f"{k} {v:.4g}" for k, v in res.items() if k not in ("samples", "reference")))
+    elif name in TOYS:
         res = check_finite_values(_eval_toy(model, cfg, a, sampler, steps), "the evaluation")
         print(f"{name}: {res['samples']} samples ({sampler}, {steps} NFE): NLL {res['nll']:.4f} +- "
               f"{res['nll_se']:.4f} nats; exact samples {res['exact_nll']:.4f} +- {res['exact_nll_se']:.4f}")

@@ -25,6 +25,7 @@ from torchdiffusion.cli import likelihood as _likelihood  # noqa: F401  (torchdi
 from torchdiffusion.cli import scorefield as _scorefield  # noqa: F401  (torchdiffusion scorefield)
 from torchdiffusion.cli import studio as _studio  # noqa: F401  (torchdiffusion studio)
 from torchdiffusion.cli.commands import COMMANDS, StepBar, command
+from torchdiffusion.cli.samplefolder import sample_folder_command
 from torchdiffusion.evaluation.viz import check_sample_path, save_gif, save_samples
 from torchdiffusion.parameterization import guidance as G
 from torchdiffusion.runs import config as config_mod
@@ -32,6 +33,7 @@ from torchdiffusion.runs.build import load_classifier, load_run
 from torchdiffusion.runs.demo import run_demo
 from torchdiffusion.runs.latent import dataset_from_config, sample_autoencoder_run, to_images
 from torchdiffusion.runs.pipeline import Pipeline, require_kind
+from torchdiffusion.runs.sample_folder import is_folder_output
 from torchdiffusion.runs.train import maybe_distributed_train
 from torchdiffusion.samplers import grids
 
@@ -122,6 +124,8 @@ def _sample_run(a) -> int:
         for p in sample_autoencoder_run(a.run, n=a.n, seed=a.seed, out=a.out, ema=not a.no_ema):
             print(f"wrote {p}")
         return 0
+    if a.out and is_folder_output(a.out):  # numbered PNGs: batched, resumable, sharded (issue 19)
+        return sample_folder_command(a, model, cfg, _guided_model)
     out = check_sample_path(a.out if a.out else Path(a.run) / "samples.png")  # refuse before sampling
     pipe = Pipeline(model, cfg)
     info = cfg["run"]

@@ -118,9 +118,10 @@ class Pipeline:
     def generate(self, model, n: int, *, cond: Tensor | None = None, sampler: str | None = None,
                  steps: int | None = None, grid: str | Tensor | None = None, generator: torch.Generator | None = None,
                  batch_size: int | None = None, callback: Callable[[dict], None] | None = None,
-                 **sampler_options) -> Tensor:
+                 seeds: Sequence[int] | None = None, **sampler_options) -> Tensor:
         """Sample any model over this run's process and data (e.g. a guidance wrapper around ``self.model``)
-        with per-sample noise (module doc), in batches of ``batch_size``; decoded to images for latent runs."""
+        with per-sample noise (module doc), in batches of ``batch_size``; decoded to images for latent runs.
+        ``seeds`` (``n`` per-sample seeds, e.g. a subset of :func:`sample_seeds`) replaces ``generator``."""
         check_count(n, "n")
         if batch_size is not None:
             check_count(batch_size, "batch_size")
@@ -130,7 +131,9 @@ class Pipeline:
         grid = grid if grid is not None else s.get("grid")
         first = next(iter(self.model.net.parameters()), None) if hasattr(self.model.net, "parameters") else None
         device = first.device if first is not None else "cpu"
-        seeds = sample_seeds(n, generator)
+        seeds = sample_seeds(n, generator) if seeds is None else [int(v) for v in seeds]
+        if len(seeds) != n:
+            raise ValueError(f"seeds must hold n = {n} per-sample seeds, got {len(seeds)}")
         out = []
         for lo in range(0, n, batch_size or n):
             gens = SampleGenerators(seeds[lo: lo + (batch_size or n)])

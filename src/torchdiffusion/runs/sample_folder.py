@@ -1,0 +1,68 @@
+"""``sample RUN --n N --out DIR/``: numbered PNGs, batched, resumable, sharded across torchrun ranks (issue 19).
+
+Sample ``i`` always gets the ``i``-th of the ``n`` per-sample seeds drawn from ``--seed``
+(:func:`~torchdiffusion.runs.pipeline.sample_seeds`), so a sample does not depend on the batch it is drawn in,
+on which samples already exist, or on the number of processes: rank ``r`` of ``w`` draws the missing indices
+``i`` with ``i % w == r`` and writes ``DIR/{i:06d}.png`` (uint8, :func:`~torchdiffusion.evaluation.images.write_png`,
+atomically), so an interrupted run resumes by skipping the files already written, and one process writes the same
+images as many.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from torchdiffusion.evaluation.images import numbered_pngs, png_name, to_uint8_chw, write_png
+from torchdiffusion.runs.pipeline import Pipeline, sample_seeds
+
+
+def is_folder_output(out: str | Path) -> bool:
+    """``--out`` names a folder of PNGs: it ends with ``/`` or is an existing folder."""
+    return str(out).endswith(("/", os.sep)) or Path(out).is_dir()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(RANK, WORLD_SIZE)`` of a torchrun launch, ``(0, 1)`` otherwise."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError("RANK and WORLD_SIZE must be integers (set by torchrun)") from None
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} must lie in 0..WORLD_SIZE-1 = {world - 1}")
+    return rank, world
+
+
+def sample_to_folder(pipe: Pipeline, model, n: int, out: str | Path, *, seed: int = 0, cond: Tensor | None = None,
+                     batch_size: int | None = None, rank: int = 0, world: int = 1,
+                     on_batch: Callable[[int], None] | None = None, **generate_kw) -> list[Path]:
+    """Write this rank's missing samples of ``0 .. n-1`` to ``out`` (module doc); returns the files written.
+
+    ``model`` is ``pipe.model`` or a guidance wrapper around it, ``cond`` its ``n`` labels (or None);
+    ``generate_kw`` go to :meth:`Pipeline.generate` (sampler, steps, grid, callback, sampler options).
+    Images are the data's own range mapped to uint8 (``run.value_range``, decoded first for latent runs).
+    """
+    out = Path(out)
+    info = pipe.config["run"]
+    shape = info["latent"]["image_shape"] if info.get("latent") else info["data_shape"]
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise ValueError(f"a folder of PNGs needs grey or RGB images; this run's samples have shape {tuple(shape)}")
+    vr = tuple((info["latent"] if info.get("latent") else info).get("value_range", (-1, 1)))
+    seeds = sample_seeds(n, torch.Generator().manual_seed(seed))
+    done = numbered_pngs(out)
+    todo = [i for i in range(n) if i % world == rank and i not in done]
+    step = batch_size or len(todo) or 1
+    written = []
+    for lo in range(0, len(todo), step):
+        idx = todo[lo: lo + step]
+        c = None if cond is None else cond[idx]
+        x = pipe.generate(model, len(idx), cond=c, seeds=[seeds[i] for i in idx], batch_size=None, **generate_kw)
+        for i, img in zip(idx, to_uint8_chw(x, vr)):
+            written.append(write_png(img, out / png_name(i)))
+        if on_batch is not None:
+            on_batch(len(idx))
+    return written
