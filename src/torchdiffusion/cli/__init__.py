@@ -1,4 +1,4 @@
 """L6 command line: ``commands`` (the registry), one module per command family (``main``: train, sample,
-demo; ``eval``; ``likelihood``; ``scorefield``), and the entry point :func:`main`."""
+demo; ``eval``; ``likelihood``; ``scorefield``; ``studio``), and the entry point :func:`main`."""
 
 from torchdiffusion.cli.main import main  # noqa: F401

@@ -8,7 +8,8 @@ Routes (all answers are JSON unless said otherwise):
                                ``done`` (result id, NFE, seconds) or ``error``
 ``POST /api/compare``          NDJSON stream: two settings from the same noise, then ``done`` with both results
                                and their RMS difference
-``GET /api/scorefield?sigma=`` 2-D runs: learned (and exact, where the data has an oracle) score field as a PNG
+``GET /api/scorefield?sigma=`` 2-D runs: the learned (and exact, where the data has an oracle) score field as a PNG
+                               data URL, with ``t`` and the density-weighted relative error
 ``GET /results/ID.png|.npz``   a stored result, written by :func:`torchdiffusion.evaluation.viz.save_samples`
 
 Sampling runs on a worker thread, never on the request thread; one job at a time per model (a lock, waited
@@ -489,6 +490,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- routes ------------------------------------------------------------------------------------------------
     def do_GET(self) -> None:
+        """The page, the run's description, the score field and stored results."""
         studio = self.server.studio
         url = urlparse(self.path)
         try:
@@ -519,8 +521,13 @@ class Handler(BaseHTTPRequestHandler):
                 self._error(f"no page {url.path}", HTTPStatus.NOT_FOUND)
         except (ValueError, TypeError, RuntimeError, KeyError) as e:
             self._error(_one_line(e))
+        except OSError:  # the browser went away
+            pass
+        except Exception as e:  # noqa: BLE001  (one line for the page; the server keeps serving)
+            self._error(f"{type(e).__name__}: {_one_line(e)}", HTTPStatus.INTERNAL_SERVER_ERROR)
 
     def do_POST(self) -> None:
+        """Start a generate or compare job and stream its messages."""
         studio = self.server.studio
         path = urlparse(self.path).path
         try:
