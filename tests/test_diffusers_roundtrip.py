@@ -123,6 +123,10 @@ def test_score_sde_vp_and_process_only_families():
     assert isinstance(process_from_diffusers(cm), EDM)
     with pytest.raises(ValueError, match="consistency model"):
         denoiser_from_diffusers(torch.nn.Identity(), cm)
+    euler = diffusers.EulerDiscreteScheduler(prediction_type="v_prediction", timestep_type="continuous")
+    assert isinstance(process_from_diffusers(euler), DDPM)
+    with pytest.raises(ValueError, match="continuous"):
+        denoiser_from_diffusers(torch.nn.Identity(), euler)
 
 
 def test_old_bug_edm_and_ve_configs_are_not_ddpm():

@@ -252,6 +252,9 @@ def denoiser_from_diffusers(unet: nn.Module, source: Any, cond_kwarg: str = "cla
     family = _family(name, cfg)
     process = process_from_diffusers(source)
     if family == "ddpm":
+        if cfg.get("timestep_type") == "continuous":
+            raise ValueError(f"{name} with timestep_type='continuous' feeds the UNet 0.25 log(sigma) and a scaled "
+                             "input; a denoiser is supported for its discrete timesteps only")
         return Denoiser(DiffusersNet(unet, cond_kwarg), process, prediction_from_diffusers(source))
     if family == "ve":
         return Denoiser(DiffusersNet(unet, cond_kwarg, time_input=process.sigma), process, "score")
