@@ -12,9 +12,9 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "torchdiffusion"
 LAYERS = {  # top-level module or folder -> layer
-    "_tensor": 0, "_files": 0, "processes": 1, "nets": 1, "parameterization": 2, "oracle": 2.5, "samplers": 3, "losses": 3,
-    "likelihood": 3, "data": 3, "training": 4, "evaluation": 4, "runs": 5, "studio": 5.5, "cli": 6, "__init__": 7,
-    "__main__": 7,
+    "_tensor": 0, "_files": 0, "processes": 1, "nets": 1, "parameterization": 2, "oracle": 2.5, "samplers": 3,
+    "losses": 3, "likelihood": 3, "data": 3, "training": 4, "evaluation": 4, "runs": 5, "studio": 5.5, "cli": 6,
+    "__init__": 7, "__main__": 7,
 }
 ALLOWED_SAME_LAYER = {("losses", "likelihood")}
 

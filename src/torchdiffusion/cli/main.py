@@ -18,7 +18,7 @@ import torch
 
 from torchdiffusion import samplers
 from torchdiffusion._files import cause, prepare_output
-from torchdiffusion._tensor import check_count
+from torchdiffusion._tensor import check_count, check_number
 from torchdiffusion.cli import eval as _eval  # noqa: F401  (torchdiffusion eval)
 from torchdiffusion.cli import export as _export  # noqa: F401  (torchdiffusion export-diffusers)
 from torchdiffusion.cli import likelihood as _likelihood  # noqa: F401  (torchdiffusion likelihood)
@@ -114,6 +114,9 @@ def _sample_run(a) -> int:
     check_count(a.n, "--n")
     if a.batch_size is not None:
         check_count(a.batch_size, "--batch-size")
+    for name, v in (("--guidance", a.guidance), ("--classifier-scale", a.classifier_scale)):
+        if v is not None:
+            check_number(v, name)
     if a.gif:
         if not a.gif.endswith(".gif"):
             raise ValueError(f"--gif must name a .gif file, got {a.gif}")
