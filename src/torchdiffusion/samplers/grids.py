@@ -6,17 +6,26 @@ may evaluate the model, followed by ``process.t_zero`` (the clean state, noise 0
 
 For DDPM the ``uniform`` (diffusers "linspace"), ``leading`` and ``trailing`` spacings produce integer
 timesteps exactly as diffusers does, so samples can be compared with its schedulers.
+
+:func:`optimize` fits a grid to one model and sampler from pilot solves (:mod:`torchdiffusion.samplers.gridfit`);
+:func:`save` and :func:`load` keep such a grid in a JSON file (``torchdiffusion sample RUN --grid FILE.json``).
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from torchdiffusion._files import read_text, write_json
 from torchdiffusion.processes import Process, as_time, times_from_ve_sigmas
+from torchdiffusion.samplers import gridfit
+from torchdiffusion.samplers.registry import get as _get_sampler
 
 GridFn = Callable[[Process, int], Tensor]
 _GRIDS: dict[str, GridFn] = {}
@@ -204,3 +213,82 @@ def optimized(process: Process, n: int) -> Tensor:
     ``s_lo`` (:func:`capped_grid`), with parameters from :data:`OPTIMIZED`."""
     key = min(OPTIMIZED, key=lambda k: abs(math.log(k) - math.log(max(n, 1))))
     return capped_grid(process, n, *OPTIMIZED[key])
+
+
+# --- grids fitted to a model (issue 16) ----------------------------------------------------------------------
+
+def optimize(model, sampler: str, steps: int, x_T: Tensor | None = None, shape: tuple[int, ...] | None = None,
+             cond=None, budget: float = 200.0, *, n_pilot: int = 64, generator: torch.Generator | None = None,
+             reference: Tensor | None = None, rtol: float = 1e-6, atol: float = 1e-6, knots: int = 5,
+             return_info: bool = False, **options) -> Tensor | tuple[Tensor, dict]:
+    """A grid fitted to ``model`` and ``sampler`` at ``steps`` network evaluations (method:
+    :mod:`torchdiffusion.samplers.gridfit`): the interior times, as softmax increments in log-SNR, minimize the
+    final RMS error of ``sampler`` against an accurate PF-ODE solve (dopri5, ``rtol``/``atol``) over pilot
+    trajectories, starting from the best of the process's default grid, ``logsnr``, ``karras`` and ``optimized``.
+
+    Pilot states: ``x_T`` (the state at ``t_max``; draw it independently of any noise you will score), or else
+    ``n_pilot`` draws of ``process.prior_sample((n_pilot, *shape))`` from ``generator`` (default seed 16). ``cond``
+    is the condition of the pilot batch. ``budget`` caps the total cost, reference solve included, at ``budget``
+    sampling runs' worth of network calls (``budget x run_nfe``); the cost spent is logged and, with
+    ``return_info=True``, returned with the grid as ``(grid, info)`` (see :func:`gridfit.fit`). ``knots``: the
+    number of smooth-profile coordinates searched (:func:`gridfit.basis`). ``options`` go to the sampler.
+    Returns a strictly decreasing float64 tensor of times from ``t_max`` to ``t_zero`` that
+    ``td.sample(model, x, sampler, grid=...)`` accepts.
+    """
+    process = model.process
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    spec = _get_sampler(sampler)
+    if x_T is None:
+        if shape is None:
+            raise ValueError("grids.optimize needs pilot states x_T or a sample shape (e.g. shape=(2,))")
+        if not isinstance(n_pilot, int) or n_pilot < 1:
+            raise ValueError(f"n_pilot must be an integer >= 1, got {n_pilot!r}")
+        g = generator if generator is not None else torch.Generator().manual_seed(16)
+        x_T = process.prior_sample((n_pilot, *tuple(shape)), generator=g)
+    if not isinstance(x_T, Tensor) or not torch.isfinite(x_T).all():
+        raise ValueError("x_T must be a finite tensor of pilot states")
+    iopts = {k: v for k, v in options.items() if k in inspect.signature(spec.intervals).parameters and k != "steps"}
+    n = spec.intervals(steps, **iopts)
+    if n < 1:
+        raise ValueError(f"sampler {sampler!r} needs more than {steps} evaluation(s)")
+    starts: dict[str, Tensor] = {}
+    for name in dict.fromkeys([default_for(process), "logsnr", "karras", "optimized"]):
+        try:
+            starts[name] = get(name, process, n)
+        except ValueError:
+            continue
+    grid, info = gridfit.fit(model, sampler, steps, x_T, cond=cond, budget=budget, reference=reference, rtol=rtol,
+                             atol=atol, starts=starts, knots=knots, **options)
+    grid = get(grid, process, 0)  # validated like any user grid
+    return (grid, info) if return_info else grid
+
+
+def save(path: str | Path, grid: Tensor, **metadata) -> Path:
+    """Write ``grid`` as JSON ``{"times": [...], ...metadata}`` (atomically); :func:`load` reads it back and
+    ``torchdiffusion sample RUN --grid FILE.json`` samples on it."""
+    ts = as_time(grid).detach().cpu().reshape(-1)
+    if len(ts) < 2 or not torch.isfinite(ts).all() or not (ts[1:] < ts[:-1]).all():
+        raise ValueError("a grid must be a strictly decreasing 1-D tensor of finite times with at least 2 entries")
+    return write_json(path, {**metadata, "times": [float(t) for t in ts]})
+
+
+def load(path: str | Path) -> Tensor:
+    """The grid in JSON file ``path``: a list of times, or an object with a ``"times"`` list (other keys are
+    metadata). Strictly decreasing finite numbers, at least two; one-line errors naming the file otherwise.
+    Whether the grid suits a process (range, last time ``t_zero``) is checked when it is used."""
+    text = read_text(path, "grid file")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"grid file {path}: not valid JSON ({e})") from None
+    times = obj.get("times") if isinstance(obj, dict) else obj
+    if not isinstance(times, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                              for v in times):
+        raise ValueError(f"grid file {path}: expected a JSON list of times or an object with a \"times\" list of "
+                         "numbers")
+    ts = torch.tensor([float(v) for v in times], dtype=torch.float64)
+    if len(ts) < 2 or not torch.isfinite(ts).all() or not (ts[1:] < ts[:-1]).all():
+        raise ValueError(f"grid file {path}: the times must be at least 2 finite numbers, strictly decreasing "
+                         "(from t_max down to the clean time t_zero)")
+    return ts
