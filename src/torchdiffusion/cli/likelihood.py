@@ -120,13 +120,14 @@ def _run(a) -> int:
             opts["x0_range"] = (lo, hi)
     g = torch.Generator().manual_seed(a.seed)
     results = []
-    for i in tqdm(range(0, len(x), a.batch), desc=f"likelihood ({method})", dynamic_ncols=True):
-        xb = x[i: i + a.batch].to(a.device)
-        try:
-            results.append(bits_per_dim(model, xb, method=method, levels=ds.levels, value_range=ds.value_range,
-                                        generator=g, **opts))
-        except ValueError as e:  # name the batch (the indices in the message count from its start)
-            raise ValueError(f"examples {i}..{i + len(xb) - 1}: {e}") from e
+    with tqdm(range(0, len(x), a.batch), desc=f"likelihood ({method})", dynamic_ncols=True) as starts:
+        for i in starts:  # (the bar is closed before an error is printed)
+            xb = x[i: i + a.batch].to(a.device)
+            try:
+                results.append(bits_per_dim(model, xb, method=method, levels=ds.levels, value_range=ds.value_range,
+                                            generator=g, **opts))
+            except ValueError as e:  # name the batch (the indices in the message count from its start)
+                raise ValueError(f"examples {i}..{i + len(xb) - 1}: {e}") from e
     res = LikelihoodResult.cat(results)
     check_finite(res.bpd, "the bits/dim")
     mean, se = res.mean_se()

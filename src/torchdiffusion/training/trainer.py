@@ -455,6 +455,9 @@ class Trainer:
                 if interrupted():
                     signum = interrupted()
                     raise KeyboardInterrupt
+        except Exception:
+            bar.close()  # the error message starts on a line of its own
+            raise
         except KeyboardInterrupt as e:
             bar.close()
             signum = getattr(e, "signum", signum)
