@@ -77,7 +77,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--sampler", default=None, help="sampler name (see --list)")
     p.add_argument("--steps", type=int, default=None, help="network evaluations")
-    p.add_argument("--grid", default=None, help="time grid name")
+    p.add_argument("--grid", default=None, help="time grid name, or a FILE.json of times (td.grids.save)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output .png or .npz (default RUN/samples.png)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
@@ -135,6 +135,9 @@ def _sample_run(a) -> int:
     sampler = a.sampler or cfg["sample"]["sampler"]
     samplers.get(sampler)
     steps = a.steps if a.steps is not None else int(cfg["sample"]["steps"])
+    grid = a.grid or cfg["sample"].get("grid")
+    if isinstance(grid, str) and grid.endswith(".json"):  # a fitted grid fixes the intervals (issue 16)
+        grid, steps = grids.load(grid), a.steps
     opts = {}
     for item in a.opt:
         if "=" not in item:
@@ -151,7 +154,6 @@ def _sample_run(a) -> int:
         bar(d)
         if a.gif:
             frames.append(d["x"].clone())
-    grid = a.grid or cfg["sample"].get("grid")
     try:
         x = pipe.generate(guided, a.n, cond=cond, sampler=sampler, steps=steps, grid=grid,
                           generator=torch.Generator().manual_seed(a.seed), callback=cb, batch_size=a.batch_size,

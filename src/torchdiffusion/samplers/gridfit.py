@@ -108,9 +108,6 @@ def basis(n: int, knots: int) -> Tensor:
 
 def _check_sampler(sampler: str, options: dict) -> None:
     spec = get_sampler(sampler)
-    if spec.stochastic:
-        raise ValueError(f"grids.optimize needs a deterministic sampler; {sampler!r} draws noise (use e.g. unipc, "
-                         "dpmpp_2m, ddim, ipndm)")
     if sampler == "ode":
         raise ValueError("grids.optimize: the adaptive 'ode' sampler chooses its own steps; give a fixed-step sampler")
     params = inspect.signature(spec.fn).parameters
@@ -143,10 +140,10 @@ def fit(model, sampler: str, steps: int, x_T: Tensor, *, cond=None, budget: floa
     n = len(next(iter(starts.values()))) - 1
     opts = spec.prepare(steps, n, dict(options)) if spec.prepare is not None else dict(options)
 
-    def run(ts: Tensor) -> tuple[Tensor, int]:
+    def run(ts: Tensor, seed: int = 0) -> tuple[Tensor, int]:
         bound = Bound(model, cond)
         with torch.no_grad():
-            x = spec.fn(bound, x_T, ts, **opts)
+            x = spec.fn(bound, x_T, ts, generator=torch.Generator(x_T.device).manual_seed(seed), **opts)
         return x, bound.nfe
 
     # one run fixes the unit of cost (and checks that the sampler accepts the grid)
@@ -154,6 +151,12 @@ def fit(model, sampler: str, steps: int, x_T: Tensor, *, cond=None, budget: floa
     x_first, run_nfe = run(first)
     run_nfe = max(run_nfe, 1)
     state = _Search(max_calls=int(math.floor(budget * run_nfe)), calls=run_nfe, evals=1)
+    if spec.stochastic:  # e.g. ddim: deterministic with eta = 0 only; a second noise seed tells
+        x_again, calls = run(first, seed=1)
+        state.calls += calls
+        if not torch.equal(x_first, x_again):
+            raise ValueError(f"grids.optimize needs a deterministic sampler; {sampler!r} with options {options} draws "
+                             "noise (use e.g. unipc, dpmpp_2m, ipndm, or ddim with eta=0)")
     ref_nfe = 0
     if reference is None:
         bound = Bound(model, cond)

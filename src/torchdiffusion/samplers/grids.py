@@ -218,7 +218,7 @@ def optimized(process: Process, n: int) -> Tensor:
 # --- grids fitted to a model (issue 16) ----------------------------------------------------------------------
 
 def optimize(model, sampler: str, steps: int, x_T: Tensor | None = None, shape: tuple[int, ...] | None = None,
-             cond=None, budget: float = 200.0, *, n_pilot: int = 64, generator: torch.Generator | None = None,
+             cond=None, budget: float = 300.0, *, n_pilot: int = 64, generator: torch.Generator | None = None,
              reference: Tensor | None = None, rtol: float = 1e-6, atol: float = 1e-6, knots: int = 5,
              return_info: bool = False, **options) -> Tensor | tuple[Tensor, dict]:
     """A grid fitted to ``model`` and ``sampler`` at ``steps`` network evaluations (method:
