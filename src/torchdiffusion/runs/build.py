@@ -13,7 +13,7 @@ from torchdiffusion.nets.autoencoder import Autoencoder
 from torchdiffusion.parameterization.denoiser import Denoiser
 from torchdiffusion.parameterization.guidance import Classifier
 from torchdiffusion.processes import Process, process_from_config
-from torchdiffusion.runs.config import check_values
+from torchdiffusion.runs.config import check_values, with_defaults
 from torchdiffusion.training.checkpoint import load_json, load_tensors
 
 _PROCESS_KEYS = {
@@ -150,7 +150,7 @@ def load_run(run: str | Path, ema: bool = True, device: str | torch.device = "cp
     if not run.is_dir():
         raise ValueError(f"run folder not found: {run}")
     device = resolve_device(device)
-    cfg = load_json(run / "config.json")
+    cfg = with_defaults(load_json(run / "config.json"))
     info = cfg.get("run")
     if not isinstance(info, dict) or not info.get("data_shape"):
         raise ValueError(f"{run}/config.json has no 'run' section: not a training run folder")

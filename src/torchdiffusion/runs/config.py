@@ -164,6 +164,12 @@ def _whole(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def with_defaults(saved: dict) -> dict:
+    """A run's saved config completed with the keys this version added since (their defaults), so that a run
+    written by an older version loads, resumes and compares equal to the same config resolved today."""
+    return deep_update(DEFAULTS, saved, strict=False)
+
+
 def check_values(cfg: dict) -> dict:
     """Refuse count values that are not whole numbers (``train.steps=2.5``, ``model.hidden=0``, ``process.T=2.5``)
     with one line naming the key; returns ``cfg``."""

@@ -28,7 +28,7 @@ DIGITS_GUIDANCE = 0.5  # guidance scale w of the pictures: accuracy 1.0, FD abou
 def _finished(folder: Path, cfg: dict) -> bool:
     """Whether ``folder`` holds a resumable run of the same model configuration (then ``force`` is not needed)."""
     try:
-        saved = load_json(folder / "config.json")
+        saved = config_mod.with_defaults(load_json(folder / "config.json"))
     except ValueError:
         return False
     return (folder / "train_state.safetensors").is_file() and all(saved.get(k) == cfg.get(k)

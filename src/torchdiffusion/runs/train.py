@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from torchdiffusion.data.datasets import Dataset, split_dataset
 from torchdiffusion.runs.build import RunModel, build_model, net_of, run_kind, with_net
+from torchdiffusion.runs.config import with_defaults
 from torchdiffusion.runs.generate import generate_to_file
 from torchdiffusion.runs.latent import dataset_from_config, write_autoencoder_samples
 from torchdiffusion.runs.losses import get_loss
@@ -84,7 +85,7 @@ def build_trainer(cfg: dict, out: str | Path, *, dataset: Dataset | None = None,
     if conditional and data.y is None:
         raise ValueError(f"data.conditional=true but dataset {data.name!r} has no labels")
     if resume and not force and (out / "train_state.safetensors").is_file():
-        saved = load_json(out / "config.json")
+        saved = with_defaults(load_json(out / "config.json"))
         diff = [k for k in MODEL_SECTIONS if saved.get(k) != cfg.get(k)]
         if diff:
             raise ValueError(f"{out} holds a run with a different {'/'.join(diff)} config; use another --out, or "
