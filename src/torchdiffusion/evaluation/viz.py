@@ -73,6 +73,21 @@ def save_gif(frames: list[Tensor], path: str | Path, nrow: int | None = None, sc
                                                       duration=duration_ms, loop=0))
 
 
+def _square(ax, lim: float) -> None:
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+
+
+def _save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write atomically as PNG, and close a matplotlib figure."""
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        _mpl().close(fig)
+
+
 def save_scatter(samples: Tensor, path: str | Path, data: Tensor | None = None, title: str = "",
                  lim: float | None = None) -> Path:
     """2-D samples as a scatter PNG, beside the training data when given."""
@@ -85,17 +100,11 @@ def save_scatter(samples: Tensor, path: str | Path, data: Tensor | None = None, 
     for ax, (name, p) in zip(axes[0], panels):
         p = p.detach().cpu().float()
         ax.scatter(p[:, 0], p[:, 1], s=2, alpha=0.5, color="C0" if name == "data" else "C3")
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
-        ax.set_aspect("equal")
+        _square(ax, lim)
         ax.set_title(f"{name} (n={len(p)})")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, path)
 
 
 def save_score_field(score_fns: dict, path: str | Path, log_density=None, lim: float = 3.0, n: int = 21,
@@ -118,17 +127,11 @@ def save_score_field(score_fns: dict, path: str | Path, log_density=None, lim: f
         s = s / norm * norm.log1p() / norm.log1p().max()  # compress magnitudes for legibility
         ax.quiver(pts[:, 0], pts[:, 1], s[:, 0], s[:, 1], color=f"C{i}", label=name, alpha=0.8,
                   angles="xy", scale_units="xy", scale=1.0 / (2 * lim / n))
-    ax.set_xlim(-lim, lim)
-    ax.set_ylim(-lim, lim)
-    ax.set_aspect("equal")
+    _square(ax, lim)
     ax.legend(loc="upper right")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, path)
 
 
 SAMPLE_FORMATS = (".png", ".npz")
