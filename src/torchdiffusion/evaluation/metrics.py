@@ -8,7 +8,13 @@
   requested class (conditional accuracy);
 - ``.features(x)``: the penultimate-layer activations, in which
 - ``.fd(x)`` is the Frechet distance (FID-style, Heusel et al. 2017) between the samples and the real training
-  split, and ``.fd_floor()`` the same for the real held-out split: the value a perfect generator reaches.
+  split, and ``.fd_floor()`` the same for the real held-out split: the value a perfect generator reaches;
+  ``.fd_floor_bootstrap()`` its (class-stratified) bootstrap standard error and 95 % interval.
+
+The split is the one that :func:`torchdiffusion.data.datasets.split_dataset` makes with ``holdout = HOLDOUT``
+(same seed-0 permutation), so a diffusion run with ``data.holdout = HOLDOUT`` (the digits presets that are scored
+here) trains on exactly the evaluator's training digits: the floor's held-out digits are unseen by the model,
+and a generated FD below the floor means samples closer to the training digits than unseen real digits are.
 
 The Frechet distance of two finite samples depends on their size (a bias of roughly ``tr(cov)/n``) and, at a few
 hundred digits, strongly on their class composition (the class means are far apart in feature space: a
@@ -25,6 +31,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +156,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TORCHDIFFUSION_CACHE") or Path.home() / ".cache" / "torchdiffusion")
 
 
+class FloorInterval(NamedTuple):
+    """The real-data FD floor with its bootstrap standard error, bias-corrected 95 % interval and the bootstrap's
+    bias (see :meth:`DigitsEvaluator.fd_floor_bootstrap`)."""
+
+    floor: float
+    se: float
+    lo: float
+    hi: float
+    bias: float
+
+
 _LOADED: dict[tuple[int, str], DigitsEvaluator] = {}
 
 
@@ -254,6 +272,28 @@ class DigitsEvaluator:
     def fd_floor(self) -> float:
         """Frechet distance of the real held-out digits to the real training digits (what real data scores)."""
         return frechet_distance(self._f_heldout, self._f_train)
+
+    def fd_floor_bootstrap(self, n_boot: int = 1000, seed: int = 0) -> FloorInterval:
+        """How much the floor depends on which real digits were held out: a class-stratified bootstrap of the
+        held-out digits (each class resampled with replacement to its own count, as the generated chunks are
+        matched; the training reference fixed, as it is for generated samples), ``n_boot`` seeded draws.
+
+        Repeated digits raise a Frechet distance (the bootstrap mean lies above the floor by ``bias``), so the
+        95 % interval is the bias-corrected percentile interval ``[q_2.5 - bias, q_97.5 - bias]``; ``se`` is the
+        bootstrap standard deviation. A generated chunk's FD inside the interval is at the real-data floor."""
+        if int(n_boot) < 2:
+            raise ValueError(f"n_boot must be >= 2, got {n_boot}")
+        g = torch.Generator().manual_seed(int(seed))
+        by_class = [torch.nonzero(self.y_heldout == c).flatten() for c in range(10)]
+        fds = []
+        for _ in range(int(n_boot)):
+            idx = torch.cat([i[torch.randint(len(i), (len(i),), generator=g)] for i in by_class if len(i)])
+            fds.append(frechet_distance(self._f_heldout[idx], self._f_train))
+        v = torch.tensor(fds, dtype=torch.float64)
+        floor = self.fd_floor()
+        bias = float(v.mean()) - floor
+        lo, hi = torch.quantile(v, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        return FloorInterval(floor, float(v.std()), lo - bias, hi - bias, bias)
 
     def heldout_accuracy(self) -> float:
         """Accuracy of the classifier on the real held-out digits."""
