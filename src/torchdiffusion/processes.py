@@ -74,6 +74,14 @@ class Process(ABC):
             hi = torch.where(above, hi, mid)
         return 0.5 * (lo + hi)
 
+    def log_snr_derivative(self, t: TimeLike) -> Tensor:
+        """``d lambda / dt`` (float64; negative: log-SNR falls with t), by autograd of :meth:`log_snr`. The weight
+        of the continuous-time bound is ``-1/2`` of it (Kingma et al. 2021, eq. 17; THEORY B-8)."""
+        t = as_time(t).detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            (d,) = torch.autograd.grad(self.log_snr(t).sum(), t)
+        return d
+
     def check_time(self, t: TimeLike) -> Tensor:
         """Validate that ``t`` lies in ``[t_zero, t_max]``; return it as float64."""
         tt = as_time(t)
@@ -471,7 +479,161 @@ class EDM(Process):
         return {"name": self.name, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
 
 
-PROCESSES: dict[str, type[Process]] = {"ddpm": DDPM, "vp": VP, "subvp": SubVP, "ve": VE, "edm": EDM}
+# ------------------------------------------------------------------------------------------------------------
+# Learned noise schedule (Variational Diffusion Models, Kingma et al. 2021)
+# ------------------------------------------------------------------------------------------------------------
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``holder.scale`` (per example) when one is set."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, holder: _GradScale) -> Tensor:
+        ctx.holder = holder
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        scale = ctx.holder.scale
+        if scale is None or scale.shape != g.shape:
+            return g, None  # scalar times (t_min, t_max): the shape's gradient there is exactly 0 anyway
+        return g * scale.to(g), None
+
+
+class _GradScale:
+    """The per-example factor that :class:`_ScaleGrad` applies (filled in after the loss is known)."""
+
+    scale: Tensor | None = None
+
+
+_FLOOR = 1e-3  # keeps gamma_1 - gamma_0 and the slope of h away from 0 whatever the parameters
+
+
+class MonotoneSchedule(torch.nn.Module):
+    """VDM's learned noise schedule ``gamma(t) = -lambda(t)`` on ``t`` in ``[0, 1]`` (Kingma et al. 2021, eq. 25 and
+    app. H.1; THEORY B-8):
+
+        gamma(t) = gamma_0 + (gamma_1 - gamma_0) (h(t) - h(0)) / (h(1) - h(0)),
+        h(t) = a t + sum_k c_k sigmoid(w_k t + b_k),  a, c_k, w_k > 0 (softplus),
+
+    so ``gamma`` increases strictly from the learned endpoint ``gamma_0`` to ``gamma_1 = gamma_0 +
+    softplus(delta) + 0.001``, with ``a >= 0.001``: the log-SNR is strictly monotone for any parameter values.
+    ``h`` starts linear (``c_k`` small), i.e. ``gamma`` linear in ``t``. Computed in float64.
+    """
+
+    def __init__(self, gamma_min: float = -10.0, gamma_max: float = 6.0, hidden: int = 32):
+        super().__init__()
+        if not gamma_max > gamma_min + 0.01:
+            raise ValueError(f"need gamma_max > gamma_min + 0.01, got {gamma_min}, {gamma_max}")
+        if int(hidden) < 1:
+            raise ValueError(f"schedule_hidden must be >= 1, got {hidden}")
+        self.gamma_0 = torch.nn.Parameter(torch.tensor(float(gamma_min)))
+        d = float(gamma_max) - float(gamma_min) - _FLOOR
+        self.delta = torch.nn.Parameter(torch.tensor(d + math.log(-math.expm1(-d))))  # softplus^-1(d)
+        k = int(hidden)
+        self.a = torch.nn.Parameter(torch.tensor(math.log(math.expm1(1.0 - _FLOOR))))  # softplus^-1(1 - floor)
+        self.w = torch.nn.Parameter(torch.full((k,), math.log(math.expm1(8.0))))
+        centres = (torch.arange(k, dtype=torch.float32) + 0.5) / k
+        self.b = torch.nn.Parameter(-8.0 * centres)
+        self.c = torch.nn.Parameter(torch.full((k,), -6.0))
+        self.grad_scale = _GradScale()
+
+    def endpoints(self) -> tuple[Tensor, Tensor]:
+        """``(gamma_0, gamma_1)`` in float64 (differentiable)."""
+        g0 = self.gamma_0.double()
+        return g0, g0 + torch.nn.functional.softplus(self.delta.double()) + _FLOOR
+
+    def _h(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``h(t)`` and ``h'(t)`` (shape of t)."""
+        sp = torch.nn.functional.softplus
+        a, w, c = sp(self.a.double()) + _FLOOR, sp(self.w.double()), sp(self.c.double()) / len(self.w)
+        s = torch.sigmoid(t[..., None] * w + self.b.double())
+        return a * t + (c * s).sum(-1), a + (c * w * s * (1 - s)).sum(-1)
+
+    def shape(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The normalized shape ``s(t) = (h(t) - h(0)) / (h(1) - h(0))`` in [0, 1] and ``s'(t)``."""
+        h, dh = self._h(t)
+        ends = self._h(torch.tensor([0.0, 1.0], dtype=torch.float64, device=t.device))[0]
+        z = ends[1] - ends[0]
+        s, ds = (h - ends[0]) / z, dh / z
+        if torch.is_grad_enabled():
+            s, ds = _ScaleGrad.apply(s, self.grad_scale), _ScaleGrad.apply(ds, self.grad_scale)
+        return s, ds
+
+    def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(gamma(t), gamma'(t))`` for float64 ``t`` in [0, 1]."""
+        g0, g1 = self.endpoints()
+        s, ds = self.shape(t)
+        return g0 + (g1 - g0) * s, (g1 - g0) * ds
+
+
+class LearnedVP(Process):
+    """Variance-preserving process with a learned log-SNR (VDM): ``alpha^2 = sigmoid(-gamma(t))``,
+    ``sigma^2 = sigmoid(gamma(t))``, ``lambda = -gamma`` for ``t`` in ``[0, 1]`` (Kingma et al. 2021, eq. 3-4).
+
+    ``gamma`` is a :class:`MonotoneSchedule` (``schedule``), an ``nn.Module`` that is trained with the network:
+    a run keeps it inside the trained module (``nets.LikelihoodNet``) and the process reads it from there
+    (:meth:`with_schedule`). ``sigma(0) > 0``, so, as for DDPM, the clean state has its own time
+    ``t_zero = -1`` and times in ``(-1, 0)`` are undefined. Forward SDE: ``f = -1/2 sigma^2 gamma'``,
+    ``g^2 = sigma^2 gamma'`` (THEORY T-SDE-1/2 with ``d sigma^2/dt = sigma^2 alpha^2 gamma'``).
+    """
+
+    name = "learned"
+    t_zero = -1.0
+
+    def __init__(self, gamma_min: float = -10.0, gamma_max: float = 6.0, schedule_hidden: int = 32,
+                 schedule: MonotoneSchedule | None = None):
+        self.gamma_min, self.gamma_max, self.schedule_hidden = float(gamma_min), float(gamma_max), int(schedule_hidden)
+        self.schedule = MonotoneSchedule(gamma_min, gamma_max, schedule_hidden) if schedule is None else schedule
+        self.t_min, self.t_max = 0.0, 1.0
+
+    def with_schedule(self, schedule: MonotoneSchedule) -> LearnedVP:
+        """The same process reading ``schedule`` (e.g. the EMA copy inside an EMA network)."""
+        return LearnedVP(self.gamma_min, self.gamma_max, self.schedule_hidden, schedule=schedule)
+
+    def _gamma(self, t: TimeLike) -> tuple[Tensor, Tensor, Tensor]:
+        """``(gamma, gamma', clean)`` at ``t``; at ``t_zero`` gamma is -inf (clean), elsewhere t must be in [0, 1]."""
+        t = self.check_time(t)
+        clean = t < 0
+        if (clean & (t != self.t_zero)).any():
+            raise ValueError("learned: t in (-1, 0) is undefined; use -1 (clean) or a time in [0, 1]")
+        p = next(self.schedule.parameters())
+        g, dg = self.schedule(t.clamp(min=0.0).to(p.device))
+        return torch.where(clean.to(g.device), -math.inf, g), dg, clean.to(g.device)
+
+    def log_snr(self, t):
+        return -self._gamma(t)[0]
+
+    def log_snr_derivative(self, t):
+        """``-gamma'(t)`` in closed form (differentiable in the schedule's parameters)."""
+        return -self._gamma(t)[1]
+
+    def alpha(self, t):
+        return torch.sqrt(torch.sigmoid(-self._gamma(t)[0]))
+
+    def sigma(self, t):
+        return torch.sqrt(torch.sigmoid(self._gamma(t)[0]))
+
+    def sde_coefficients(self, t):
+        g, dg, _ = self._gamma(t)
+        s2 = torch.sigmoid(g)
+        return -0.5 * s2 * dg, torch.sqrt(s2 * dg)
+
+    def prior_std(self) -> float:
+        return 1.0
+
+    def variance_gradient(self) -> _GradScale:
+        """The holder whose ``scale`` (per example) multiplies the gradient reaching the schedule's *shape*
+        (VDM app. I.2: with the endpoints fixed the bound does not depend on the shape, so the shape is trained
+        to minimize the variance of the loss: the gradient of ``L^2`` is ``2 L dL``, i.e. ``scale = 2 L``)."""
+        return self.schedule.grad_scale
+
+    def config(self):
+        return {"name": self.name, "gamma_min": self.gamma_min, "gamma_max": self.gamma_max,
+                "schedule_hidden": self.schedule_hidden}
+
+
+PROCESSES: dict[str, type[Process]] = {"ddpm": DDPM, "vp": VP, "subvp": SubVP, "ve": VE, "edm": EDM,
+                                       "learned": LearnedVP}
 
 
 def process_from_config(cfg: dict | str) -> Process:

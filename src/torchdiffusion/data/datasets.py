@@ -145,7 +145,9 @@ def digits(size: int = 8) -> Dataset:
 def load_npz(path: str | Path, key: str | None = None, label_key: str | None = None) -> Dataset:
     """Arrays from an ``.npz``: data under ``key`` (default ``x``, ``data``, ``images`` or the only array),
     optional labels under ``label_key`` (default ``y`` or ``labels``). uint8 images (N,H,W[,C]) or
-    (N,C,H,W) are scaled to [-1, 1]; float arrays are used as they are."""
+    (N,C,H,W) are scaled to [-1, 1]; float arrays are used as they are. A scalar ``levels`` array K marks
+    K-level data (for dequantization and bits/dim): integer arrays then hold codes 0..K-1 (scaled to
+    ``-1 + 2k/(K-1)``), float arrays must already lie on that grid of [-1, 1]."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no such .npz file: {path}")
@@ -156,8 +158,10 @@ def load_npz(path: str | Path, key: str | None = None, label_key: str | None = N
         keys = list(z.keys())
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:  # damaged archive
         raise ValueError(f"cannot read {path}: damaged .npz archive ({str(e).splitlines()[0][:120]})") from None
+    levels_given = _npz_levels(z, path) if "levels" in keys else None
     if key is None:
-        cand = [k for k in ("x", "data", "images", "arr_0") if k in keys] or (keys if len(keys) == 1 else [])
+        data_keys = [k for k in keys if k != "levels"]
+        cand = [k for k in ("x", "data", "images", "arr_0") if k in keys] or (data_keys if len(data_keys) == 1 else [])
         if not cand:
             raise ValueError(f"{path}: cannot tell which array holds the data among {keys}; pass key=")
         key = cand[0]
@@ -183,8 +187,38 @@ def load_npz(path: str | Path, key: str | None = None, label_key: str | None = N
             x = x.permute(0, 3, 1, 2)
     else:
         x = torch.tensor(arr, dtype=torch.float32)
+    if levels_given is not None:
+        if arr.dtype.kind in "ui":  # integer codes 0..K-1
+            codes = torch.tensor(arr.astype(np.int64))
+            if int(codes.min()) < 0 or int(codes.max()) > levels_given - 1:
+                raise ValueError(f"{path}: integer data must hold codes 0..{levels_given - 1} for levels = "
+                                 f"{levels_given}, got values in [{int(codes.min())}, {int(codes.max())}]")
+            x = codes.to(torch.float32) / (levels_given - 1) * 2 - 1
+            if x.ndim == 3:
+                x = x[:, None]
+            elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+                x = x.permute(0, 3, 1, 2)
+        else:
+            k = (x.double() + 1) / 2 * (levels_given - 1)
+            if (k - k.round()).abs().max() > 1e-3 or k.min() < -1e-3 or k.max() > levels_given - 1 + 1e-3:
+                raise ValueError(f"{path}: float data with levels = {levels_given} must lie on the grid "
+                                 f"-1 + 2 k / {levels_given - 1} (k = 0..{levels_given - 1}) of [-1, 1]")
+            x = (k.round() / (levels_given - 1) * 2 - 1).to(torch.float32)
+        levels = levels_given
     y = torch.tensor(labels, dtype=torch.long) if labels is not None else None
     return Dataset(x.contiguous(), y, levels=levels, name=path.stem)
+
+
+def _npz_levels(z, path: Path) -> int:
+    """The scalar ``levels`` array of an ``.npz``: an integer K >= 2 (K-level data, for dequantization and bits/dim)."""
+    try:
+        lv = z["levels"]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"cannot read {path}: damaged array 'levels' ({str(e).splitlines()[0][:120]})") from None
+    if lv.shape != () or lv.dtype.kind not in "uif" or float(lv) != int(float(lv)) or int(float(lv)) < 2:
+        raise ValueError(f"{path}: 'levels' must be a scalar whole number >= 2 (the number of quantization levels), "
+                         f"got shape {lv.shape} dtype {lv.dtype}")
+    return int(float(lv))
 
 
 def load_image_folder(path: str | Path, size: int = 32, channels: int = 3) -> Dataset:

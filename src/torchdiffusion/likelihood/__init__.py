@@ -1,6 +1,19 @@
 """L3 likelihoods: Gaussian helpers, the variational bound, the probability-flow ODE likelihood, bits/dim."""
 
-from .bpd import bits_per_dim, dequantization_offset, dequantize, nll_to_bpd  # noqa: F401
+from .bpd import bits_per_dim, nll_to_bpd  # noqa: F401
+from .continuous import (  # noqa: F401
+    DEQUANTIZATIONS,
+    TIME_SAMPLERS,
+    continuous_bound,
+    continuous_vlb,
+    dequantize_for,
+    dequantizer_of,
+    diffusion_term,
+    prior_term,
+    recon_term,
+    unit_times,
+)
+from .dequantization import dequantization_offset, dequantize  # noqa: F401
 from .gaussian import (  # noqa: F401
     discretized_gaussian_log_likelihood,
     gaussian_kl,

@@ -16,30 +16,10 @@ from torch import Tensor
 
 from torchdiffusion.parameterization.denoiser import Denoiser
 
+from .continuous import continuous_vlb, dequantize_for, dequantizer_of
+from .dequantization import dequantization_offset
 from .ode import ode_log_likelihood
 from .vlb import LikelihoodResult, vlb
-
-
-def dequantization_offset(levels: int, value_range: tuple[float, float] = (-1.0, 1.0)) -> float:
-    """Bits per dimension to add to ``-log p_y / (D ln 2)`` for uniformly dequantized ``K``-level data on a range
-    of width ``W``: ``log2(K / W)`` (module docstring; +7 for 8-bit on [-1, 1])."""
-    lo, hi = (float(v) for v in value_range)
-    if int(levels) < 2 or not hi > lo:
-        raise ValueError(f"need levels >= 2 and value_range (low, high) with high > low, got {levels}, "
-                         f"{value_range}")
-    return math.log2(int(levels) / (hi - lo))
-
-
-def dequantize(x: Tensor, levels: int, value_range: tuple[float, float] = (-1.0, 1.0),
-               generator: torch.Generator | None = None) -> Tensor:
-    """Uniform dequantization: data on the ``K``-level grid ``lo + k W/(K-1)`` becomes
-    ``y = lo + (k + U[0,1)) W / K``, uniform within bin ``k`` of ``[lo, hi)``."""
-    lo, hi = (float(v) for v in value_range)
-    K = int(levels)
-    dequantization_offset(K, value_range)
-    k = torch.round((x - lo) / (hi - lo) * (K - 1)).clamp(0, K - 1)
-    u = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-    return lo + (k + u) * (hi - lo) / K
 
 
 def nll_to_bpd(nll_nats: Tensor | float, dims: int, levels: int | None = None,
@@ -52,21 +32,39 @@ def nll_to_bpd(nll_nats: Tensor | float, dims: int, levels: int | None = None,
 
 def bits_per_dim(model: Denoiser, x: Tensor, *, method: str = "vlb", levels: int | None = None,
                  value_range: tuple[float, float] = (-1.0, 1.0), generator: torch.Generator | None = None,
-                 cond=None, **options) -> LikelihoodResult:
+                 cond=None, dequantize: str | None = None, **options) -> LikelihoodResult:
     """Negative log-likelihood of data ``x`` (on its ``levels``-level grid, or continuous with ``levels=None``)
-    by the variational bound (``method="vlb"``, discretized decoder; ``options`` go to :func:`vlb`) or by the
-    ODE (``method="ode"``; uniform dequantization plus ``log2(K/W)`` bits/dim; ``options`` go to
-    :func:`ode_log_likelihood`). ``.bpd`` gives bits/dim per example and ``.mean_se()`` their mean and SE.
+    by the variational bound (``method="vlb"``) or by the probability-flow ODE (``method="ode"``).
+    ``.bpd`` gives bits/dim per example and ``.mean_se()`` their mean and SE.
+
+    ``vlb``: DDPM, or ``times=`` / ``steps=`` given: the bound on a time grid with the discretized decoder
+    (``options`` go to :func:`vlb`); other (continuous) processes: the continuous-time bound
+    (:func:`continuous_vlb`; ``options``: ``n_t``, ``time_sampler``). ``ode``: ``options`` go to
+    :func:`ode_log_likelihood`. ``dequantize`` (K-level data): ``uniform`` (bins ``lo + (k + [0, 1)) W/K``,
+    offset ``log2(K/W)`` bits/dim), ``variational`` (the model's learned ``q(u | k)``; ``+ E log q``) or, for the
+    continuous bound only, ``none`` (discretized decoder on the levels); default: ``variational`` when the model
+    has a dequantizer, else ``uniform``.
     """
+    if dequantize is None:
+        dequantize = "variational" if dequantizer_of(model) is not None else "uniform"
     if method == "vlb":
-        return vlb(model, x, levels=levels, value_range=value_range, generator=generator, cond=cond, **options)
+        if model.process.discrete or "times" in options or "steps" in options:
+            return vlb(model, x, levels=levels, value_range=value_range, generator=generator, cond=cond, **options)
+        return continuous_vlb(model, x, levels=levels, value_range=value_range, dequantize=dequantize,
+                              generator=generator, cond=cond, **options)
     if method != "ode":
         raise ValueError(f"unknown likelihood method {method!r}; allowed: vlb, ode")
     t0 = time.time()
     D = x[0].numel()
-    y = dequantize(x, levels, value_range, generator) if levels else x
+    if levels and dequantize == "none":
+        raise ValueError("the ODE likelihood scores a density: K-level data must be dequantized "
+                         "(dequantize='uniform' or 'variational')")
+    with torch.no_grad():
+        if levels:
+            y, extra = dequantize_for(model, x, levels, value_range, dequantize, generator)
+        else:
+            y, extra = x, torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     logp, nfe = ode_log_likelihood(model, y, generator=generator, cond=cond, **options)
-    offset = D * math.log(2) * dequantization_offset(levels, value_range) if levels else 0.0
-    nll = -logp.double() + offset
-    return LikelihoodResult(nll, D, "ode", {"-log p_y": -logp.double(), "dequantization": torch.full_like(nll, offset)},
+    nll = -logp.double() + extra
+    return LikelihoodResult(nll, D, "ode", {"-log p_y": -logp.double(), "dequantization": extra},
                             None, float(nfe), time.time() - t0)

@@ -149,10 +149,7 @@ def continuous_vlb_weight(process: Process, t: TimeLike) -> Tensor:
     """Weight on ``||eps - eps_hat||^2`` of the continuous-time bound, ``-1/2 SNR'(t) sigma^2/alpha^2 =
     -1/2 d log-SNR/dt`` (Kingma et al. 2021; B-8). For VP it equals ``1/2 g^2 / sigma^2``: likelihood weighting
     ``lambda = g^2`` (``losses.dsm_loss(weighting="g2")`` is twice this per dimension)."""
-    t = as_time(t).detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        (d,) = torch.autograd.grad(process.log_snr(t).sum(), t)
-    return -0.5 * d
+    return -0.5 * process.log_snr_derivative(as_time(t)).detach()
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -28,5 +28,5 @@ from .score import (  # noqa: F401
     simple_loss,
     sliced_score_matching_loss,
 )
-from .vlb import hybrid_loss, importance_dsm_loss, importance_times, vlb_loss  # noqa: F401
+from .vlb import continuous_vlb_loss, hybrid_loss, importance_dsm_loss, importance_times, vlb_loss  # noqa: F401
 

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import Tensor
 
+from torchdiffusion.likelihood.continuous import continuous_bound
 from torchdiffusion.likelihood.vlb import (
     reverse_kernel,
     vlb_term,
@@ -38,6 +39,36 @@ def vlb_loss(model: Denoiser, x0: Tensor, *, variance: str | Tensor = "small", c
     if reduction != "mean":
         raise ValueError(f"unknown reduction {reduction!r}; allowed: mean, none")
     return per.mean()
+
+
+def continuous_vlb_loss(model: Denoiser, x0: Tensor, *, levels: int | None = None,
+                        value_range: tuple[float, float] = (-1.0, 1.0), dequantize: str = "uniform",
+                        time_sampler: str = "antithetic", importance: bool | None = None, cond=None,
+                        generator: torch.Generator | None = None, reduction: str = "mean") -> Tensor:
+    """VDM's continuous-time bound ``L_prior + L_recon + L_diffusion`` (+ dequantization) as a loss, in nats per
+    dimension (``likelihood.continuous_bound``, one time per example from ``time_sampler``, importance sampled by
+    log-SNR for fixed schedules; B-8). Its value is a
+    bound on ``-log P(x)`` of the training batch: divided by ``ln 2``, bits/dim.
+
+    With a learned schedule (a process with ``variance_gradient``, e.g. ``LearnedVP``) the endpoints
+    ``gamma_0, gamma_1`` follow the gradient of the bound and the schedule's shape that of the bound's squared
+    per-example estimate (VDM app. I.2: the shape leaves the bound unchanged, so it is trained to lower the variance
+    of the estimate); the network is trained on the bound itself.
+    """
+    D = x0[0].numel()
+    holder = getattr(model.process, "variance_gradient", None)
+    holder = holder() if holder is not None else None
+    nll, terms = continuous_bound(model, x0, levels=levels, value_range=value_range, dequantize=dequantize,
+                                  n_t=1, time_sampler=time_sampler, importance=importance, cond=cond,
+                                  generator=generator)
+    per = nll / D
+    if holder is not None:
+        holder.scale = 2 * (terms["L_diffusion"] / D).detach()
+    if reduction == "none":
+        return per
+    if reduction != "mean":
+        raise ValueError(f"unknown reduction {reduction!r}; allowed: mean, none")
+    return per.mean().to(x0.dtype)
 
 
 def hybrid_loss(model: Denoiser, x0: Tensor, *, lambda_vlb: float = 0.001, cond=None,

@@ -11,6 +11,7 @@ from torchdiffusion.nets.classifier import NoisyClassifier
 from torchdiffusion.nets.conditioning import CrossAttentionUNet
 from torchdiffusion.nets.embeddings import TimeEmbedding, sinusoidal_embedding
 from torchdiffusion.nets.energy import energy_score_net
+from torchdiffusion.nets.likelihood import LikelihoodNet, VariationalDequantizer
 from torchdiffusion.nets.mlp import MLP
 from torchdiffusion.nets.unet import UNet
 
@@ -19,5 +20,5 @@ NETS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "unet": UNet, "energy":
                                            "autoencoder": Autoencoder, "vae": Autoencoder,
                                            "unet_xattn": CrossAttentionUNet}
 
-__all__ = ["MLP", "Autoencoder", "CrossAttentionUNet", "NETS", "NoisyClassifier", "TimeEmbedding", "UNet",
-           "sinusoidal_embedding"]
+__all__ = ["MLP", "Autoencoder", "CrossAttentionUNet", "LikelihoodNet", "NETS", "NoisyClassifier", "TimeEmbedding",
+           "UNet", "VariationalDequantizer", "sinusoidal_embedding"]

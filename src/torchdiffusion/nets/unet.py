@@ -177,6 +177,19 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def fourier_input(x: Tensor, exponents: Sequence[int]) -> Tensor:
+    """``x`` with ``sin(2^n pi x)`` and ``cos(2^n pi x)`` of every channel appended for each ``n`` (VDM's Fourier
+    features of the input, Kingma et al. 2021 app. C: periods ``2^(1-n)`` near the quantization step make the
+    fine-scale structure of the data easy to see)."""
+    if not exponents:
+        return x
+    feats = [x]
+    for n in exponents:
+        arg = (2.0**n * torch.pi) * x
+        feats += [torch.sin(arg), torch.cos(arg)]
+    return torch.cat(feats, dim=1)
+
+
 class _Stage(nn.Module):
     """A residual block optionally followed by an attention block (one step of the down/up paths)."""
 
@@ -205,7 +218,8 @@ class UNet(nn.Module):
     The time embedding (width ``4 * channels``) is ``TimeEmbedding`` of ``time_scale * t`` and is added,
     through a per-block projection, in every residual block. With ``num_classes`` a class embedding with
     ``num_classes + 1`` rows (the last, ``self.null_class``, is the learned "no label" class) is added to it.
-    With ``context_dim`` every attention block also cross-attends to ``context``.
+    With ``context_dim`` every attention block also cross-attends to ``context``. ``fourier_features``
+    (exponents ``n``) appends :func:`fourier_input` features of ``x`` before the first convolution.
     """
 
     def __init__(
@@ -223,9 +237,11 @@ class UNet(nn.Module):
         groups: int = 32,
         num_heads: int = 1,
         context_dim: int | None = None,
+        fourier_features: Sequence[int] = (),
     ):
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
+        self.fourier_features = tuple(int(n) for n in fourier_features)
         if not channel_mult:
             raise ValueError("channel_mult must be non-empty")
         if num_classes is not None and num_classes < 1:
@@ -257,7 +273,7 @@ class UNet(nn.Module):
                 return None
             return AttentionBlock(ch, num_heads, groups, context_dim)
 
-        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels * (1 + 2 * len(self.fourier_features)), channels, 3, padding=1)
         skip_chs = [channels]
         ch, res = channels, image_size
         self.down = nn.ModuleList()
@@ -377,7 +393,7 @@ class UNet(nn.Module):
         self._check_context(B, context, context_mask)
         emb = self._embed(x, t, cond)
 
-        h = self.conv_in(x)
+        h = self.conv_in(fourier_input(x, self.fourier_features))
         hs = [h]
         for block in self.down:
             h = block(h, emb, context, context_mask) if isinstance(block, _Stage) else block(h)

@@ -52,6 +52,19 @@ def prediction_from(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, predi
     raise ValueError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
 
 
+def process_for_net(process: Process, net: Callable) -> Process:
+    """``process`` reading the learned schedule held by ``net`` (``net.schedule``, looked up through DDP's
+    ``.module`` and torch.compile's ``._orig_mod``) when it has one; otherwise ``process`` itself."""
+    rebind = getattr(process, "with_schedule", None)
+    inner = net
+    for attr in ("module", "_orig_mod"):
+        inner = getattr(inner, attr, inner)
+    schedule = getattr(inner, "schedule", None)
+    if rebind is None or schedule is None or schedule is getattr(process, "schedule", None):
+        return process
+    return rebind(schedule)
+
+
 class Denoiser(nn.Module):
     """``Denoiser(net, process, prediction="eps")``: the model a sampler asks, for any prediction type.
 
@@ -79,8 +92,9 @@ class Denoiser(nn.Module):
         self._cond_ok = _accepts_cond(net)
 
     def with_net(self, net: Callable) -> Denoiser:
-        """The same parameterization around another network (an EMA copy, a DDP or compiled wrapper)."""
-        return Denoiser(net, self.process, self.prediction, self.precond, self.sigma_data)
+        """The same parameterization around another network (an EMA copy, a DDP or compiled wrapper). A process
+        with a learned schedule (``with_schedule``) reads the schedule of that network (``net.schedule``)."""
+        return Denoiser(net, process_for_net(self.process, net), self.prediction, self.precond, self.sigma_data)
 
     def _call_net(self, x: Tensor, t: Tensor, cond) -> Tensor:
         if cond is None:

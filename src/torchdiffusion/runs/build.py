@@ -10,6 +10,7 @@ from torch import nn
 from torchdiffusion._tensor import resolve_device
 from torchdiffusion.nets import NETS
 from torchdiffusion.nets.autoencoder import Autoencoder
+from torchdiffusion.nets.likelihood import LikelihoodNet, VariationalDequantizer
 from torchdiffusion.parameterization.denoiser import Denoiser
 from torchdiffusion.parameterization.guidance import Classifier
 from torchdiffusion.processes import Process, process_from_config
@@ -22,6 +23,7 @@ _PROCESS_KEYS = {
     "subvp": ("beta_min", "beta_max", "t_min"),
     "ve": ("sigma_min", "sigma_max", "t_min"),
     "edm": ("sigma_min", "sigma_max"),
+    "learned": ("gamma_min", "gamma_max", "schedule_hidden"),
 }
 
 
@@ -60,7 +62,8 @@ def build_net(mcfg: dict, data_shape: tuple[int, ...], process: Process, num_cla
                             num_res_blocks=int(mcfg["num_res_blocks"]),
                             attn_resolutions=tuple(mcfg["attn_resolutions"]), dropout=float(mcfg["dropout"]),
                             num_classes=num_classes, time_scale=ts, groups=min(32, ch),
-                            num_heads=int(mcfg.get("num_heads", 1)))
+                            num_heads=int(mcfg.get("num_heads", 1)),
+                            fourier_features=tuple(mcfg.get("fourier_features") or ()))
     if name in ("autoencoder", "vae"):  # (denoising) autoencoder / VAE (nets/autoencoder.py, issue 9)
         if len(data_shape) != 3:
             raise ValueError(f"net {name!r} needs image data (C, H, W), got examples of shape {data_shape}")
@@ -141,7 +144,17 @@ def with_net(model: RunModel, net: nn.Module) -> RunModel:
 def build_model(cfg: dict, data_shape: tuple[int, ...], num_classes: int | None = None) -> RunModel:
     """Process + network (+ parameterization for diffusion runs) from a full config."""
     process = build_process(cfg["process"])
-    return wrap_net(cfg, build_net(cfg["model"], tuple(data_shape), process, num_classes), process)
+    net = build_net(cfg["model"], tuple(data_shape), process, num_classes)
+    schedule = getattr(process, "schedule", None)
+    deq = cfg["model"].get("dequantizer")
+    if run_kind(cfg) in ("diffusion", "latent") and (isinstance(schedule, nn.Module) or deq):
+        # a learned schedule and a variational dequantizer train with the network, so one module holds them all
+        # (nets.LikelihoodNet: the trainer optimizes, averages and saves it); the process reads the schedule there
+        if deq and len(data_shape) != 3:
+            raise ValueError(f"model.dequantizer=true needs image data (C, H, W), got examples of shape {data_shape}")
+        net = LikelihoodNet(net, schedule if isinstance(schedule, nn.Module) else None,
+                            VariationalDequantizer(int(data_shape[0])) if deq else None)
+    return wrap_net(cfg, net, process)
 
 
 def load_run(run: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[RunModel, dict]:

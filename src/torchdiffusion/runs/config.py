@@ -21,15 +21,17 @@ DEFAULTS: dict[str, dict] = {
              "autoencoder": None},
     "process": {"name": "ddpm", "betas": "linear", "T": 1000, "beta_start": None, "beta_end": None,
                 "rescale_zero_snr": False, "beta_min": 0.1, "beta_max": 20.0, "sigma_min": None,
-                "sigma_max": None, "t_min": None},
+                "sigma_max": None, "t_min": None, "gamma_min": -10.0, "gamma_max": 6.0, "schedule_hidden": 32},
     "model": {"net": "mlp", "prediction": "eps", "precond": "none", "sigma_data": 0.5, "time_scale": None,
               "hidden": 256, "depth": 4, "emb_dim": 64,
               "channels": 32, "channel_mult": [1, 2], "num_res_blocks": 2, "attn_resolutions": [8],
               "dropout": 0.0, "num_heads": 1, "dim": None,
-              "latent_channels": 4, "latent_dim": None, "decoder_var": "fixed", "decoder_std": 0.1, "cond_tokens": 4},
+              "latent_channels": 4, "latent_dim": None, "decoder_var": "fixed", "decoder_std": 0.1, "cond_tokens": 4,
+              "fourier_features": [], "dequantizer": False},
     "loss": {"name": "dsm", "weighting": "native", "min_snr_gamma": 5.0, "p_uncond": 0.1, "lambda_vlb": 0.001,
              "ncsn_levels": 10, "ssm_projections": 1, "ssm_dist": "gaussian", "ssm_variance_reduced": True,
-             "beta": 1.0, "likelihood": "gaussian", "levels": None, "dae_sigma": 0.2, "vae_samples": 1},
+             "beta": 1.0, "likelihood": "gaussian", "levels": None, "dae_sigma": 0.2, "vae_samples": 1,
+             "dequantize": "none", "time_sampler": "antithetic"},
     "train": {"steps": 3000, "batch": 256, "lr": 1e-3, "weight_decay": 0.0, "warmup": 100,
               "schedule": "cosine", "min_lr_ratio": 0.1, "ema": 0.999, "ema_warmup": True, "clip": 1.0,
               "accum": 1, "seed": 0, "ckpt_every": 1000, "log_every": 50, "sample_every": 0,
@@ -154,7 +156,7 @@ def resolve(spec: str | dict | None, sets: list[str] | None = None) -> dict:
 # keys that count something: whole numbers >= 1 (0 allowed for the train intervals that 0 switches off)
 COUNTS = {"model": ("hidden", "depth", "emb_dim", "channels", "num_res_blocks", "latent_channels", "cond_tokens",
                     "num_heads", "latent_dim"),
-          "process": ("T",), "sample": ("steps", "n"), "data": ("size", "channels", "n"),
+          "process": ("T", "schedule_hidden"), "sample": ("steps", "n"), "data": ("size", "channels", "n"),
           "loss": ("ncsn_levels", "ssm_projections", "vae_samples", "levels"),
           "train": ("steps", "batch", "accum", "log_every")}
 OPTIONAL_COUNTS = {"train": ("ckpt_every", "sample_every", "warmup", "threads", "seed")}
@@ -218,6 +220,16 @@ PRESETS.update({
                                  {"name": "ncsn", "ncsn_levels": 20},
                                  {"sampler": "annealed_langevin", "steps": 2000, "grid": "logsnr"}),
 })
+# Likelihood (issue 17): the digits U-Net trained on VDM's continuous-time bound (Kingma et al. 2021) of uniformly
+# dequantized digits -- the bins that the ODE likelihood scores -- with a learned monotone log-SNR schedule
+# (endpoints by the bound, shape by the variance of its estimate), antithetic times, Fourier features of the input
+# at periods 1/4, 1/8, 1/16 (about 2, 1 and 1/2 grey levels) and dropout 0.1 against overfitting the ~1200 digits.
+PRESETS["likelihood_digits"] = deep_update(
+    _score_digits({"name": "learned", "gamma_min": -10.0, "gamma_max": 6.0},
+                  {"name": "vdm", "dequantize": "uniform", "time_sampler": "antithetic"},
+                  {"sampler": "euler_maruyama", "steps": 500}),
+    {"model": {"fourier_features": [3, 4, 5], "dropout": 0.1}, "train": {"steps": 6000, "lr": 2e-3}}, strict=False)
+
 PRESETS.update({
     "digits": _DIGITS,
     "digits16": deep_update(_DIGITS, {"data": {"size": 16},

@@ -6,10 +6,11 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from torchdiffusion.likelihood.dequantization import dequantize
 from torchdiffusion.losses.autoencoder import ae_loss, dae_loss, vae_loss
 from torchdiffusion.losses.classifier import classifier_loss
 from torchdiffusion.losses.score import dsm_loss, ncsn_loss, noisy_score_matching_loss, process_ncsn_sigmas
-from torchdiffusion.losses.vlb import hybrid_loss, importance_dsm_loss, vlb_loss
+from torchdiffusion.losses.vlb import continuous_vlb_loss, hybrid_loss, importance_dsm_loss, vlb_loss
 from torchdiffusion.nets.autoencoder import Autoencoder
 from torchdiffusion.parameterization.denoiser import Denoiser
 
@@ -38,7 +39,24 @@ def _dsm_is(model: Denoiser, x0: Tensor, *, cond, generator, cfg: dict) -> Tenso
     return importance_dsm_loss(model, x0, weighting=weighting, cond=cond, generator=generator)
 
 
-LOSSES: dict[str, LossFn] = {"dsm": _dsm, "vlb": _vlb, "hybrid": _hybrid, "dsm_is": _dsm_is}
+def _data_levels(cfg: dict) -> tuple[int | None, tuple[float, float]]:
+    """``loss.levels`` (else the data's levels, which ``runs.train.loss_closure`` passes as ``_levels``) and the
+    data's value range."""
+    levels = cfg.get("levels") or cfg.get("_levels")
+    return (int(levels) if levels else None), tuple(cfg.get("_value_range") or (-1.0, 1.0))
+
+
+def _vdm(model: Denoiser, x0: Tensor, *, cond, generator, cfg: dict) -> Tensor:
+    levels, value_range = _data_levels(cfg)
+    dequantize = cfg.get("dequantize", "none")
+    if dequantize != "none" and levels is None:
+        raise ValueError(f"loss.dequantize={dequantize!r} needs K-level data: the data have no levels; set "
+                         "loss.levels=K or loss.dequantize=none")
+    return continuous_vlb_loss(model, x0, levels=levels, value_range=value_range, dequantize=dequantize,
+                               time_sampler=cfg.get("time_sampler", "antithetic"), cond=cond, generator=generator)
+
+
+LOSSES: dict[str, LossFn] = {"dsm": _dsm, "vlb": _vlb, "hybrid": _hybrid, "dsm_is": _dsm_is, "vdm": _vdm}
 
 
 # score-matching family (NCSN, exact and sliced score matching on the noised marginals; losses.py)
@@ -103,6 +121,27 @@ def losses_for(kind: str) -> tuple[str, ...]:
     return KIND_LOSSES.get(kind) or tuple(sorted(n for n in LOSSES if n not in special))
 
 
+def with_dequantization(fn: LossFn, name: str) -> LossFn:
+    """``fn`` on uniformly dequantized batches when ``loss.dequantize=uniform`` (the bins that the ODE likelihood
+    scores, ``likelihood.dequantize``); the continuous-time bound (``vdm``) dequantizes itself and alone supports
+    ``variational``."""
+    if name == "vdm":
+        return fn
+
+    def loss(model, x0: Tensor, *, cond, generator, cfg: dict) -> Tensor:
+        kind = cfg.get("dequantize", "none")
+        if kind == "none":
+            return fn(model, x0, cond=cond, generator=generator, cfg=cfg)
+        if kind != "uniform":
+            raise ValueError(f"loss.dequantize={kind!r} with loss {name!r}: allowed none, uniform "
+                             "(variational dequantization needs loss.name=vdm)")
+        levels, value_range = _data_levels(cfg)
+        if levels is None:
+            raise ValueError("loss.dequantize=uniform needs K-level data: the data have no levels; set loss.levels=K")
+        return fn(model, dequantize(x0, levels, value_range, generator), cond=cond, generator=generator, cfg=cfg)
+    return loss
+
+
 def get_loss(name: str, kind: str | None = None) -> LossFn:
     """The loss ``name`` (for a run of ``kind``: refused with one line when it does not train that kind)."""
     if name not in LOSSES:
@@ -111,6 +150,6 @@ def get_loss(name: str, kind: str | None = None) -> LossFn:
         article = "an" if kind[0] in "aeiou" else "a"
         raise ValueError(f"loss {name!r} does not train {article} {kind} run (model.net); allowed: "
                          f"{', '.join(losses_for(kind))}")
-    return LOSSES[name]
+    return with_dequantization(LOSSES[name], name)
 
 

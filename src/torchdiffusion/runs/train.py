@@ -31,11 +31,14 @@ def train_dataset(cfg: dict) -> Dataset:
     return split_dataset(dataset_from_config(cfg["data"]), float(cfg["data"].get("holdout", 0.0)))[0]
 
 
-def loss_closure(model: RunModel, cfg: dict):
+def loss_closure(model: RunModel, cfg: dict, data: Dataset | None = None):
     """``loss(net, x0, *, cond, generator)`` for the trainer: the configured loss of ``model`` with ``net`` in
     place of its network (DDP / compiled wrappers), after dropping each label with probability
-    ``loss.p_uncond`` (classifier-free guidance training: ``-1`` is the null class)."""
-    fn, lcfg = get_loss(cfg["loss"]["name"], run_kind(cfg)), cfg["loss"]
+    ``loss.p_uncond`` (classifier-free guidance training: ``-1`` is the null class). The data's quantization
+    levels and value range go along (for ``loss.dequantize`` and the discretized decoder)."""
+    fn, lcfg = get_loss(cfg["loss"]["name"], run_kind(cfg)), dict(cfg["loss"])
+    if data is not None:
+        lcfg.update({"_levels": data.levels, "_value_range": list(data.value_range)})
     p_uncond = float(lcfg.get("p_uncond", 0.0))
 
     def loss(net: nn.Module, x0: Tensor, *, cond: Tensor | None, generator: torch.Generator) -> Tensor:
@@ -93,7 +96,7 @@ def build_trainer(cfg: dict, out: str | Path, *, dataset: Dataset | None = None,
     torch.manual_seed(int(settings.seed))  # the initial weights follow train.seed
     model = build_model(cfg, data.shape, data.num_classes if conditional else None)
     config = {**cfg, "run": run_info(cfg, data)}
-    tr = Trainer(net_of(model), loss_closure(model, cfg), data, settings, out, config=config,
+    tr = Trainer(net_of(model), loss_closure(model, cfg, data), data, settings, out, config=config,
                  preview=previewer(config, model, data), conditional=conditional, progress=progress, resume=resume,
                  force=force)
     tr.model = model  # the parameterization around the trained net (for callers; the trainer never reads it)
