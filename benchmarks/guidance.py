@@ -33,12 +33,13 @@ from pathlib import Path
 
 import torch
 
-from torchdiffusion.evaluation.metrics import DigitsEvaluator
+from torchdiffusion.evaluation.metrics import HOLDOUT, DigitsEvaluator
 from torchdiffusion.parameterization.guidance import CFG, VIEWS, ClassifierGuidance, MultiView
 from torchdiffusion.runs import config as config_mod
 from torchdiffusion.runs.build import load_classifier, load_run
 from torchdiffusion.runs.generate import generate
 from torchdiffusion.runs.train import build_trainer
+from torchdiffusion.samplers import grids
 
 HERE = Path(__file__).parent
 CG_SCALES = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0)
@@ -48,7 +49,8 @@ PAIRS = ((6, 9, "rot180"), (9, 6, "rot180"), (2, 5, "flip_h"), (1, 7, "transpose
 ANAGRAM_W = (0.0, 1.0, 3.0)
 
 
-def classifier(path: str, quiet: bool) -> tuple[object, str]:
+def classifier(path: str, quiet: bool) -> tuple[object, str, object]:
+    """The classifier run (trained here if missing), a description, and its ``data.holdout``."""
     p = Path(path)
     if not (p / "ema.safetensors").is_file():
         res = build_trainer(config_mod.resolve("classifier_digits"), p, progress=not quiet).run()
@@ -56,7 +58,7 @@ def classifier(path: str, quiet: bool) -> tuple[object, str]:
     else:
         how = "existing run"
     clf, cfg = load_classifier(p)
-    return clf, f"`{p}` (preset `classifier_digits`, {cfg['train']['steps']} steps; {how})"
+    return clf, f"`{p}` (preset `classifier_digits`, {cfg['train']['steps']} steps; {how})", cfg["data"].get("holdout")
 
 
 def classifier_accuracy(clf, ev: DigitsEvaluator, g: torch.Generator) -> str:
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results" / "guidance.md"))
+    ap.add_argument("--picture", default=str(HERE.parent / "docs" / "images" / "anagram_6_9.png"),
+                    help="where the 6/9 anagram picture goes")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.time()
@@ -113,9 +117,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{a.run} not found: train it with `torchdiffusion train digits --out {a.run}` "
                          "(or benchmarks/digits_quality.py)")
     model, cfg = load_run(a.run)
-    clf, clf_desc = classifier(a.classifier, a.quiet)
+    clf, clf_desc, clf_holdout = classifier(a.classifier, a.quiet)
     ev = DigitsEvaluator(8)
-    floor = ev.fd_floor()
+    fl = ev.fd_floor_bootstrap()
+    floor = fl.floor
+    grid = grids.default_for(model.process)
     clf_acc = classifier_accuracy(clf, ev, torch.Generator().manual_seed(0))
     y = ev.y_heldout.repeat(1 if a.quick else a.chunks)
     cg_scales = (0.0, 1.0, 3.0) if a.quick else CG_SCALES
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def score(m, name: str, scale: float, evals: str) -> tuple:
         s = time.time()
-        x = generate(m, shape, len(y), sampler="ddim", steps=a.steps, seed=0, cond=y)
+        x = generate(m, shape, len(y), sampler="ddim", steps=a.steps, grid=grid, seed=0, cond=y)
         acc, per = ev.accuracy(x, y), ev.fd_per_chunk(x, y)
         fd = sum(per) / len(per)
         row = (f"| {name} | {scale:g} | {evals} | {acc:.3f} | {fd:.2f} | {min(per):.2f}-{max(per):.2f} | "
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         _, row = score(ClassifierGuidance(model, clf, 3.0, model_cond=-1, min_alpha=0.0),
                        "classifier, min_alpha=0 (guided at alpha=5e-5 too)", 3.0, "1 + classifier")
         extra.append(row)
-    plot_path = HERE / "results" / "guidance_tradeoff.png"
+    plot_path = Path(a.out).parent / "guidance_tradeoff.png"
     plot(cg, cfgr, floor, plot_path)
     good_cg = [r for r in cg if r[1] >= 0.9]
     best_cg = min(good_cg, key=lambda r: r[2]) if good_cg else max(cg, key=lambda r: r[1])
@@ -160,6 +166,14 @@ def main(argv: list[str] | None = None) -> None:
                   f"an unconditional model): best s = {best_cg[0]:g}: accuracy {best_cg[1]:.3f}, FD {best_cg[2]:.2f} "
                   f"({best_cg[2] / floor:.2f} x floor).")
     print(verdict_cg)
+    cfg_best = [r for r in cfgr if r[1] >= 0.99]
+    cfg_pick = min(cfg_best, key=lambda r: r[2]) if cfg_best else max(cfgr, key=lambda r: r[1])
+    better = "lower" if cfg_pick[2] < best_cg[2] else "higher" if cfg_pick[2] > best_cg[2] else "the same"
+    compare = (f"Classifier-free vs classifier guidance: CFG reaches accuracy {cfg_pick[1]:.3f} at w = {cfg_pick[0]:g} "
+               f"(its lowest FD with accuracy >= 0.99: {cfg_pick[2]:.2f}), classifier guidance {best_cg[1]:.3f} at "
+               f"s = {best_cg[0]:g} (FD {best_cg[2]:.2f}); CFG's FD is {better} (floor {floor:.2f}, bootstrap 95 % "
+               f"interval {fl.lo:.2f}-{fl.hi:.2f}).")
+    print(compare)
 
     # --- anagrams ---
     ahead = ("| pair (view 1 / view 2) | view | w | view 1 correct | view 2 correct | both | seconds |\n"
@@ -173,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         for w in ANAGRAM_W:
             s = time.time()
             m = MultiView(CFG(model, w) if w else model, ["identity", view], conds=[c1, c2], shape=shape)
-            x = generate(m, shape, n, sampler="ddim", steps=a.steps, seed=0)
+            x = generate(m, shape, n, sampler="ddim", steps=a.steps, grid=grid, seed=0)
             p1, p2 = ev.predict(x) == c1, ev.predict(VIEWS[view].forward(x)) == c2
             f1, f2, both = p1.float().mean().item(), p2.float().mean().item(), (p1 & p2).float().mean().item()
             arows.append(f"| {c1} / {c2} | {view} | {w:g} | {f1:.3f} | {f2:.3f} | {both:.3f} | "
@@ -187,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         s = time.time()
         m = MultiView(ClassifierGuidance(model, clf, 3.0, model_cond=-1), ["identity", "rot180"], conds=[6, 9],
                       shape=shape)
-        x = generate(m, shape, n, sampler="ddim", steps=a.steps, seed=0)
+        x = generate(m, shape, n, sampler="ddim", steps=a.steps, grid=grid, seed=0)
         p1, p2 = ev.predict(x) == 6, ev.predict(VIEWS["rot180"].forward(x)) == 9
         arows.append(f"| 6 / 9 (classifier guidance s=3, null-class model) | rot180 | - | "
                      f"{p1.float().mean():.3f} | {p2.float().mean():.3f} | {(p1 & p2).float().mean():.3f} | "
@@ -200,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         from torchdiffusion.evaluation.viz import save_image_grid
 
         pairs_x = torch.stack([grid_x, VIEWS["rot180"].forward(grid_x)], 1).flatten(0, 1)
-        save_image_grid(pairs_x, HERE.parent / "docs" / "images" / "anagram_6_9.png", nrow=8, scale=6)
+        save_image_grid(pairs_x, a.picture, nrow=8, scale=6)
 
     args = " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n".join([
@@ -214,24 +228,29 @@ def main(argv: list[str] | None = None) -> None:
         "classifier guidance is this network queried with its null class (cond = -1)**, i.e. the unconditional "
         "half of the jointly trained CFG model; the label never reaches it, only the classifier gradient steers.", "",
         f"Classifier p_phi(y | x_t, t): {clf_desc}; accuracy on noised real held-out digits: {clf_acc}.", "",
-        f"Sampler: DDIM, {a.steps} steps, seed 0; {len(y)} samples per setting (the {len(ev.y_heldout)} held-out "
-        f"labels repeated). Evaluator: `DigitsEvaluator(8)` (trained only on real digits, independent of p_phi); "
-        f"FD floor (real held-out vs real train) **{floor:.2f}**; FD is averaged over chunks matching the held-out "
-        "size and class counts.", "",
+        f"Sampler: DDIM, {a.steps} steps, grid `{grid}` (the process default), seed 0; {len(y)} samples per setting "
+        f"(the {len(ev.y_heldout)} held-out labels repeated). Evaluator: `DigitsEvaluator(8)` (trained only on "
+        "real digits, independent of p_phi); "
+        f"FD floor (real held-out vs real train) **{floor:.2f}** (class-stratified bootstrap standard error "
+        f"{fl.se:.2f}, bias-corrected 95 % interval {fl.lo:.2f}-{fl.hi:.2f}); FD is averaged over chunks matching the "
+        "held-out size and class counts. Both models hold out the evaluator's held-out digits (`data.holdout` = "
+        f"{cfg['data'].get('holdout')} for the diffusion model, {clf_holdout} for the classifier; the evaluator's is "
+        f"{HOLDOUT}).", "",
         "Classifier guidance: eps_g = eps - s sigma(t) grad log p_phi(y | x_t, t), x0 made consistent; no guidance "
         "where alpha(t) < 1e-3 (`min_alpha`, only the cosine schedule's last step t = 999, alpha = 5e-5; see the "
         "ablation row). Classifier-free: eps = (1 + w) eps(x, y) - w eps(x, null).", "",
-        head, *rows, *extra, "", verdict_cg, "",
+        head, *rows, *extra, "", verdict_cg, "", compare, "",
         "Note: s = 0 is the unconditional model; its FD chunks are cut by the requested labels, which its samples "
-        "do not follow, so the chunks' class composition is unmatched and that FD reads high (about 14 against the "
-        "matched 4-5 of the conditional model at w = 0). Where accuracy is high the matching holds.", "",
+        f"do not follow, so the chunks' class composition is unmatched and that FD reads high ({cg[0][2]:.2f} "
+        f"against {cfgr[0][2]:.2f} for the conditional model at w = 0). Where accuracy is high the matching holds.",
+        "",
         f"![accuracy vs FD]({plot_path.name})", "",
         "## Visual anagrams", "",
         f"`MultiView(CFG(model, w), ['identity', view], conds=[a, b])`: each step averages eps(x, a) and "
         f"v^-1(eps(v(x), b)) (each a CFG prediction). {n} samples per row (DDIM {a.steps}, seed 0). 'view 1 correct': "
         "the evaluator reads x as a; 'view 2 correct': it reads v(x) as b; 'both': the sample is a working anagram.",
         "", ahead, *arows, "", verdict_ana, "",
-        "![6/9 anagrams](../../docs/images/anagram_6_9.png)", "",
+        f"![6/9 anagrams]({os.path.relpath(Path(a.picture).resolve(), Path(a.out).resolve().parent)})", "",
         "(each pair: a sample as generated, read as 6, and the same sample rotated by 180 degrees, read as 9; "
         "w = 3)", ""])
     Path(a.out).write_text(text)

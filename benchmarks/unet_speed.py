@@ -92,8 +92,9 @@ def med(ts: list, i: int) -> float:
     return statistics.median(t[i] for t in ts)
 
 
-def train_rows(threads: list[int], reps: int) -> list[str]:
-    rows = []
+def train_rows(threads: list[int], reps: int) -> tuple[list[str], list[dict]]:
+    """Table rows and the measurements behind them (one dict per model and thread count)."""
+    rows, meas = [], []
     for name, (shape, batch, ncls) in CASES.items():
         cfg = config_mod.resolve(name)
         torch.manual_seed(0)
@@ -109,14 +110,17 @@ def train_rows(threads: list[int], reps: int) -> list[str]:
             ta, tb = time_pair(step_fn(ours, ours_call, x, t.float(), y, eps),
                                step_fn(theirs, diffusers_call, x, t, y, eps), reps)
             ow, oc, dw, dc = med(ta, 0), med(ta, 1), med(tb, 0), med(tb, 1)
+            meas.append({"model": name, "threads": th, "params": (nparams(ours), nparams(theirs)), "ours_ms": ow * 1e3,
+                         "diffusers_ms": dw * 1e3, "wall": ow / dw, "cpu": oc / dc})
             rows.append(f"| {name} {'x'.join(map(str, shape))} | {batch} | {th} | {nparams(ours):,} | "
                         f"{nparams(theirs):,} | {ow * 1e3:.0f} | {dw * 1e3:.0f} | **{ow / dw:.2f}** | {oc * 1e3:.0f} | "
                         f"{dc * 1e3:.0f} | {oc / dc:.2f} |")
             print(rows[-1], flush=True)
-    return rows
+    return rows, meas
 
 
-def sample_rows(threads: int, n: int, budgets: list[tuple[str, int]]) -> list[str]:
+def sample_rows(threads: int, n: int, budgets: list[tuple[str, int]]) -> tuple[list[str], list[float]]:
+    """Table rows and the time ratios ours / diffusers."""
     from torchdiffusion.parameterization.interop import DiffusersNet
 
     torch.set_num_threads(threads)
@@ -127,7 +131,7 @@ def sample_rows(threads: int, n: int, budgets: list[tuple[str, int]]) -> list[st
     theirs = td.Denoiser(DiffusersNet(diffusers_twin(cfg["model"], shape, ncls).eval()), ours.process,
                          prediction=ours.prediction)
     y = torch.arange(n) % 10
-    rows = []
+    rows, ratios = [], []
     for sampler, steps in budgets:
         speed = {}
         for who, model in (("ours", ours), ("diffusers", theirs)):
@@ -135,10 +139,39 @@ def sample_rows(threads: int, n: int, budgets: list[tuple[str, int]]) -> list[st
             w = time.perf_counter()
             td.sample(model, x_T, sampler, steps, generator=torch.Generator().manual_seed(1), cond=y)
             speed[who] = n / (time.perf_counter() - w)
+        ratios.append(speed["diffusers"] / speed["ours"])
         rows.append(f"| {sampler} | {steps} | {n} | {threads} | {speed['ours']:.1f} | {speed['diffusers']:.1f} | "
-                    f"{speed['diffusers'] / speed['ours']:.2f} |")
+                    f"{ratios[-1]:.2f} |")
         print(rows[-1], flush=True)
-    return rows
+    return rows, ratios
+
+
+def span(values: list[float], fmt: str = ".2f") -> str:
+    """``lo-hi`` of the values as printed (one value if they print alike)."""
+    lo, hi = format(min(values), fmt), format(max(values), fmt)
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def findings(meas: list[dict], samp: list[float]) -> list[str]:
+    """The findings, computed from this run's measurements (nothing here is typed by hand)."""
+    same = all(m["params"][0] == m["params"][1] for m in meas)
+    wall, cpu = [m["wall"] for m in meas], [m["cpu"] for m in meas]
+    faster = sum(w < 1 for w in wall)
+    out = [f"- Train step, ours / diffusers: {span(wall)}x in wall-clock time and {span(cpu)}x in CPU time "
+           f"({faster} of {len(wall)} rows below 1, i.e. ours faster); parameter counts "
+           f"{'equal in every row' if same else 'DIFFER (see the table)'}."]
+    by = {(m["model"], m["threads"]): m for m in meas}
+    th = sorted({m["threads"] for m in meas})
+    if len(th) > 1:
+        slow = [by[(name, t)]["ours_ms"] / by[(name, th[0])]["ours_ms"] for name in CASES for t in th[1:]
+                if (name, t) in by and (name, th[0]) in by]
+        more = "slower" if min(slow) > 1 else "faster" if max(slow) < 1 else "mixed"
+        out.append(f"- Threads: {th[-1]} intra-op threads make our train step {span(slow)}x the wall-clock time of "
+                   f"{th[0]} ({more}, under the load recorded above). The `digits` presets set `train.threads=1`; "
+                   "`train.threads=0` (torch's default) suits an idle multi-core machine.")
+    if samp:
+        out.append(f"- Sampling, time ours / diffusers: {span(samp)}x (single timed runs).")
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,12 +186,14 @@ def main(argv: list[str] | None = None) -> None:
     head = ("| model | batch | threads | params ours | params diffusers | ours ms | diffusers ms | ratio (wall) "
             "| ours CPU ms | diffusers CPU ms | ratio (CPU) |\n|---|---|---|---|---|---|---|---|---|---|---|")
     print(head)
-    train = train_rows(threads, 5 if a.quick else 15)
+    train, meas = train_rows(threads, 5 if a.quick else 15)
     budgets = [("ddim", 10), ("ddim", 50)] + ([] if a.quick else [("ddpm", 1000)])
     shead = ("| sampler | steps | batch | threads | ours samples/s | diffusers samples/s | ratio (ours time / "
              "diffusers time) |\n|---|---|---|---|---|---|---|")
     print(shead)
-    samp = sample_rows(threads[0], 100, budgets)
+    samp, ratios = sample_rows(threads[0], 100, budgets)
+    found = findings(meas, ratios)
+    print("\n".join(found))
     import diffusers
 
     text = "\n".join([
@@ -169,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{diffusers.__version__}; load average {load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
         f"(the machine is shared: wall-clock times are noisy, the CPU-time columns less so); {time.time() - t0:.0f}s.",
         "", "## Train step (forward + backward + AdamW), median over alternating repetitions", "", head, *train, "",
-        "## Sampling throughput (digits model, class-conditional, no guidance)", "", shead, *samp, ""])
+        "## Sampling throughput (digits model, class-conditional, no guidance)", "", shead, *samp, "",
+        "## Findings (computed by the script from the tables above)", "", *found, ""])
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(text)
     print(f"wrote {a.out}")
