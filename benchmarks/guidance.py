@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg_pick = min(cfg_best, key=lambda r: r[2]) if cfg_best else max(cfgr, key=lambda r: r[1])
     better = "lower" if cfg_pick[2] < best_cg[2] else "higher" if cfg_pick[2] > best_cg[2] else "the same"
     compare = (f"Classifier-free vs classifier guidance: CFG reaches accuracy {cfg_pick[1]:.3f} at w = {cfg_pick[0]:g} "
-               f"(its lowest FD with accuracy >= 0.99: {cfg_pick[2]:.2f}), classifier guidance {best_cg[1]:.3f} at "
+               f"({'its lowest FD with accuracy >= 0.99' if cfg_best else 'its highest accuracy'}: FD "
+               f"{cfg_pick[2]:.2f}), classifier guidance {best_cg[1]:.3f} at "
                f"s = {best_cg[0]:g} (FD {best_cg[2]:.2f}); CFG's FD is {better} (floor {floor:.2f}, bootstrap 95 % "
                f"interval {fl.lo:.2f}-{fl.hi:.2f}).")
     print(compare)
