@@ -1,19 +1,18 @@
-"""Bits/dim on held-out 8x8 digits (17 grey levels) for small models trained here, by the variational bound
-and by the probability-flow ODE (Hutchinson), with standard errors and wall time.
+"""Bits/dim on held-out 8x8 digits (issue 17): every model trained on digits[:1200] only and scored on all 597
+digits[1200:], by the probability-flow ODE (uniform dequantization, Hutchinson) and by the variational bound, beside
+two anchors computed here (the uniform distribution over the 17 levels, and a scikit-learn GaussianMixture with 5
+full-covariance components fitted on dequantized digits[:1200]).
 
-    .venv/bin/python benchmarks/likelihood.py            # ~3 min on 2 idle CPU cores (MLP)
-    .venv/bin/python benchmarks/likelihood.py --nets mlp,unet --models ddpm-simple,vp-g2-is   # + U-Net, ~20 min
-    .venv/bin/python benchmarks/likelihood.py --quick    # smoke run
+    .venv/bin/python benchmarks/likelihood.py                       # every model (hours on 2 busy cores)
+    .venv/bin/python benchmarks/likelihood.py --models likelihood_digits,vp_digits   # a subset
+    .venv/bin/python benchmarks/likelihood.py --report              # only assemble the table from finished models
+    .venv/bin/python benchmarks/likelihood.py --quick               # smoke run (few steps, 64 test digits)
 
-Models (``--nets mlp``: an MLP on flattened 64-D vectors, the default; ``--nets unet``: the 8x8 U-Net, ~25x
-slower per step on CPU):
-  ddpm-simple : DDPM (T = 1000, linear betas), eps-prediction, L_simple
-  vp-g2       : VP SDE (beta 0.1 -> 20), eps-prediction, likelihood weighting lambda(t) = g(t)^2
-  vp-g2-is    : the same objective with importance-sampled t (likelihood.importance_dsm_loss)
-  vp-simple   : VP SDE, eps-prediction, L_simple-style weighting (the control for vp-g2)
-Each is scored by the bound over all steps, by the bound of the shorter chain that decodes once the noise reaches
-a quarter of the grey-level spacing, and by the ODE from t_min and from that same noise level.
-The held-out set is the run's ``data.holdout`` split (``train.split_dataset``); training never sees it.
+Each model trains in ``--work`` (default runs/bench_likelihood/NAME, resumable: an interrupted run continues) and its
+scores are cached there as JSON, so that several shells can run disjoint ``--models`` at once; every run
+rewrites the results file from all finished models. Models: the presets ``vp_digits``, ``digits`` (class-conditional,
+scored with the null label) and ``likelihood_digits`` at their own step counts, and ablations of issue 17's items 1-2
+at ``--ablation-steps`` (default 2000, the other presets' budget) next to ``likelihood_digits`` at that budget.
 Results go to benchmarks/results/likelihood.md.
 """
 
@@ -21,89 +20,143 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from torchdiffusion.data.datasets import Dataset, load, split_dataset
-from torchdiffusion.likelihood import bits_per_dim, time_at_sigma, truncate_times, vlb_times
+from torchdiffusion.data.datasets import Dataset, load
+from torchdiffusion.likelihood import bits_per_dim, dequantize
 from torchdiffusion.runs import config
 from torchdiffusion.runs.train import build_trainer, ema_model
 
-SIGMA_LOW = 0.125 / 4  # a quarter of the digits' grey-level spacing 2/16
-MODELS = {
-    "ddpm-simple": {"process": {"name": "ddpm"}, "loss": {"weighting": "eps"}},
-    "vp-g2": {"process": {"name": "vp"}, "loss": {"weighting": "g2"}},
-    "vp-g2-is": {"process": {"name": "vp"}, "loss": {"name": "dsm_is", "weighting": "g2"}},
-    "vp-simple": {"process": {"name": "vp"}, "loss": {"weighting": "eps"}},
+LEVELS, N_TRAIN = 17, 1200
+# name -> (preset, --set overrides, steps: None = the preset's own, "ablation" = --ablation-steps, what it tests)
+MODELS: dict[str, tuple[str, list[str], str | None, str]] = {
+    "vp_digits": ("vp_digits", [], None, "preset: VP SDE, eps weighting, trained on the 17-level grid values"),
+    "digits": ("digits", [], None, "preset: cosine DDPM, v-prediction, L_simple, class-conditional"),
+    "likelihood_digits": ("likelihood_digits", [], None,
+                          "preset: VDM bound, learned schedule, Fourier features, uniform dequantization"),
+    "likelihood_digits (short)": ("likelihood_digits", [], "ablation", "likelihood_digits at the ablation budget"),
+    "no-dequantization": ("likelihood_digits", ["loss.dequantize=none"], "ablation",
+                          "item 1: trained on grid values (discretized decoder at t_min)"),
+    "variational-dequantization": ("likelihood_digits", ["loss.dequantize=variational", "model.dequantizer=true"],
+                                   "ablation", "item 1: learned q(u | k) instead of uniform"),
+    "vp_digits+dequantization": ("vp_digits", ["loss.dequantize=uniform"], None,
+                                 "item 1 alone: vp_digits trained on uniformly dequantized digits"),
+    "fixed-vp-schedule": ("likelihood_digits", ["process.name=vp"], "ablation",
+                          "item 2: the VP SDE's fixed schedule instead of the learned one (times importance sampled)"),
+    "no-fourier": ("likelihood_digits", ["model.fourier_features=[]"], "ablation", "item 2: no Fourier features"),
+    "uniform-times": ("likelihood_digits", ["loss.time_sampler=uniform"], "ablation",
+                      "item 2: independent uniform times instead of antithetic pairs"),
 }
+ODE = {"divergence": "hutchinson", "rtol": 1e-5, "atol": 1e-5}
 
 
-NOTES = """Reading the table:
-- log2(17) = 4.087 bits/dim is the score of the uniform distribution over the 17 levels.
-- The bound over all steps is dominated by the steps with noise far below the grey-level spacing (L_1..99): the
-  ideal eps there is a sawtooth in x (the level is identifiable), which these small MLPs do not fit, and the
-  bound's weights 1/2 (SNR_s - SNR_t) are huge there. The shorter chain that decodes (discretized Gaussian) once
-  sigma reaches a quarter of the spacing skips those steps: a valid bound for the same network used with that
-  chain, and then the bound and the ODE agree.
-- The ODE scores uniformly dequantized digits (offset log2(17/2)) by the probability-flow ODE of the denoiser
-  with x0_hat clamped to the data range [-1, 1] (`ode_log_likelihood(x0_range=...)`), where the exact posterior
-  mean always lies. Without the clamp the eps-prediction MLPs let a few held-out digits run away (issue 13): a
-  digit the net fits poorly at low noise (eps error above that of predicting 0) leaves the region it was trained
-  on by t ~ 0.3, where the net extrapolates x0_hat far outside [-1, 1] (|x0_hat|^2/D from 6 at t = 0.3 to 1e16 at
-  t = 1) and eps_hat ~ k x with k up to 4 > 1, so dx/dt ~ beta/2 (k - 1) x grows exponentially: |x_T|^2/D up to
-  1e11, i.e. 1e4..1e11 bits/dim. The solve itself is accurate (dopri5 at 1e-8, RK4 with 4000 steps and Euler
-  agree), the batch does not matter (the digits alone give the same numbers) and no evaluation leaves
-  [t_min, t_max]; it is not under-training at high noise either (importance sampling puts 40 % of its draws at
-  t > 0.5, and the eps error there is 0.007 on data). The ODE likelihood now refuses such solves: a final
-  |x_T|^2/D beyond the prior's 1e-12-per-dimension tail (60.4) or a solve that hits its step limit is a
-  ValueError naming the digits, never a number. The clamped field is a different (better) model than the raw
-  net: on the digits where the raw net does not run away, its bits/dim are ~0.1..0.2 lower.
-- "small" and "large" are the reverse variances beta-tilde and beta (DDPM's two choices)."""
+def split() -> tuple[Dataset, torch.Tensor]:
+    d = load("digits")
+    train = Dataset(d.x[:N_TRAIN], d.y[:N_TRAIN], levels=LEVELS, num_classes=10, name="digits")
+    return train, d.x[N_TRAIN:]
 
 
-def flat(ds: Dataset) -> Dataset:
-    return Dataset(ds.x.flatten(1), ds.y, levels=ds.levels, value_range=ds.value_range, name=ds.name + "-flat")
+def summary(bpd: torch.Tensor, seconds: float, nfe: float, variant: str, method: str) -> dict:
+    bpd = bpd.double()
+    se = float(bpd.std() / math.sqrt(len(bpd)))
+    return {"method": method, "variant": variant, "bpd": float(bpd.mean()), "se": se,
+            "median": float(bpd.median()), "max": float(bpd.max()), "nfe": nfe, "seconds": seconds, "n": len(bpd)}
 
 
-NETS = {"mlp": {"net": "mlp", "hidden": 256, "depth": 4},
-        "unet": {"net": "unet", "channels": 32, "channel_mult": [1, 2], "attn_resolutions": [4]}}
+def anchors(train: Dataset, test: torch.Tensor) -> list[dict]:
+    """Uniform over the 17 levels (exact) and sklearn's GaussianMixture (5 full components) on dequantized digits,
+    scored on the same uniform dequantization of the test digits: (-log p(y) + 64 log(17/2)) / (64 ln 2)."""
+    from sklearn.mixture import GaussianMixture
 
-
-def train_model(name: str, net: str, train: Dataset, steps: int, out: Path) -> tuple:
-    cfg = config.resolve({"data": {"name": "digits", "holdout": 0.2}, "model": NETS[net],
-                          "train": {"steps": steps, "batch": 128, "lr": 1e-3, "warmup": 100, "ckpt_every": 0,
-                                    "log_every": 100, "device": "cpu"}, **MODELS[name]})
+    D = test[0].numel()
+    uniform = torch.full((len(test),), math.log2(LEVELS))
+    g = torch.Generator().manual_seed(0)
+    y_train = dequantize(train.x.flatten(1).double(), LEVELS, (-1, 1), g).numpy()
+    y_test = dequantize(test.flatten(1).double(), LEVELS, (-1, 1), g).numpy()
     t0 = time.time()
-    tr = build_trainer(cfg, out / f"{name}-{net}", dataset=train, progress=False, resume=False)
-    res = tr.run()
-    return ema_model(tr), time.time() - t0, res["loss"]
-
-
-def evaluate(model, x: torch.Tensor, method: str, opts: dict, batch: int, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
+    gm = GaussianMixture(5, covariance_type="full", random_state=0).fit(y_train)
+    fit_s = time.time() - t0
     t0 = time.time()
-    parts = [bits_per_dim(model, x[i: i + batch], method=method, levels=17, value_range=(-1, 1), generator=g,
-                          **opts) for i in range(0, len(x), batch)]
-    bpd = torch.cat([p.bpd for p in parts])
-    nfe = sum(p.nfe * len(p.nll) for p in parts) / len(x)
-    out = {"bpd": float(bpd.mean()), "se": float(bpd.std() / math.sqrt(len(bpd))), "max": float(bpd.max()),
-           "median": float(bpd.median()),
-           "nfe": nfe, "seconds": time.time() - t0}
-    if method == "vlb" and parts[0].per_step is not None:
-        steps = torch.cat([p.per_step for p in parts]) / (64 * math.log(2))
-        prior = torch.cat([p.terms["L_T"] for p in parts]) / (64 * math.log(2))
-        out["terms"] = {"L_T": float(prior.mean()), "L_0": float(steps[:, 0].mean()),
-                        "L_1..9": float(steps[:, 1:10].sum(1).mean()),
-                        "L_10..99": float(steps[:, 10:100].sum(1).mean()),
-                        "L_100..": float(steps[:, 100:].sum(1).mean())}
-    return out
+    nll = -torch.tensor(gm.score_samples(y_test)) + D * math.log(LEVELS / 2)
+    return [{"name": "uniform", "train_s": 0.0, "steps": 0, "what": "anchor: uniform over the 17 levels",
+             "rows": [summary(uniform, 0.0, 0, "exact", "exact")]},
+            {"name": "GaussianMixture", "train_s": fit_s, "steps": 0,
+             "what": "anchor: sklearn GaussianMixture, 5 full-covariance components, dequantized digits[:1200]",
+             "rows": [summary(nll / (D * math.log(2)), time.time() - t0, 0, "uniform dequantization", "exact")]}]
+
+
+def evaluate(model, test: torch.Tensor, cfg: dict, batch: int) -> list[dict]:
+    rows = []
+    runs = [("ode", "uniform dequantization, Hutchinson, rtol 1e-5", {**ODE})]
+    if model.process.discrete:
+        runs.append(("vlb", "DDPM bound, 100 sampled of 1000 terms, small var.", {"n_t": 100, "variance": "small"}))
+    else:
+        runs.append(("vlb", "continuous bound, uniform dequantization, 32 times", {"n_t": 32,
+                                                                                  "dequantize": "uniform"}))
+        if cfg["loss"].get("dequantize") == "variational":
+            runs.append(("vlb", "continuous bound, variational dequantization, 32 times",
+                         {"n_t": 32, "dequantize": "variational"}))
+            runs[0] = ("ode", "variational dequantization, Hutchinson, rtol 1e-5", {**ODE, "dequantize": "variational"})
+        if cfg["loss"].get("dequantize", "none") == "none":
+            runs.append(("vlb", "continuous bound, discretized decoder on the levels, 32 times",
+                         {"n_t": 32, "dequantize": "none"}))
+    for method, variant, opts in runs:
+        g = torch.Generator().manual_seed(0)
+        t0 = time.time()
+        parts, nfe = [], 0.0
+        for i in range(0, len(test), batch):
+            xb = test[i: i + batch]
+            try:
+                r = bits_per_dim(model, xb, method=method, levels=LEVELS, value_range=(-1, 1), generator=g, **opts)
+            except ValueError as e:  # a diverging ODE solve is reported, then scored with x0_hat clamped to [-1, 1]
+                if method != "ode":
+                    raise
+                print(f"  ode: {str(e)[:200]}; retrying with x0_hat in [-1, 1]", flush=True)
+                variant = variant + ", x0_hat in [-1, 1] (the plain solve diverged)"
+                r = bits_per_dim(model, xb, method=method, levels=LEVELS, value_range=(-1, 1), generator=g,
+                                 x0_range=(-1.0, 1.0), **opts)
+            parts.append(r.bpd.detach())
+            nfe += r.nfe * len(xb)
+        row = summary(torch.cat(parts), time.time() - t0, nfe / len(test), variant, method)
+        rows.append(row)
+        print(f"  {method:4s} {variant:60s} {row['bpd']:.3f} +- {row['se']:.3f} (median {row['median']:.3f}, "
+              f"max {row['max']:.2f}) NFE {row['nfe']:.0f} {row['seconds']:.0f} s", flush=True)
+    return rows
+
+
+def run_model(name: str, train: Dataset, test: torch.Tensor, work: Path, ablation_steps: int, quick: bool,
+              batch: int) -> dict:
+    preset, sets, steps, what = MODELS[name]
+    sets = list(sets)
+    if steps == "ablation":
+        sets.append(f"train.steps={ablation_steps}")
+    if quick:
+        sets.append("train.steps=20")
+    cfg = config.resolve(preset, [*sets, "train.device=cpu", "train.ckpt_every=500", "train.log_every=100"])
+    out = work / name
+    t_prev = 0.0
+    state = out / "bench_train.json"
+    if state.is_file():
+        t_prev = json.loads(state.read_text())["train_s"]
+    t0 = time.time()
+    tr = build_trainer(cfg, out, dataset=train, progress=False, resume=True)
+    done_before = tr.step
+    tr.run()
+    train_s = t_prev + (time.time() - t0 if tr.step > done_before else 0.0)
+    state.write_text(json.dumps({"train_s": train_s}))
+    model = ema_model(tr)
+    print(f"{name}: {cfg['train']['steps']} steps, {train_s:.0f} s of training", flush=True)
+    rows = evaluate(model, test, cfg, batch)
+    return {"name": name, "preset": preset, "sets": sets, "steps": int(cfg["train"]["steps"]), "train_s": train_s,
+            "what": what, "rows": rows}
 
 
 def machine() -> str:
@@ -114,72 +167,78 @@ def machine() -> str:
             f"python {sys.version.split()[0]}; {datetime.datetime.now().isoformat(timespec='seconds')}")
 
 
+NOTES = """Reading the table:
+- Every model sees digits[:1200] only (1200 digits; no labels except the class-conditional `digits` preset, scored
+  with its null label) and is scored on all 597 digits[1200:], EMA weights. Bits/dim are of the discrete 17-level
+  digits. ODE: -log p(y) of y = -1 + 2 (k + u) / 17, u ~ U[0, 1)^64 (or the learned q(u | k), then + log q), by the
+  probability-flow ODE from t_min (dopri5, rtol = atol = 1e-5, one Gaussian Hutchinson probe per digit), plus
+  64 log(17/2) nats. VLB: the continuous-time bound (VDM; `likelihood.continuous_vlb`) with the same uniform
+  dequantization, 32 stratified times per digit (importance sampled by log-SNR for fixed schedules), or, for the
+  DDPM preset, the 1000-step bound with 100 sampled terms per digit. SE = standard error over the 597 digits (it
+  includes the Monte Carlo noise of the dequantization, probes and times).
+- Anchors: uniform over the 17 levels is log2(17) = 4.087 exactly; the GaussianMixture is fitted and scored on the
+  same uniform dequantization.
+- "train s" and "eval s" are wall-clock seconds on the shared 2-core machine (other jobs were running: compare them
+  with care); one intra-op thread per process, two benchmark processes at a time.
+- The ablation rows change one thing in likelihood_digits and train at the ablation budget; compare them with
+  "likelihood_digits (short)", not with the full preset. "vp_digits+dequantization" is vp_digits with item 1 alone."""
+
+
+def report(work: Path, out: Path, ablation_steps: int, cmd: str) -> None:
+    results = {p.parent.name: json.loads(p.read_text()) for p in work.glob("*/bench_result.json")}
+    anchor = json.loads((work / "anchors.json").read_text()) if (work / "anchors.json").is_file() else []
+    order = [a["name"] for a in anchor] + [n for n in MODELS if n in results]
+    entries = {**{a["name"]: a for a in anchor}, **results}
+    lines = ["# Likelihood benchmark: held-out 8x8 digits (17 levels, D = 64)", "",
+             f"Machine: {machine()}", "", f"Command: `{cmd}`", "",
+             f"Train: digits[:{N_TRAIN}]; test: all 597 digits[{N_TRAIN}:]; ablation budget {ablation_steps} steps.",
+             "", "| model | what | steps | train s | method | variant | bits/dim | SE | median | max | NFE/digit | "
+             "eval s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in order:
+        e = entries[name]
+        for r in e["rows"]:
+            lines.append(f"| {name} | {e['what']} | {e['steps']} | {e['train_s']:.0f} | {r['method']} | "
+                         f"{r['variant']} | {r['bpd']:.3f} | {r['se']:.3f} | {r['median']:.3f} | {r['max']:.2f} | "
+                         f"{r['nfe']:.0f} | {r['seconds']:.0f} |")
+    missing = [n for n in MODELS if n not in results]
+    if missing:
+        lines += ["", "Not run in this results file: " + ", ".join(missing) + "."]
+    lines += ["", NOTES]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=2000, help="training steps per model")
-    ap.add_argument("--n-test", type=int, default=None, help="evaluate on the first N held-out digits")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
-    ap.add_argument("--nets", default="mlp", help="comma-separated: mlp (flattened 64-D), unet (8x8 images)")
-    ap.add_argument("--quick", action="store_true", help="200 steps, 64 test digits (smoke run)")
+    ap.add_argument("--ablation-steps", type=int, default=2000)
+    ap.add_argument("--work", default="runs/bench_likelihood", help="run folders and cached scores")
+    ap.add_argument("--batch", type=int, default=200, help="test digits per likelihood batch")
+    ap.add_argument("--report", action="store_true", help="only write the table from the cached scores")
+    ap.add_argument("--quick", action="store_true", help="20 training steps, 64 test digits (smoke run)")
     ap.add_argument("--out", default="benchmarks/results/likelihood.md")
     a = ap.parse_args()
-    steps, n_test = (200, 64) if a.quick else (a.steps, a.n_test)
     torch.manual_seed(0)
-    train, test = split_dataset(load("digits"), 0.2)
-    rows, terms = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for net, name in ((n, m) for n in a.nets.split(",") for m in a.models.split(",")):
-            tr_set, te_set = (flat(train), flat(test)) if net == "mlp" else (train, test)
-            x = te_set.x if n_test is None else te_set.x[:n_test]
-            model, secs, loss = train_model(name, net, tr_set, steps, Path(tmp))
-            name = f"{name} ({net})"
-            print(f"{name}: trained {steps} steps in {secs:.0f} s (final loss {loss:.4f})", flush=True)
-            proc = model.process
-            full = vlb_times(proc)
-            trunc = truncate_times(proc, full, SIGMA_LOW)
-            t_low = time_at_sigma(proc, SIGMA_LOW)
-            ode = {"divergence": "hutchinson", "rtol": 1e-5, "atol": 1e-5, "x0_range": (-1.0, 1.0)}
-            evals = [("vlb", "all steps, large var.", {"variance": "large", "times": full}),
-                     ("vlb", f"decoder at sigma >= {SIGMA_LOW:g} ({len(trunc) - 1} steps), large var.",
-                      {"variance": "large", "times": trunc}),
-                     ("ode", f"Hutchinson, x0_hat in [-1, 1], t_eps = t_min "
-                      f"(sigma {float(proc.sigma(proc.t_min)):.3f})", ode),
-                     ("ode", f"Hutchinson, x0_hat in [-1, 1], t_eps at sigma = {SIGMA_LOW:g}",
-                      {**ode, "t_eps": t_low})]
-            if name.startswith("ddpm-simple"):
-                evals.insert(0, ("vlb", "all steps, small var.", {"variance": "small", "times": full}))
-            for method, what, opts in evals:
-                r = evaluate(model, x, method, opts, batch=len(x))
-                rows.append((name, f"{secs:.0f}", method, what, r))
-                print(f"  {method:4s} {what:50s} {r['bpd']:.3f} +- {r['se']:.3f} bpd (median {r['median']:.3f}, "
-                      f"max {r['max']:.3g})  "
-                      f"NFE {r['nfe']:.0f}  {r['seconds']:.0f} s", flush=True)
-                if "terms" in r:
-                    terms.append((name, what, r["terms"]))
-    lines = ["# Likelihood benchmark: held-out 8x8 digits (17 levels, D = 64)", "",
-             f"Machine: {machine()}", "",
-             f"Command: `{' '.join(['.venv/bin/python', *sys.argv])}`", "",
-             f"Train split {len(train)} digits, held-out {len(x)} digits (`split_dataset(digits, 0.2)`); nets: mlp = "
-             "MLP (hidden 256, depth 4) on flattened vectors, unet = U-Net (channels 32, mult (1, 2), attention at "
-             f"4x4) on 8x8 images; {steps} AdamW steps of batch 128, EMA weights. "
-             "Bits/dim are of the discrete 17-level data: the VLB uses the discretized decoder (no offset); the "
-             f"ODE uses uniform dequantization plus log2(17/2) = {math.log2(8.5):.3f} bits/dim. "
-             "SE = standard error over test digits (includes the Monte Carlo noise of x_t draws / probes). "
-             "Wall times depend on the load of the shared machine.", "",
-             "| model | train s | method | variant | bits/dim | SE | median | max | NFE/example | eval s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, secs, method, what, r in rows:
-        lines.append(f"| {name} | {secs} | {method} | {what} | {r['bpd']:.3f} | {r['se']:.3f} | {r['median']:.3f} | "
-                     f"{r['max']:.3g} | "
-                     f"{r['nfe']:.0f} | {r['seconds']:.0f} |")
-    lines += ["", "VLB breakdown (bits/dim, mean over test digits):", "",
-              "| model | variant | " + " | ".join(terms[0][2]) + " |", "|---|---|" + "---|" * len(terms[0][2])]
-    for name, what, t in terms:
-        lines.append(f"| {name} | {what} | " + " | ".join(f"{v:.4f}" for v in t.values()) + " |")
-    lines += ["", NOTES]
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    train, test = split()
+    if a.quick:
+        test = test[:64]
+        ODE.update(rtol=1e-3, atol=1e-3)
+    cmd = " ".join([".venv/bin/python", *sys.argv])
+    if not a.report:
+        if not (work / "anchors.json").is_file():
+            (work / "anchors.json").write_text(json.dumps(anchors(train, test)))
+        for name in a.models.split(","):
+            if name not in MODELS:
+                raise SystemExit(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
+            if (work / name / "bench_result.json").is_file():
+                print(f"{name}: cached", flush=True)
+                continue
+            res = run_model(name, train, test, work, a.ablation_steps, a.quick, a.batch)
+            (work / name / "bench_result.json").write_text(json.dumps(res))
+    report(work, Path(a.out), a.ablation_steps, cmd)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,17 @@ import torch
 import torchdiffusion as td
 
 D = torch.float64
+def learned() -> td.LearnedVP:
+    """VDM's learned schedule (issue 17) with its shape bent away from linear, deterministically; as a trained one
+    would be used: without gradients to its parameters."""
+    proc = td.LearnedVP(-10.0, 6.0, schedule_hidden=8)
+    with torch.no_grad():
+        proc.schedule.c.fill_(3.0)
+        proc.schedule.w.fill_(2.0)
+    proc.schedule.requires_grad_(False)
+    return proc
+
+
 PROCESSES = {
     "ddpm_linear": lambda: td.DDPM(betas="linear"),
     "ddpm_cosine": lambda: td.DDPM(betas="cosine"),
@@ -24,6 +35,7 @@ PROCESSES = {
     "subvp": td.SubVP,
     "ve": td.VE,
     "edm": td.EDM,
+    "learned": learned,
 }
 PREDICTIONS = ("eps", "x0", "v")
 SAMPLERS = td.samplers.names()

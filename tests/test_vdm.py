@@ -37,7 +37,7 @@ def bent_schedule(seed: int = 0) -> LearnedVP:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def test_learned_schedule_is_monotone_for_any_parameters():
+def test_learned_schedule_is_monotone_for_any_parameters():  # B-8 (learned schedule)
     t = torch.linspace(0, 1, 2001, dtype=F64)
     for seed in range(5):
         proc = bent_schedule(seed)
@@ -48,7 +48,7 @@ def test_learned_schedule_is_monotone_for_any_parameters():
         assert float(lam[0]) == pytest.approx(-g0, abs=1e-9) and float(lam[-1]) == pytest.approx(-g1, abs=1e-9)
 
 
-def test_learned_schedule_matches_the_process_identities():
+def test_learned_schedule_matches_the_process_identities():  # B-8, T-SDE-1
     proc = bent_schedule(1)
     t = torch.linspace(0, 1, 101, dtype=F64)
     with torch.no_grad():
@@ -69,7 +69,7 @@ def test_learned_schedule_matches_the_process_identities():
     assert isinstance(process_from_config(proc.config()), LearnedVP)
 
 
-def test_learned_schedule_stays_monotone_while_trained():
+def test_learned_schedule_stays_monotone_while_trained():  # B-8
     proc = LearnedVP(-8.0, 5.0, schedule_hidden=8)
     opt = torch.optim.Adam(proc.schedule.parameters(), lr=0.3)
     t = torch.rand(64, generator=gen(0), dtype=F64)
@@ -95,7 +95,7 @@ def mixture() -> td.GaussianMixture:
 
 @pytest.mark.parametrize("make", [lambda: td.VP(), lambda: bent_schedule(2), lambda: td.VE(0.01, 20.0)],
                          ids=["vp", "learned", "ve"])
-def test_continuous_bound_is_the_limit_of_the_discrete_bound(make):
+def test_continuous_bound_is_the_limit_of_the_discrete_bound(make):  # B-8
     """The discrete bound's KL terms (posterior variance; every x_t from one eps) summed over a grid of N steps on
     [t_min, t_max] converge to L_diffusion = -1/2 int lambda'(t) ||eps - eps_hat||^2 dt at rate 1/N (a Riemann sum
     of the same integrand: L_i = 1/2 (SNR_s - SNR_t) ||x0 - x0_hat||^2); prior terms are the same function."""
@@ -140,7 +140,7 @@ def test_continuous_bound_is_the_limit_of_the_discrete_bound(make):
     assert float(proc.sigma(tT)) > 0
 
 
-def test_bound_estimator_is_unbiased_and_antithetic_lowers_its_variance():
+def test_bound_estimator_is_unbiased_and_antithetic_lowers_its_variance():  # B-8
     proc = td.VP()
     gm = mixture()
     model = td.Denoiser(gm.net(proc, "eps"), proc)
@@ -158,7 +158,7 @@ def test_bound_estimator_is_unbiased_and_antithetic_lowers_its_variance():
     assert float(pair.var()) < float(indep.var())
 
 
-def test_bound_is_above_the_exact_nll_and_the_decoder_is_discretized():
+def test_bound_is_above_the_exact_nll_and_the_decoder_is_discretized():  # B-8, B-1
     proc = td.VP()
     gm = td.GaussianMixture.gaussian(0.0, 0.25, dim=3)
     model = td.Denoiser(gm.net(proc, "eps"), proc)
@@ -173,7 +173,7 @@ def test_bound_is_above_the_exact_nll_and_the_decoder_is_discretized():
     assert (t2["L_recon"] >= 0).all() and (t2["dequantization"] == 0).all()
 
 
-def test_variance_gradient_reaches_the_shape_and_the_bound_gradient_the_endpoints():
+def test_variance_gradient_reaches_the_shape_and_the_bound_gradient_the_endpoints():  # B-8
     """The schedule's shape gets the gradient of mean(L_diffusion^2) (times D^2, per dimension), the endpoints
     that of the bound."""
     torch.manual_seed(0)
@@ -207,7 +207,7 @@ def test_variance_gradient_reaches_the_shape_and_the_bound_gradient_the_endpoint
 # ------------------------------------------------------------------------------------------------------------
 
 
-def test_dequantization_accounting_is_exact_on_a_known_discrete_distribution():
+def test_dequantization_accounting_is_exact_on_a_known_discrete_distribution():  # B-1
     """P(k) on K = 5 levels in D = 3 dims; its histogram density p(y) = P(k(y)) (K/W)^D on the dequantization bins
     gives -log p(y) + D log(K/W) = -log P(k) for every u (the bound is tight), in bits/dim exactly."""
     K, D, lo, hi = 5, 3, -1.0, 1.0
@@ -229,7 +229,7 @@ def test_dequantization_accounting_is_exact_on_a_known_discrete_distribution():
     torch.testing.assert_close(extra, torch.full((500,), D * math.log(K / (hi - lo)), dtype=F64))
 
 
-def test_variational_dequantizer_stays_in_the_bins_and_its_log_density_is_right():
+def test_variational_dequantizer_stays_in_the_bins_and_its_log_density_is_right():  # B-1
     deq = td.nets.VariationalDequantizer(1, hidden=4)
     with torch.no_grad():
         deq.net[-1].bias.copy_(torch.tensor([0.3, -0.5]))
@@ -245,7 +245,7 @@ def test_variational_dequantizer_stays_in_the_bins_and_its_log_density_is_right(
     torch.testing.assert_close(log_q, ref.flatten(1).sum(1), rtol=1e-3, atol=1e-3)
 
 
-def test_bits_per_dim_uses_the_continuous_bound_for_continuous_processes():
+def test_bits_per_dim_uses_the_continuous_bound_for_continuous_processes():  # B-1, B-8
     proc = bent_schedule(4)
     gm = td.GaussianMixture.gaussian(0.0, 0.3, dim=4)
     model = td.Denoiser(gm.net(proc, "eps"), proc)
@@ -324,3 +324,9 @@ def test_likelihood_preset_trains_saves_and_loads(tmp_path):
     assert torch.isfinite(r.bpd).all() and (r.terms["dequantization"] != 64 * math.log(8.5)).all()
     r = L.bits_per_dim(model, x, method="ode", levels=17, generator=gen(0), rtol=1e-3, atol=1e-3)
     assert torch.isfinite(r.bpd).all()
+    from torchdiffusion.cli.main import main
+
+    assert main(["likelihood", str(tmp_path / "run"), "--method", "vlb", "--n", "4", "--n-t", "2",
+                 "--json", str(tmp_path / "l.json")]) == 0  # the continuous-time bound with the run's dequantizer
+    out = __import__("json").loads((tmp_path / "l.json").read_text())
+    assert out["method"] == "vlb" and "L_diffusion" in out["breakdown"] and math.isfinite(out["bpd"])

@@ -28,8 +28,11 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=None, help="use only the first N examples")
     p.add_argument("--exact", action="store_true",
                    help="vlb: every term instead of --n-t sampled ones; ode: exact divergence instead of Hutchinson")
-    p.add_argument("--n-t", type=int, default=8, help="vlb: sampled steps per example (unbiased estimate)")
-    p.add_argument("--steps", type=int, default=None, help="vlb: grid size (default: every DDPM step, 1000 else)")
+    p.add_argument("--n-t", type=int, default=8,
+                   help="vlb: sampled steps (DDPM) or times (continuous-time bound) per example (unbiased estimate)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="vlb: the bound on a grid of this size (default: every DDPM step; continuous processes: the "
+                        "continuous-time bound)")
     p.add_argument("--variance", choices=("small", "large"), default="small", help="vlb: reverse variance")
     p.add_argument("--noise", choices=("gaussian", "rademacher"), default="gaussian", help="ode: Hutchinson probe")
     p.add_argument("--rtol", type=float, default=1e-5, help="ode: solver relative tolerance")
@@ -101,7 +104,13 @@ def _run(a) -> int:
     proc = model.process
     if a.min_sigma is not None and not 0 < a.min_sigma < 1:
         raise ValueError(f"--min-sigma must be in (0, 1), got {a.min_sigma}")
-    if method == "vlb":
+    if method == "vlb" and not proc.discrete and a.steps is None and a.min_sigma is None:
+        # the continuous-time bound (VDM), dequantized as the run was trained: a run trained by the bound on the
+        # grid values (loss vdm, dequantize none) keeps the discretized decoder; the others are dequantized
+        lcfg = cfg.get("loss", {})
+        deq = "none" if lcfg.get("name") == "vdm" and lcfg.get("dequantize", "none") == "none" else None
+        opts = {"n_t": a.n_t, "dequantize": deq}
+    elif method == "vlb":
         times = vlb_times(proc, a.steps)
         if a.min_sigma is not None:
             times = truncate_times(proc, times, a.min_sigma)
@@ -131,8 +140,11 @@ def _run(a) -> int:
     res = LikelihoodResult.cat(results)
     check_finite(res.bpd, "the bits/dim")
     mean, se = res.mean_se()
-    what = (f"all {res.per_step.shape[1]} terms" if a.exact else f"{a.n_t} sampled terms per example") \
-        if method == "vlb" else ("exact divergence" if a.exact else f"Hutchinson ({a.noise})")
+    if res.method == "vlb-continuous":
+        what = f"continuous-time bound, {a.n_t} times per example"
+    else:
+        what = (f"all {res.per_step.shape[1]} terms" if a.exact else f"{a.n_t} sampled terms per example") \
+            if method == "vlb" else ("exact divergence" if a.exact else f"Hutchinson ({a.noise})")
     levels = f"{ds.levels} levels in [{ds.value_range[0]:g}, {ds.value_range[1]:g}]" if ds.levels else "continuous"
     print(f"{Path(a.run).name}: {a.data} data, {len(x)} examples of dimension {res.dims}, {levels}")
     print(f"method {method} ({what}): {mean:.4f} +- {se:.4f} bits/dim (mean +- SE), "
