@@ -211,7 +211,7 @@ def probes(work: Path, ring: Path, digits: Path, clf: Path, disk: Path | None, r
         P.append(Probe("silent wrong", f"sample {opt} {val}", ["sample", str(digits), "--class", "3", opt, val, *extra,
                        *s2, "--out", str(work / "nan.png")], names=(opt, "finite")))
     P += [Probe("silent wrong", "sample --opt eta=nan", ["sample", str(ring), *s2, "--opt", "eta=nan"],
-                names=("eta", "finite")),
+                names=("eta", "not NaN")),
           Probe("silent wrong", "eval --n 0", ["eval", str(ring), "--n", "0"], names=("--n",)),
           Probe("silent wrong", "--gif on 2-D data", ["sample", str(ring), *s2, "--gif", str(work / "r.gif")],
                 names=("--gif", "image data"))]

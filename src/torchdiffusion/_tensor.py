@@ -18,13 +18,16 @@ def check_count(value, name: str, minimum: int = 1) -> int:
     return value
 
 
-def check_number(value, name: str, minimum: float | None = None) -> float:
+def check_number(value, name: str, minimum: float | None = None, *, allow_inf: bool = False) -> float:
     """``value`` as a float if it is a finite real number (not a bool, not a string) ``>= minimum``, else a
-    one-line ``ValueError`` naming ``name`` (guidance scales, sampler options, config numbers)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    one-line ``ValueError`` naming ``name`` (guidance scales, sampler options, config numbers). With
+    ``allow_inf`` an infinity passes (an option whose limit is meaningful); NaN never does."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    ok = ok and (allow_inf or math.isfinite(value))
     if not ok or (minimum is not None and value < minimum):
         low = "" if minimum is None else f" >= {minimum:g}"
-        raise ValueError(f"{name} must be a finite number{low}, got {value!r}")
+        kind = "a number (not NaN)" if allow_inf else "a finite number"
+        raise ValueError(f"{name} must be {kind}{low}, got {value!r}")
     return float(value)
 
 

@@ -110,10 +110,15 @@ def _check_kind(where: str, default, value) -> None:
 
 
 def parse_value(text: str):
-    """``--set`` values: JSON where it parses (numbers, true/false/null, lists), else the raw string."""
+    """``--set`` / ``--opt`` values: JSON where it parses (numbers, true/false/null, lists), then Python's float
+    spellings (``inf``, ``nan``: checked later, so that a NaN is refused by name), else the raw string."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
         return text
 
 

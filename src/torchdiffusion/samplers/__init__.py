@@ -40,7 +40,7 @@ def check_options(sampler: str, fn: Callable, options: dict) -> None:
             if not isinstance(v, bool):
                 raise ValueError(f"sampler option {k} must be true or false, got {v!r}")
         elif isinstance(default, (int, float)) or (default is None and isinstance(v, float)):
-            check_number(v, f"sampler option {k}")
+            check_number(v, f"sampler option {k}", allow_inf=True)  # (heun's max_ratio=inf is meaningful)
 
 
 def _interval_options(spec: SamplerSpec, options: dict) -> dict:
