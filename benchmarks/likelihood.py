@@ -7,6 +7,7 @@ full-covariance components fitted on dequantized digits[:1200]).
     .venv/bin/python benchmarks/likelihood.py --models likelihood_digits,vp_digits   # a subset
     .venv/bin/python benchmarks/likelihood.py --report              # only assemble the table from finished models
     .venv/bin/python benchmarks/likelihood.py --quick               # smoke run (few steps, 64 test digits)
+    .venv/bin/python benchmarks/likelihood.py --partial --models M  # score M's latest checkpoint (still training)
 
 Each model trains in ``--work`` (default runs/bench_likelihood/NAME, resumable: an interrupted run continues) and its
 scores are cached there as JSON, so that several shells can run disjoint ``--models`` at once; every run
@@ -33,6 +34,7 @@ import torch
 from torchdiffusion.data.datasets import Dataset, load
 from torchdiffusion.likelihood import bits_per_dim, dequantize
 from torchdiffusion.runs import config
+from torchdiffusion.runs.build import load_run
 from torchdiffusion.runs.train import build_trainer, ema_model
 
 LEVELS, N_TRAIN = 17, 1200
@@ -159,6 +161,24 @@ def run_model(name: str, train: Dataset, test: torch.Tensor, work: Path, ablatio
             "what": what, "rows": rows}
 
 
+def evaluate_partial(name: str, test: torch.Tensor, work: Path, batch: int) -> dict | None:
+    """Score the latest checkpoint (EMA weights) of a model whose training has not finished, without touching its
+    run (the trainer may still hold the folder): the row says how many of its steps it had."""
+    out = work / name
+    if not (out / "ema.safetensors").is_file() or not (out / "log.csv").is_file():
+        return None
+    model, cfg = load_run(out)
+    rows = [ln.split(",") for ln in (out / "log.csv").read_text().splitlines()[1:] if ln.strip()]
+    done = int(rows[-1][0]) if rows else 0
+    total = int(cfg["train"]["steps"])
+    print(f"{name}: latest checkpoint (training at step ~{done} of {total})", flush=True)
+    preset, sets, _, what = MODELS[name]
+    res = evaluate(model, test, cfg, batch)
+    wall = [float(r[-1]) for r in rows if len(r) > 1] if rows else [0.0]
+    return {"name": name, "preset": preset, "sets": sets, "steps": f"{done} of {total} (unfinished)",
+            "train_s": wall[-1], "what": what, "rows": res}
+
+
 def machine() -> str:
     uname = " ".join(platform.uname())
     threads = f"torch threads {torch.get_num_threads()}" + \
@@ -184,10 +204,23 @@ NOTES = """Reading the table:
   "likelihood_digits (short)", not with the full preset. "vp_digits+dequantization" is vp_digits with item 1 alone."""
 
 
+def train_seconds(folder: Path) -> float | None:
+    """Training wall time from the run's log.csv, summed over resumed sessions (its ``seconds`` restart at 0)."""
+    log = folder / "log.csv"
+    if not log.is_file():
+        return None
+    secs = [float(ln.split(",")[-1]) for ln in log.read_text().splitlines()[1:] if ln.strip()]
+    total = sum(a for a, b in zip(secs, secs[1:]) if b < a) + (secs[-1] if secs else 0.0)
+    return total
+
+
 def report(work: Path, out: Path, ablation_steps: int, cmd: str) -> None:
-    results = {p.parent.name: json.loads(p.read_text()) for p in work.glob("*/bench_result.json")}
+    results = {p.parent.name: json.loads(p.read_text()) for p in work.glob("*/bench_result_partial.json")}
+    results.update({p.parent.name: json.loads(p.read_text()) for p in work.glob("*/bench_result.json")})
     anchor = json.loads((work / "anchors.json").read_text()) if (work / "anchors.json").is_file() else []
     order = [a["name"] for a in anchor] + [n for n in MODELS if n in results]
+    for name, e in results.items():
+        e["train_s"] = train_seconds(work / name) or e["train_s"]
     entries = {**{a["name"]: a for a in anchor}, **results}
     lines = ["# Likelihood benchmark: held-out 8x8 digits (17 levels, D = 64)", "",
              f"Machine: {machine()}", "", f"Command: `{cmd}`", "",
@@ -217,6 +250,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=200, help="test digits per likelihood batch")
     ap.add_argument("--report", action="store_true", help="only write the table from the cached scores")
     ap.add_argument("--quick", action="store_true", help="20 training steps, 64 test digits (smoke run)")
+    ap.add_argument("--partial", action="store_true",
+                    help="score the latest checkpoint of the --models whose training has not finished (no training)")
     ap.add_argument("--out", default="benchmarks/results/likelihood.md")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -235,6 +270,11 @@ def main() -> None:
                 raise SystemExit(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
             if (work / name / "bench_result.json").is_file():
                 print(f"{name}: cached", flush=True)
+                continue
+            if a.partial:
+                res = evaluate_partial(name, test, work, a.batch)
+                if res is not None:
+                    (work / name / "bench_result_partial.json").write_text(json.dumps(res))
                 continue
             res = run_model(name, train, test, work, a.ablation_steps, a.quick, a.batch)
             (work / name / "bench_result.json").write_text(json.dumps(res))

@@ -330,3 +330,23 @@ def test_likelihood_preset_trains_saves_and_loads(tmp_path):
                  "--json", str(tmp_path / "l.json")]) == 0  # the continuous-time bound with the run's dequantizer
     out = __import__("json").loads((tmp_path / "l.json").read_text())
     assert out["method"] == "vlb" and "L_diffusion" in out["breakdown"] and math.isfinite(out["bpd"])
+
+
+def test_schedule_cache_follows_updates_and_copies():
+    """Without gradients the schedule's coefficients are cached; an in-place update, a copy (EMA) and a loaded state
+    dict each see their own parameters."""
+    import copy
+
+    proc = bent_schedule(5)
+    t = torch.linspace(0, 1, 7, dtype=F64)
+    with torch.no_grad():
+        before = proc.log_snr(t).clone()
+        ema = copy.deepcopy(proc.schedule)
+        proc.schedule.gamma_0.add_(1.0)
+        after = proc.log_snr(t)
+        assert not torch.allclose(before, after)
+        torch.testing.assert_close(proc.with_schedule(ema).log_snr(t), before)
+        ema.load_state_dict(proc.schedule.state_dict())
+        torch.testing.assert_close(proc.with_schedule(ema).log_snr(t), after)
+    with torch.enable_grad():  # with gradients: no cache, a graph to the parameters
+        assert proc.log_snr(t).requires_grad

@@ -14,6 +14,7 @@ Time conventions (DESIGN.md section 2):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
 
@@ -537,31 +538,45 @@ class MonotoneSchedule(torch.nn.Module):
         self.c = torch.nn.Parameter(torch.full((k,), -6.0))
         self.grad_scale = _GradScale()
 
+    def _coefficients(self) -> tuple[Tensor, ...]:
+        """``(gamma_0, gamma_1, a, w, b, c, h(0), h(1) - h(0))`` in float64; cached while no gradient can flow to
+        the parameters (sampling, likelihoods), keyed by the parameters' storage and version counters (an in-place
+        update, a loaded state dict or a copy of the module all miss the cache)."""
+        params = list(self.parameters())
+        cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        key = tuple((p.data_ptr(), p._version) for p in params) + (params[0].device,)  # a copy never matches
+        if cacheable and getattr(self, "_cache_key", None) == key:
+            return self._cache
+        with torch.no_grad() if cacheable else contextlib.nullcontext():
+            sp = torch.nn.functional.softplus
+            g0 = self.gamma_0.double()
+            g1 = g0 + sp(self.delta.double()) + _FLOOR
+            a, w, c = sp(self.a.double()) + _FLOOR, sp(self.w.double()), sp(self.c.double()) / len(self.w)
+            b = self.b.double()
+            h0 = (c * torch.sigmoid(b)).sum()
+            h1 = a + (c * torch.sigmoid(w + b)).sum()
+            out = (g0, g1, a, w, b, c, h0, h1 - h0)
+        if cacheable:
+            self._cache_key, self._cache = key, out
+        return out
+
     def endpoints(self) -> tuple[Tensor, Tensor]:
         """``(gamma_0, gamma_1)`` in float64 (differentiable)."""
-        g0 = self.gamma_0.double()
-        return g0, g0 + torch.nn.functional.softplus(self.delta.double()) + _FLOOR
-
-    def _h(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """``h(t)`` and ``h'(t)`` (shape of t)."""
-        sp = torch.nn.functional.softplus
-        a, w, c = sp(self.a.double()) + _FLOOR, sp(self.w.double()), sp(self.c.double()) / len(self.w)
-        s = torch.sigmoid(t[..., None] * w + self.b.double())
-        return a * t + (c * s).sum(-1), a + (c * w * s * (1 - s)).sum(-1)
+        return self._coefficients()[:2]
 
     def shape(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """The normalized shape ``s(t) = (h(t) - h(0)) / (h(1) - h(0))`` in [0, 1] and ``s'(t)``."""
-        h, dh = self._h(t)
-        ends = self._h(torch.tensor([0.0, 1.0], dtype=torch.float64, device=t.device))[0]
-        z = ends[1] - ends[0]
-        s, ds = (h - ends[0]) / z, dh / z
-        if torch.is_grad_enabled():
+        _, _, a, w, b, c, h0, z = self._coefficients()
+        sg = torch.sigmoid(t[..., None] * w + b)
+        s = (a * t + (c * sg).sum(-1) - h0) / z
+        ds = (a + (c * w * sg * (1 - sg)).sum(-1)) / z
+        if s.requires_grad:
             s, ds = _ScaleGrad.apply(s, self.grad_scale), _ScaleGrad.apply(ds, self.grad_scale)
         return s, ds
 
     def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(gamma(t), gamma'(t))`` for float64 ``t`` in [0, 1]."""
-        g0, g1 = self.endpoints()
+        g0, g1 = self._coefficients()[:2]
         s, ds = self.shape(t)
         return g0 + (g1 - g0) * s, (g1 - g0) * ds
 
@@ -602,6 +617,17 @@ class LearnedVP(Process):
 
     def log_snr(self, t):
         return -self._gamma(t)[0]
+
+    def t_from_log_snr(self, l):
+        """Inverse of the (strictly decreasing) log-SNR on [0, 1] by 60 bisection steps (float64 resolution)."""
+        l = as_time(l)
+        lo, hi = torch.zeros_like(l), torch.ones_like(l)
+        with torch.no_grad():
+            for _ in range(60):
+                mid = 0.5 * (lo + hi)
+                above = self.log_snr(mid) > l
+                lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+        return 0.5 * (lo + hi)
 
     def log_snr_derivative(self, t):
         """``-gamma'(t)`` in closed form (differentiable in the schedule's parameters)."""

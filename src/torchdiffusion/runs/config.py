@@ -233,7 +233,7 @@ PRESETS["likelihood_digits"] = deep_update(
     _score_digits({"name": "learned", "gamma_min": -10.0, "gamma_max": 6.0},
                   {"name": "vdm", "dequantize": "uniform", "time_sampler": "antithetic"},
                   {"sampler": "euler_maruyama", "steps": 500}),
-    {"model": {"fourier_features": [3, 4, 5], "dropout": 0.1}, "train": {"steps": 6000, "lr": 2e-3}}, strict=False)
+    {"model": {"fourier_features": [3, 4, 5], "dropout": 0.1}, "train": {"steps": 3000, "lr": 2e-3}}, strict=False)
 
 PRESETS.update({
     "digits": _DIGITS,
