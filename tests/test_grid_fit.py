@@ -69,6 +69,29 @@ def test_fitted_grid_is_valid_and_beats_its_start_on_held_out_noise(pname) -> No
     assert torch.equal(ts, td.grids.optimize(model, "unipc", steps, x_T=pilot, budget=200))
 
 
+def test_validation_hold_out_never_worse_than_the_start() -> None:
+    """A third of the pilot is held out: the grid (and the unipc options chosen with it) returned is never worse
+    on those states than the starting grid, recomputed here from scratch against the fit's own reference."""
+    proc = td.DDPM("linear")
+    model, net, pilot, _ = setup(proc)
+    choices = {"order": [2, 3], "final_step": ["denoise", "extrapolate"]}
+    ref, _ = gridfit.end_state(model, pilot)
+    ts, info = td.grids.optimize(model, "unipc", 5, x_T=pilot, budget=60, choices=choices, reference=ref,
+                                 return_info=True)
+    assert info["n_val"] == 16 and info["n_fit"] == 32
+    assert info["options"]["order"] in (2, 3) and info["options"]["final_step"] in ("denoise", "extrapolate")
+    fit_idx, val_idx = gridfit._split(len(pilot), 1 / 3)
+    assert len(set(fit_idx.tolist()) & set(val_idx.tolist())) == 0
+    start = td.grids.get(info["start"], proc, 5)
+    x_start = td.sample(model, pilot, "unipc", grid=start, **info["start_options"])
+    x_fit = td.sample(model, pilot, "unipc", grid=ts, **info["options"])
+    val_start, val_fit = rms(x_start[val_idx], ref[val_idx]), rms(x_fit[val_idx], ref[val_idx])
+    assert val_fit <= val_start * (1 + 1e-12), (val_fit, val_start, info)
+    assert val_fit == pytest.approx(info["val"], rel=1e-9) and val_start == pytest.approx(info["start_val"], rel=1e-9)
+    with pytest.raises(ValueError, match="holdout"):
+        td.grids.optimize(model, "unipc", 5, x_T=pilot, holdout=1.0)
+
+
 def test_cost_is_bounded_and_reported() -> None:
     proc = td.DDPM("linear")
     model, net, pilot, _ = setup(proc)

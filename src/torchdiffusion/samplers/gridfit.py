@@ -1,9 +1,10 @@
 """Model-adaptive time grids: a grid fitted to one model and one sampler from pilot solves (issue 16).
 
 Method. Draw a few dozen pilot states ``x_T`` (never the ones that will be scored), solve the probability-flow ODE
-from them accurately once (adaptive dopri5, ``rtol = atol = 1e-6``, then Tweedie's ``x0_hat`` at ``t_min``: what
-``td.sample(model, x_T, "ode", rtol=1e-6, atol=1e-6)`` returns), and choose the ``n - 1`` interior times of an
-``n``-interval grid that minimize the final RMS error of the sampler against that reference,
+from them accurately once to its end state at noise 0 (:func:`end_state`: adaptive dopri5, ``rtol = atol = 1e-6``,
+down to ``t_min`` through two slightly higher noise levels, Tweedie's ``x0_hat`` at the three extrapolated to
+noise 0 -- not Tweedie's ``x0_hat`` at ``t_min`` alone, whose bias the fit could not see), and choose the ``n - 1``
+interior times of an ``n``-interval grid that minimize the final RMS error of the sampler against that reference,
 
     min_z  log RMS( sampler(x_T, grid(z)) - x_ref ),
 
@@ -16,6 +17,14 @@ a strictly decreasing grid that starts at ``t_max`` and ends at ``t_zero``. The 
 few good fixed grids (uniform log-SNR, Karras rho = 7, the library's ``optimized`` grid) and is a derivative-free
 pattern search (coordinate moves of size ``delta`` on ``z``, repeated in a direction while they improve,
 ``delta`` halved when a sweep finds nothing). It is deterministic and needs no scipy.
+
+Against overfitting the pilot: a third of the pilot states (``holdout``) is never seen by the search; every
+accepted iterate is scored on them too (free: the sampler runs on the whole pilot batch, and cost is counted in
+network calls), and the grid returned is the best on this validation part along the search path, the start
+included -- so it is never worse there than its start (early stopping). The profile has few coordinates
+(``knots = 4``). Sampler options may be chosen too (``choices``: e.g. unipc's ``order`` and ``final_step``): every
+start grid is tried with every combination, the search runs with the best on the fit part, the other
+combinations are tried on the grid it ends with, and validation decides among all of these.
 
 This is the idea of Align Your Steps (Sabour et al. 2024: optimize the grid of a given solver and model, starting
 from a standard grid, by iterative local moves of single points) and of GITS (Chen et al. 2024: grids from a
@@ -30,6 +39,7 @@ spent is returned (``return_info=True``) and logged as ``cost = k x one sampling
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -41,6 +51,7 @@ from torch import Tensor
 from torchdiffusion.parameterization.flow import Bound
 from torchdiffusion.processes import Process
 from torchdiffusion.samplers.registry import get as get_sampler
+from torchdiffusion.samplers.solvers import extrapolate_x0
 
 log = logging.getLogger(__name__)
 
@@ -118,52 +129,114 @@ def _check_sampler(sampler: str, options: dict) -> None:
                          f"allowed: {', '.join(allowed) or 'none'}")
 
 
+def end_state(model, x_T: Tensor, cond=None, *, rtol: float = 1e-6, atol: float = 1e-6, levels: int = 3,
+              ratio: float = 1.2) -> tuple[Tensor, int]:
+    """The end state of the probability-flow ODE from ``x_T`` at noise 0, and the network calls spent.
+
+    The model is not defined below ``t_min``, so the solve (adaptive dopri5, ``rtol``/``atol``) visits ``levels``
+    VE noise levels ``s_k = s(t_min) ratio^k`` (largest first, the last at ``t_min``), takes Tweedie's ``x0_hat``
+    at each, and extrapolates them to ``s = 0`` as a polynomial in ``s^2`` (along the ODE ``x0_hat(s) = x(0) + c
+    s^2 + O(s^4)``; :func:`~torchdiffusion.samplers.solvers.extrapolate_x0`). Tweedie's ``x0_hat`` at ``t_min``
+    alone (what ``td.sample(..., "ode")`` returns) stops short of noise 0 by a bias of order ``s(t_min)^2``, which
+    a fit against it cannot see.
+    """
+    process = model.process
+    s_min = float(process.sigma(process.t_min) / process.alpha(process.t_min))
+    if not (isinstance(levels, int) and levels >= 1 and ratio > 1 and s_min > 0):
+        raise ValueError(f"end_state needs levels >= 1, ratio > 1 and sigma(t_min) > 0; got {levels}, {ratio}, "
+                         f"{s_min:g}")
+    ss = [s_min * ratio**k for k in range(levels)][::-1]
+    ts = [float(process.t_from_log_snr(torch.tensor(-2 * math.log(s), dtype=torch.float64))) for s in ss[:-1]]
+    ts = [t for t in ts if process.t_min < t < process.t_max] + [process.t_min]
+    ss = ss[len(ss) - len(ts):]
+    ode = get_sampler("ode").fn
+    bound = Bound(model, cond)
+    x, t_prev, x0s = x_T, process.t_max, []
+    for t in ts:
+        box: dict = {}
+        with torch.no_grad():
+            x0 = ode(bound, x, torch.tensor([t_prev, process.t_zero], dtype=torch.float64), rtol=rtol, atol=atol,
+                     t_end=t, callback=lambda d, box=box: box.setdefault("x", d["x"]))
+        x, t_prev = box.get("x", x), t
+        x0s.append(x0)
+    return extrapolate_x0(ss, x0s, len(x0s)), bound.nfe
+
+
+def _split(n: int, holdout: float) -> tuple[Tensor, Tensor]:
+    """Deterministic split of ``n`` pilot states into fit and validation indices (a seeded permutation)."""
+    if not (isinstance(holdout, (int, float)) and 0 <= holdout < 1):
+        raise ValueError(f"holdout must be a fraction in [0, 1), got {holdout!r}")
+    n_val = int(round(holdout * n))
+    if holdout > 0 and not 1 <= n_val < n:
+        raise ValueError(f"holdout {holdout:g} of {n} pilot states leaves no fit or no validation states")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    val, fit_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+    return fit_idx, val
+
+
+def _combos(options: dict, choices: dict | None) -> list[dict]:
+    """Every sampler-option combination of ``choices`` on top of ``options`` (the given options first)."""
+    if not choices:
+        return [dict(options)]
+    keys = list(choices)
+    for k in keys:
+        if not isinstance(choices[k], (list, tuple)) or not choices[k]:
+            raise ValueError(f"choices[{k!r}] must be a non-empty list of values")
+    out = [{**options, **dict(zip(keys, vals))} for vals in itertools.product(*(choices[k] for k in keys))]
+    return sorted(out, key=lambda o: o != {**o, **options})  # a combo that keeps the given options goes first
+
+
 def fit(model, sampler: str, steps: int, x_T: Tensor, *, cond=None, budget: float = 100.0,
         reference: Tensor | None = None, rtol: float = 1e-6, atol: float = 1e-6,
-        starts: dict[str, Tensor] | None = None, delta: float = 0.5, min_delta: float = 0.03, knots: int = 5,
-        **options) -> tuple[Tensor, dict]:
+        starts: dict[str, Tensor] | None = None, delta: float = 0.5, min_delta: float = 0.03, knots: int = 4,
+        holdout: float = 1 / 3, choices: dict | None = None, **options) -> tuple[Tensor, dict]:
     """Fit the grid (see the module docstring) on the pilot states ``x_T``; returns ``(grid, info)``.
 
     ``starts`` maps names to candidate starting grids (each with the number of intervals that ``steps`` buys);
-    ``reference`` (optional) gives the target samples for ``x_T`` instead of the adaptive ODE solve (its cost is
-    then not counted). ``info`` holds ``cost_nfe`` (network calls spent, all on the pilot batch), ``run_nfe``
-    (calls of one sampling run), ``cost_runs = cost_nfe / run_nfe``, ``reference_nfe``, ``evals``, ``start`` (the
-    chosen starting grid), ``start_rms`` and ``rms`` (pilot RMS before and after).
+    ``reference`` (optional) gives the target samples for ``x_T`` instead of :func:`end_state` (its cost is then
+    not counted). ``holdout``: the fraction of the pilot states kept for validation (the search sees only the
+    rest; the grid returned is the best on validation along the search path, so never worse there than the
+    start). ``choices`` (e.g. ``{"order": [2, 3], "final_step": ["denoise", "extrapolate"]}``): sampler options
+    chosen too, on the same pilot data. ``info`` holds ``cost_nfe`` (network calls spent, all on the pilot
+    batch), ``run_nfe`` (calls of one sampling run), ``cost_runs = cost_nfe / run_nfe``, ``reference_nfe``,
+    ``evals``, ``start`` (the chosen starting grid), ``options`` (the sampler options to sample with),
+    ``start_rms`` / ``rms`` (fit-part RMS of the start and of the grid returned), ``start_val`` / ``val``
+    (validation RMS of the same two) and ``n_fit`` / ``n_val``.
     """
     _check_sampler(sampler, options)
+    for k in choices or {}:
+        _check_sampler(sampler, {k: None})
     spec = get_sampler(sampler)
     process = model.process
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= 1):
         raise ValueError(f"budget must be a finite number >= 1 (sampling runs' worth of NFE), got {budget!r}")
     if not starts:
         raise ValueError("grids.optimize needs at least one starting grid")
+    fit_idx, val_idx = _split(int(x_T.shape[0]), holdout)
     n = len(next(iter(starts.values()))) - 1
-    opts = spec.prepare(steps, n, dict(options)) if spec.prepare is not None else dict(options)
+    combos = _combos(options, choices)
+    prepared = [spec.prepare(steps, n, dict(o)) if spec.prepare is not None else dict(o) for o in combos]
 
-    def run(ts: Tensor, seed: int = 0) -> tuple[Tensor, int]:
+    def run(ts: Tensor, c: int, seed: int = 0) -> tuple[Tensor, int]:
         bound = Bound(model, cond)
         with torch.no_grad():
-            x = spec.fn(bound, x_T, ts, generator=torch.Generator(x_T.device).manual_seed(seed), **opts)
+            x = spec.fn(bound, x_T, ts, generator=torch.Generator(x_T.device).manual_seed(seed), **prepared[c])
         return x, bound.nfe
 
     # one run fixes the unit of cost (and checks that the sampler accepts the grid)
     first_name, first = next(iter(starts.items()))
-    x_first, run_nfe = run(first)
+    x_first, run_nfe = run(first, 0)
     run_nfe = max(run_nfe, 1)
     state = _Search(max_calls=int(math.floor(budget * run_nfe)), calls=run_nfe, evals=1)
     if spec.stochastic:  # e.g. ddim: deterministic with eta = 0 only; a second noise seed tells
-        x_again, calls = run(first, seed=1)
+        x_again, calls = run(first, 0, seed=1)
         state.calls += calls
         if not torch.equal(x_first, x_again):
             raise ValueError(f"grids.optimize needs a deterministic sampler; {sampler!r} with options {options} draws "
                              "noise (use e.g. unipc, dpmpp_2m, ipndm, or ddim with eta=0)")
     ref_nfe = 0
     if reference is None:
-        bound = Bound(model, cond)
-        ode = get_sampler("ode").fn
-        with torch.no_grad():
-            reference = ode(bound, x_T, first, rtol=rtol, atol=atol)
-        ref_nfe = bound.nfe
+        reference, ref_nfe = end_state(model, x_T, cond, rtol=rtol, atol=atol)
         state.calls += ref_nfe
         if state.calls + run_nfe > state.max_calls:
             raise ValueError(f"grids.optimize: the budget of {budget:g} sampling runs ({state.max_calls} calls) "
@@ -173,42 +246,53 @@ def fit(model, sampler: str, steps: int, x_T: Tensor, *, cond=None, budget: floa
         raise ValueError(f"reference must have the shape of x_T {tuple(x_T.shape)}, got {tuple(reference.shape)}")
     ref = reference.to(torch.float64)
 
-    def rms(x: Tensor) -> float:
-        v = float(((x.to(torch.float64) - ref) ** 2).mean().sqrt())
-        return v if math.isfinite(v) else math.inf
+    def rms(x: Tensor) -> tuple[float, float]:
+        err = ((x.to(torch.float64) - ref) ** 2).reshape(len(x), -1).mean(1)
+        out = []
+        for idx in (fit_idx, val_idx):
+            v = float(err[idx].mean().sqrt()) if len(idx) else math.nan
+            out.append(v if math.isfinite(v) or not len(idx) else math.inf)
+        return out[0], out[1]
 
-    def evaluate(ts: Tensor) -> float:
+    def evaluate(ts: Tensor, c: int) -> tuple[float, float]:
         if state.calls + run_nfe > state.max_calls:
             raise _BudgetSpentError
         if not (ts[1:] < ts[:-1]).all():
-            return math.inf
+            return math.inf, math.inf
         try:
-            x, calls = run(ts)
+            x, calls = run(ts, c)
         except (ValueError, ZeroDivisionError, OverflowError):
-            return math.inf
+            return math.inf, math.inf
         state.calls += calls
         state.evals += 1
         v = rms(x)
-        state.history.append(v)
+        state.history.append(v[0])
         return v
 
-    scores = {first_name: rms(x_first)}
-    best_name, best_ts = first_name, first
+    def val_key(v: tuple[float, float]) -> float:
+        return v[1] if len(val_idx) else v[0]
+
+    # starting point: the best (start grid, option combination) on the fit part
+    scores = {(first_name, 0): rms(x_first)}
     try:
-        for name, ts in list(starts.items())[1:]:
-            scores[name] = evaluate(ts)
-            if scores[name] < scores[best_name]:
-                best_name, best_ts = name, ts
+        for name, ts in starts.items():
+            for c in range(len(combos)):
+                if (name, c) not in scores:
+                    scores[(name, c)] = evaluate(ts, c)
     except _BudgetSpentError:
         pass
-    start_rms = scores[best_name]
-    best, best_z = start_rms, None
+    best_name, combo = min(scores, key=lambda k: (scores[k][0], k[1]))
+    best_ts = starts[best_name]
+    start_score = scores[(best_name, combo)]
+    path: list[tuple[tuple[float, float], Tensor, int]] = [(start_score, best_ts, combo)]  # accepted iterates
     if n >= 2 and best_ts[0] == process.t_max:
         B = basis(n, knots)
         w = torch.linalg.lstsq(B, logits_from_grid(process, best_ts)[:, None]).solution[:, 0]
         try:
-            v = evaluate(grid_from_logits(process, B @ w))  # the start as the parameterization sees it
-            best, best_z = (v, w) if v <= best else (best, w)
+            ts = grid_from_logits(process, B @ w)  # the start as the parameterization sees it
+            v = evaluate(ts, combo)
+            best, best_z = v, w
+            path.append((v, ts, combo))
             d = delta
             while d >= min_delta:
                 improved = False
@@ -218,9 +302,11 @@ def fit(model, sampler: str, steps: int, x_T: Tensor, *, cond=None, budget: floa
                         while True:
                             cand = best_z.clone()
                             cand[j] += sign * d
-                            v = evaluate(grid_from_logits(process, B @ cand))
-                            if v < best * (1 - 1e-9):
+                            ts = grid_from_logits(process, B @ cand)
+                            v = evaluate(ts, combo)
+                            if v[0] < best[0] * (1 - 1e-9):
                                 best, best_z, moved, improved = v, cand, True, True
+                                path.append((v, ts, combo))
                             else:
                                 break
                         if moved:
@@ -229,13 +315,24 @@ def fit(model, sampler: str, steps: int, x_T: Tensor, *, cond=None, budget: floa
                     d /= 2
         except _BudgetSpentError:
             pass
-    grid = best_ts if best_z is None or best >= start_rms else grid_from_logits(process, B @ best_z)
-    final_rms = min(best, start_rms)
+        # the other option combinations on the grid the search ended with
+        last = path[-1][1]
+        for c in range(len(combos)):
+            if c != combo and len(path) > 1 and state.calls + run_nfe <= state.max_calls:
+                path.append((evaluate(last, c), last, c))
+    # keep the best on validation (early stopping); the start is a candidate, so never worse than it there
+    pick = min(range(len(path)), key=lambda i: (val_key(path[i][0]), i))
+    (fit_rms, val_rms), grid, c_best = path[pick]
+    chosen = dict(combos[c_best])
     info = {"sampler": sampler, "steps": steps, "intervals": n, "run_nfe": run_nfe, "cost_nfe": state.calls,
             "cost_runs": state.calls / run_nfe, "budget_runs": float(budget), "reference_nfe": ref_nfe,
-            "evals": state.evals, "n_pilot": int(x_T.shape[0]), "start": best_name, "start_scores": scores,
-            "start_rms": start_rms, "rms": final_rms}
-    log.info("grids.optimize(%s, steps=%d): pilot RMS %.3e -> %.3e (start %s); cost = %.1f x one sampling run in "
-             "NFE (%d network calls on %d pilot samples, reference %d, budget %.0f runs)", sampler, steps, start_rms,
-             final_rms, best_name, info["cost_runs"], state.calls, info["n_pilot"], ref_nfe, budget)
+            "evals": state.evals, "n_pilot": int(x_T.shape[0]), "n_fit": len(fit_idx), "n_val": len(val_idx),
+            "start": best_name, "start_options": combos[combo],
+            "start_scores": {f"{k[0]}{combos[k[1]] if len(combos) > 1 else ''}": v[0] for k, v in scores.items()},
+            "start_rms": start_score[0], "start_val": start_score[1], "rms": fit_rms, "val": val_rms,
+            "options": chosen, "path": len(path), "picked": pick}
+    log.info("grids.optimize(%s, steps=%d): pilot RMS %.3e -> %.3e, validation %.3e -> %.3e (start %s, options %s); "
+             "cost = %.1f x one sampling run in NFE (%d network calls on %d pilot samples, reference %d, budget %.0f "
+             "runs)", sampler, steps, start_score[0], fit_rms, start_score[1], val_rms, best_name, chosen,
+             info["cost_runs"], state.calls, info["n_pilot"], ref_nfe, budget)
     return grid, info

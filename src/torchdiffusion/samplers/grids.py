@@ -199,9 +199,10 @@ def blend(process: Process, n: int, w: float = 0.5) -> Tensor:
     return _finish(process, ts)
 
 
-# (s_hi, s_lo, rho) of :func:`capped_grid` per number of evaluation points, found by
-# ``benchmarks/samplers.py --optimize-grid`` (UniPC on an 8-D Gaussian mixture under the cosine schedule, a
-# problem unlike the benchmark's); other n use the nearest key in log n. Assumes data scaled to about [-1, 1].
+# (s_hi, s_lo, rho) of :func:`capped_grid` per number of evaluation points: constants found once by a search
+# over these three parameters for UniPC on an 8-D Gaussian mixture under the cosine schedule (a problem unlike
+# the benchmark's; the option of benchmarks/samplers.py that ran it was removed when td.grids.optimize replaced it,
+# see commit 5d5cd81); other n use the nearest key in log n. Assumes data scaled to about [-1, 1].
 OPTIMIZED: dict[int, tuple[float, float, float]] = {
     5: (1.5, 0.08, 5.0), 10: (2.5, 0.02, math.inf), 20: (2.5, 0.01, 12.0), 50: (5.0, 0.0, 12.0)}
 
@@ -218,13 +219,19 @@ def optimized(process: Process, n: int) -> Tensor:
 # --- grids fitted to a model (issue 16) ----------------------------------------------------------------------
 
 def optimize(model, sampler: str, steps: int, x_T: Tensor | None = None, shape: tuple[int, ...] | None = None,
-             cond=None, budget: float = 300.0, *, n_pilot: int = 64, generator: torch.Generator | None = None,
-             reference: Tensor | None = None, rtol: float = 1e-6, atol: float = 1e-6, knots: int = 5,
-             return_info: bool = False, **options) -> Tensor | tuple[Tensor, dict]:
+             cond=None, budget: float = 300.0, *, n_pilot: int = 96, generator: torch.Generator | None = None,
+             reference: Tensor | None = None, rtol: float = 1e-6, atol: float = 1e-6, knots: int = 4,
+             holdout: float = 1 / 3, choices: dict | None = None, return_info: bool = False,
+             **options) -> Tensor | tuple[Tensor, dict]:
     """A grid fitted to ``model`` and ``sampler`` at ``steps`` network evaluations (method:
     :mod:`torchdiffusion.samplers.gridfit`): the interior times, as softmax increments in log-SNR, minimize the
-    final RMS error of ``sampler`` against an accurate PF-ODE solve (dopri5, ``rtol``/``atol``) over pilot
-    trajectories, starting from the best of the process's default grid, ``logsnr``, ``karras`` and ``optimized``.
+    final RMS error of ``sampler`` against the PF-ODE's end state at noise 0 (:func:`gridfit.end_state`: dopri5 at
+    ``rtol``/``atol``, Tweedie's x0_hat near ``t_min`` extrapolated to noise 0) over pilot trajectories, starting
+    from the best of the process's default grid, ``logsnr``, ``karras`` and ``optimized``. A fraction ``holdout``
+    of the pilot states is never seen by the search: the grid returned is the best on them along the search path
+    (never worse there than the starting grid). ``choices`` lets the fit choose sampler options too (e.g.
+    ``{"order": [2, 3], "final_step": ["denoise", "extrapolate"]}`` for unipc); sample with
+    ``info["options"]`` then (``return_info=True``).
 
     Pilot states: ``x_T`` (the state at ``t_max``; draw it independently of any noise you will score), or else
     ``n_pilot`` draws of ``process.prior_sample((n_pilot, *shape))`` from ``generator`` (default seed 16). ``cond``
@@ -258,8 +265,13 @@ def optimize(model, sampler: str, steps: int, x_T: Tensor | None = None, shape: 
             starts[name] = get(name, process, n)
         except ValueError:
             continue
+    for combo in gridfit._combos(options, choices):
+        c_opts = {k: v for k, v in combo.items() if k in inspect.signature(spec.intervals).parameters and k != "steps"}
+        if spec.intervals(steps, **c_opts) != n:
+            raise ValueError(f"choices must keep the number of grid intervals of {sampler!r} at {steps} steps; "
+                             f"{combo} changes it")
     grid, info = gridfit.fit(model, sampler, steps, x_T, cond=cond, budget=budget, reference=reference, rtol=rtol,
-                             atol=atol, starts=starts, knots=knots, **options)
+                             atol=atol, starts=starts, knots=knots, holdout=holdout, choices=choices, **options)
     grid = get(grid, process, 0)  # validated like any user grid
     return (grid, info) if return_info else grid
 
