@@ -127,7 +127,8 @@ def test_every_sampler_on_every_process_tight(pname, prediction):
                  steps_for={"annealed_langevin": 2000, "ddpm": 2000, "reverse_diffusion": 1000})
 
 
-@pytest.mark.parametrize("pname", list(PROCESSES))
+@pytest.mark.parametrize("pname", [pytest.param(p, marks=pytest.mark.slow) if p == "learned" else p
+                                   for p in PROCESSES])  # learned: ~2.6x the others' time (its schedule is a net)
 def test_error_falls_from_20_to_200_evaluations(pname):
     """Deterministic samplers: RMS to the exact ODE solution from the same noise must fall. Stochastic ones:
     energy distance to 4096 exact samples (a metric of distributions, unlike the mean NLL, whose errors can
