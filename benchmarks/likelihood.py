@@ -70,7 +70,21 @@ def summary(bpd: torch.Tensor, seconds: float, nfe: float, variant: str, method:
     bpd = bpd.double()
     se = float(bpd.std() / math.sqrt(len(bpd)))
     return {"method": method, "variant": variant, "bpd": float(bpd.mean()), "se": se,
-            "median": float(bpd.median()), "max": float(bpd.max()), "nfe": nfe, "seconds": seconds, "n": len(bpd)}
+            "median": float(bpd.median()), "max": float(bpd.max()), "nfe": nfe, "seconds": seconds, "n": len(bpd),
+            "values": [round(float(v), 5) for v in bpd]}
+
+
+def merge_slices(parts: list[dict]) -> dict:
+    """One result from the slices of the test digits scored by separate processes (``--slice i/n``): rows rebuilt
+    from the per-digit values; eval seconds are the slowest slice's (they ran at the same time)."""
+    out = dict(parts[0])
+    rows = []
+    for k, r0 in enumerate(parts[0]["rows"]):
+        vals = torch.tensor([v for p in parts for v in p["rows"][k]["values"]], dtype=torch.float64)
+        nfe = sum(p["rows"][k]["nfe"] * p["rows"][k]["n"] for p in parts) / len(vals)
+        rows.append(summary(vals, max(p["rows"][k]["seconds"] for p in parts), nfe, r0["variant"], r0["method"]))
+    out["rows"] = rows
+    return out
 
 
 def anchors(train: Dataset, test: torch.Tensor) -> list[dict]:
@@ -215,7 +229,13 @@ def train_seconds(folder: Path) -> float | None:
 
 
 def report(work: Path, out: Path, ablation_steps: int, cmd: str) -> None:
-    results = {p.parent.name: json.loads(p.read_text()) for p in work.glob("*/bench_result_partial.json")}
+    results = {}
+    for folder in sorted(p.parent for p in work.glob("*/bench_result_partial_0of*.json")):
+        n = int(next(folder.glob("bench_result_partial_0of*.json")).stem.rsplit("of", 1)[1])
+        parts = [folder / f"bench_result_partial_{i}of{n}.json" for i in range(n)]
+        if all(p.is_file() for p in parts):
+            results[folder.name] = merge_slices([json.loads(p.read_text()) for p in parts])
+    results.update({p.parent.name: json.loads(p.read_text()) for p in work.glob("*/bench_result_partial.json")})
     results.update({p.parent.name: json.loads(p.read_text()) for p in work.glob("*/bench_result.json")})
     anchor = json.loads((work / "anchors.json").read_text()) if (work / "anchors.json").is_file() else []
     order = [a["name"] for a in anchor] + [n for n in MODELS if n in results]
@@ -250,6 +270,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=200, help="test digits per likelihood batch")
     ap.add_argument("--report", action="store_true", help="only write the table from the cached scores")
     ap.add_argument("--quick", action="store_true", help="20 training steps, 64 test digits (smoke run)")
+    ap.add_argument("--slice", default=None, help="i/n: with --partial, score only the i-th of n equal parts of the "
+                    "test digits (parts run as separate processes; the report merges them once all n are there)")
     ap.add_argument("--partial", action="store_true",
                     help="score the latest checkpoint of the --models whose training has not finished (no training)")
     ap.add_argument("--out", default="benchmarks/results/likelihood.md")
@@ -272,9 +294,14 @@ def main() -> None:
                 print(f"{name}: cached", flush=True)
                 continue
             if a.partial:
-                res = evaluate_partial(name, test, work, a.batch)
+                part, suffix = test, ""
+                if a.slice:
+                    i, n = (int(v) for v in a.slice.split("/"))
+                    bounds = [round(k * len(test) / n) for k in range(n + 1)]
+                    part, suffix = test[bounds[i]: bounds[i + 1]], f"_{i}of{n}"
+                res = evaluate_partial(name, part, work, a.batch)
                 if res is not None:
-                    (work / name / "bench_result_partial.json").write_text(json.dumps(res))
+                    (work / name / f"bench_result_partial{suffix}.json").write_text(json.dumps(res))
                 continue
             res = run_model(name, train, test, work, a.ablation_steps, a.quick, a.batch)
             (work / name / "bench_result.json").write_text(json.dumps(res))
