@@ -176,8 +176,8 @@ def run_model(name: str, train: Dataset, test: torch.Tensor, work: Path, ablatio
 
 
 def evaluate_partial(name: str, test: torch.Tensor, work: Path, batch: int) -> dict | None:
-    """Score the latest checkpoint (EMA weights) of a model whose training has not finished, without touching its
-    run (the trainer may still hold the folder): the row says how many of its steps it had."""
+    """Score the latest checkpoint (EMA weights) of a model, without touching its run (the trainer may still hold
+    the folder): the row says how many of its steps it had when it is unfinished."""
     out = work / name
     if not (out / "ema.safetensors").is_file() or not (out / "log.csv").is_file():
         return None
@@ -189,7 +189,8 @@ def evaluate_partial(name: str, test: torch.Tensor, work: Path, batch: int) -> d
     preset, sets, _, what = MODELS[name]
     res = evaluate(model, test, cfg, batch)
     wall = [float(r[-1]) for r in rows if len(r) > 1] if rows else [0.0]
-    return {"name": name, "preset": preset, "sets": sets, "steps": f"{done} of {total} (unfinished)",
+    steps = total if done >= total else f"{done} of {total} (unfinished)"
+    return {"name": name, "preset": preset, "sets": sets, "steps": steps,
             "train_s": wall[-1], "what": what, "rows": res}
 
 
