@@ -22,7 +22,7 @@ from torchdiffusion.runs.generate import generate
 from torchdiffusion.runs.train import MODEL_SECTIONS, build_trainer, ema_model
 from torchdiffusion.training.checkpoint import load_json
 
-DIGITS_GUIDANCE = 0.5  # guidance scale w of the pictures: accuracy 1.0, FD about the real floor (digits_quality.md)
+DIGITS_GUIDANCE = 0.5  # w of the pictures: accuracy 1.000, FD inside the floor's interval (digits_quality.md)
 
 
 def _finished(folder: Path, cfg: dict) -> bool:
