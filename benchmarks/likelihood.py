@@ -213,8 +213,9 @@ NOTES = """Reading the table:
   includes the Monte Carlo noise of the dequantization, probes and times).
 - Anchors: uniform over the 17 levels is log2(17) = 4.087 exactly; the GaussianMixture is fitted and scored on the
   same uniform dequantization.
-- "train s" and "eval s" are wall-clock seconds on the shared 2-core machine (other jobs were running: compare them
-  with care); one intra-op thread per process, two benchmark processes at a time.
+- "train s" (summed over resumed sessions, from log.csv) and "eval s" are wall-clock seconds on the shared 2-core
+  machine with other jobs running: compare them with care. One intra-op thread per process. A row scored in parts
+  (`--partial --slice i/n`, parallel processes over the test digits) gives the slowest part's eval s.
 - The ablation rows change one thing in likelihood_digits and train at the ablation budget; compare them with
   "likelihood_digits (short)", not with the full preset. "vp_digits+dequantization" is vp_digits with item 1 alone."""
 
@@ -229,7 +230,7 @@ def train_seconds(folder: Path) -> float | None:
     return total
 
 
-def report(work: Path, out: Path, ablation_steps: int, cmd: str) -> None:
+def report(work: Path, out: Path, ablation_steps: int, cmd: str, notes: list[str] | None = None) -> None:
     results = {}
     for folder in sorted(p.parent for p in work.glob("*/bench_result_partial_0of*.json")):
         n = int(next(folder.glob("bench_result_partial_0of*.json")).stem.rsplit("of", 1)[1])
@@ -258,6 +259,8 @@ def report(work: Path, out: Path, ablation_steps: int, cmd: str) -> None:
     if missing:
         lines += ["", "Not run in this results file: " + ", ".join(missing) + "."]
     lines += ["", NOTES]
+    if notes:
+        lines += ["", "About this run:"] + [f"- {n}" for n in notes]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -276,6 +279,7 @@ def main() -> None:
     ap.add_argument("--partial", action="store_true",
                     help="score the latest checkpoint of the --models whose training has not finished (no training)")
     ap.add_argument("--out", default="benchmarks/results/likelihood.md")
+    ap.add_argument("--note", action="append", default=[], help="a line about this run for the results file")
     a = ap.parse_args()
     torch.manual_seed(0)
     work = Path(a.work)
@@ -306,7 +310,7 @@ def main() -> None:
                 continue
             res = run_model(name, train, test, work, a.ablation_steps, a.quick, a.batch)
             (work / name / "bench_result.json").write_text(json.dumps(res))
-    report(work, Path(a.out), a.ablation_steps, cmd)
+    report(work, Path(a.out), a.ablation_steps, cmd, a.note)
 
 
 if __name__ == "__main__":
