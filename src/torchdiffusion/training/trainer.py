@@ -277,7 +277,9 @@ class Trainer:
             raise FileError(f"{self.out} already holds a trained model ({', '.join(held)}){why}; pass --force "
                             "(force=True) to overwrite it, or use another --out")
         try:
-            for name in (*RUN_FILES, "config.json", "log.csv"):
+            # (without force nothing of a model is here; a config.json stays until the first checkpoint replaces it:
+            # it may be the user's own file, passed as this run's config)
+            for name in (*RUN_FILES, "log.csv", *(("config.json",) if force else ())):
                 if (self.out / name).exists():
                     (self.out / name).unlink()
             if force:
