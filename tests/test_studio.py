@@ -296,8 +296,10 @@ class _Spy:
 
 
 def test_command_prints_the_address_and_stops_on_ctrl_c(runs):
+    # a background job (nohup, `cmd &` without job control) inherits SIGINT ignored; a terminal's Ctrl-C does not
     proc = subprocess.Popen([sys.executable, "-m", "torchdiffusion", "studio", str(runs / "ring"), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stdout.readline()
         m = re.fullmatch(r"serving (http://127\.0\.0\.1:(\d+)/)\n", line)
