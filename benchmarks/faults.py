@@ -230,20 +230,19 @@ def probes(work: Path, ring: Path, digits: Path, clf: Path, disk: Path | None, r
                 str(work / "adir.png")], names=("is a folder",)),
           Probe("tracebacks", "--gif to a folder", ["sample", str(digits), "--class", "1", "--n", "4", *s2, "--out",
                 str(work / "g2.png"), "--gif", str(work / "adir.gif")], names=("is a folder",))]
-    for cmd in (["sample", str(ring), *s2, "--out", str(afile / "x.png")],
-                ["train", "ring", "--out", str(afile / "run"), *tiny],
-                ["likelihood", str(ring), "--n", "4", "--json", str(afile / "x.json")],
-                ["sample", str(digits), "--class", "1", "--n", "4", *s2, "--out", str(work / "g3.png"), "--gif",
-                 str(afile / "x.gif")],
-                ["demo", "--quick", "--out", str(afile / "demo")]):
+    def outputs_in(folder: Path, png: str) -> list[list[str]]:
+        """sample, train, likelihood --json, --gif and demo, each writing into ``folder``."""
+        return [["sample", str(ring), *s2, "--out", str(folder / "x.png")],
+                ["train", "ring", "--out", str(folder / "run"), *tiny],
+                ["likelihood", str(ring), "--n", "4", "--json", str(folder / "x.json")],
+                ["sample", str(digits), "--class", "1", "--n", "4", *s2, "--out", str(work / png), "--gif",
+                 str(folder / "x.gif")],
+                ["demo", "--quick", "--out", str(folder / "demo")]]
+
+    for cmd in outputs_in(afile, "g3.png"):
         P.append(Probe("tracebacks", f"{cmd[0]} output under a file", cmd, names=("afile",)))
     if ro is not None:
-        for cmd in (["sample", str(ring), *s2, "--out", str(ro / "x.png")],
-                    ["train", "ring", "--out", str(ro / "run"), *tiny],
-                    ["likelihood", str(ring), "--n", "4", "--json", str(ro / "x.json")],
-                    ["sample", str(digits), "--class", "1", "--n", "4", *s2, "--out", str(work / "g4.png"), "--gif",
-                     str(ro / "x.gif")],
-                    ["demo", "--quick", "--out", str(ro / "demo")]):
+        for cmd in outputs_in(ro, "g4.png"):
             P.append(Probe("tracebacks", f"{cmd[0]} output on a read-only file system", cmd, names=("ead-only",)))
     P += [Probe("tracebacks", "train.log_every=0", ["train", "ring", "--out", str(work / "le"), "--set",
                 "train.log_every=0"], names=("train.log_every",))]
