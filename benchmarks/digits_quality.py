@@ -26,15 +26,12 @@ Targets (issue 4): accuracy >= 0.97 at a good guidance scale, and FD within 2x o
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+import _report
 from torchdiffusion.evaluation.metrics import HOLDOUT, DigitsEvaluator, FloorInterval
 from torchdiffusion.parameterization.guidance import CFG
 from torchdiffusion.runs import config as config_mod
@@ -148,13 +145,9 @@ def main(argv: list[str] | None = None) -> None:
                f"WARNING: the diffusion model's `data.holdout` ({cfg['data'].get('holdout')}) is not the "
                f"evaluator's ({HOLDOUT}): it trained on some of the floor's held-out digits, so FD at or below the "
                "floor partly measures memory.")
-    args = " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n".join([
         "# Digits sample quality (real-data classifier)", "",
-        f"Command: `.venv/bin/python benchmarks/digits_quality.py{' ' + args if args else ''}`",
-        "", f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; machine: `{' '.join(platform.uname())}`, "
-        f"{os.cpu_count()} cores; python {sys.version.split()[0]}, torch {torch.__version__}; {a.threads} thread(s); "
-        f"total {time.time() - t0:.0f}s (shared machine: seconds are wall-clock under load).", "",
+        _report.command("digits_quality.py", argv), "", _report.machine(t0, f"{a.threads} thread(s)"), "",
         f"Model: {desc}.", "",
         f"Evaluator: `DigitsEvaluator({shape[-1]})`, a small CNN trained only on real digits (the first "
         f"{1 - HOLDOUT:.0%} of a fixed permutation); accuracy on the {len(ev.y_heldout)} real held-out digits "

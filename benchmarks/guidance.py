@@ -24,15 +24,13 @@ trained with label dropout p_uncond = 0.1) and a noise-conditional classifier ``
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+import _report
 from torchdiffusion.evaluation.metrics import HOLDOUT, DigitsEvaluator
 from torchdiffusion.parameterization.guidance import CFG, VIEWS, ClassifierGuidance, MultiView
 from torchdiffusion.runs import config as config_mod
@@ -217,13 +215,9 @@ def main(argv: list[str] | None = None) -> None:
         pairs_x = torch.stack([grid_x, VIEWS["rot180"].forward(grid_x)], 1).flatten(0, 1)
         save_image_grid(pairs_x, a.picture, nrow=8, scale=6)
 
-    args = " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n".join([
         "# Guidance on digits: classifier guidance, classifier-free guidance, visual anagrams", "",
-        f"Command: `.venv/bin/python benchmarks/guidance.py{' ' + args if args else ''}`", "",
-        f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; machine: `{' '.join(platform.uname())}`, "
-        f"{os.cpu_count()} cores; python {sys.version.split()[0]}, torch {torch.__version__}; 1 thread; total "
-        f"{time.time() - t0:.0f}s (shared machine: seconds are wall-clock under load).", "",
+        _report.command("guidance.py", argv), "", _report.machine(t0), "",
         f"Diffusion model: `{a.run}` (preset `{cfg.get('preset')}`, {cfg['train']['steps']} steps, EMA weights): a "
         "class-conditional U-Net trained with label dropout (p_uncond = 0.1). **The unconditional model for "
         "classifier guidance is this network queried with its null class (cond = -1)**, i.e. the unconditional "

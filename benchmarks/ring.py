@@ -16,10 +16,8 @@ the command line, each command printed in the results file:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -29,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+import _report
 from torchdiffusion.runs import config as config_mod
 from torchdiffusion.runs.train import build_trainer
 
@@ -75,14 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     sf = (f"`torchdiffusion {' '.join(sf_args)}`: density-weighted relative squared error of the learned score "
           f"**{m[1]}**")
     print(sf)
-    args = " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n".join([
         "# The 8-Gaussian ring: training time, sample NLL, learned score", "",
-        f"Command: `.venv/bin/python benchmarks/ring.py{' ' + args if args else ''}`", "",
-        f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; machine: `{' '.join(platform.uname())}`, "
-        f"{os.cpu_count()} cores; python {sys.version.split()[0]}, torch {torch.__version__}; 1 thread; load average "
-        f"{load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (shared machine: seconds are wall-clock "
-        f"under load); total {time.time() - t0:.0f} s.", "",
+        _report.command("ring.py", argv), "", _report.machine(t0, load0=load0), "",
         f"Run: preset `ring` --set {' '.join(SETS)} (what `torchdiffusion demo` trains) in `{a.run}`: {res['step']} "
         f"steps, {trained}.", "",
         "Sample NLL: DDPM ancestral sampling, 200 steps, seed 0; mean and standard error over the samples, under "

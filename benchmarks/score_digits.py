@@ -17,16 +17,14 @@ model. Picture: ``docs/images/score_digits.png`` (the first 100 samples of each 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import _report
 from torchdiffusion.evaluation.metrics import HOLDOUT, DigitsEvaluator
 from torchdiffusion.evaluation.viz import grid_array
 from torchdiffusion.runs import config as config_mod
@@ -107,14 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     line = (f"Summary: FD {', '.join(summary)}; real-data floor {fl.floor:.2f} (bootstrap 95 % interval "
             f"{fl.lo:.2f}-{fl.hi:.2f}).")
     print(line)
-    args = " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n".join([
         "# Score family on digits: VP, VE, NCSN", "",
-        f"Command: `.venv/bin/python benchmarks/score_digits.py{' ' + args if args else ''}`", "",
-        f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; machine: `{' '.join(platform.uname())}`, "
-        f"{os.cpu_count()} cores; python {sys.version.split()[0]}, torch {torch.__version__}; 1 thread; load average "
-        f"{load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (shared machine: seconds are wall-clock "
-        f"under load); total {time.time() - t0:.0f} s.", "",
+        _report.command("score_digits.py", argv), "", _report.machine(t0, load0=load0), "",
         "Models: the presets (digits U-Net, unconditional, eps-prediction, one thread; steps in the table), each "
         f"trained on the evaluator's {len(ev.y_train)} training digits (`data.holdout` = {HOLDOUT}: the "
         f"{len(ev.y_heldout)} held-out digits are unseen). Samples: the preset's sampler, steps and grid, seed 0, "

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import torchdiffusion as td
+from helpers import one_line_error
 from torchdiffusion.cli.main import main
 
 TINY = ["--set", "train.steps=30", "--set", "model.hidden=32", "--set", "model.depth=2", "--set", "train.batch=64",
@@ -42,18 +43,6 @@ def run(tmp_path_factory) -> Path:
     assert {"config.json", "model.safetensors", "ema.safetensors", "train_state.safetensors"} <= {
         f.name for f in out.iterdir()}
     return out
-
-
-def _error(capsys, *argv: str) -> str:
-    """Run main(argv) in-process; assert exit status 2 and a single-line error; return it."""
-    capsys.readouterr()
-    rc = main(list(argv))
-    cap = capsys.readouterr()
-    assert rc == 2, (argv, cap.out, cap.err)
-    lines = cap.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("torchdiffusion: error: "), cap.err
-    assert "Traceback" not in cap.err + cap.out
-    return lines[0]
 
 
 # --- real processes (and --help) ---------------------------------------------------------------------------------
@@ -111,34 +100,34 @@ def test_unknown_preset_in_a_real_process(tmp_path: Path) -> None:
 # --- train errors (in-process) ------------------------------------------------------------------------------------
 def test_train_errors(capsys, tmp_path: Path) -> None:
     out = str(tmp_path / "r")
-    msg = _error(capsys, "train", "nope", "--out", out)
+    msg = one_line_error(capsys, "train", "nope", "--out", out)
     assert "unknown preset 'nope'" in msg and "presets:" in msg and "ring" in msg
-    msg = _error(capsys, "train", str(tmp_path / "missing.json"), "--out", out)
+    msg = one_line_error(capsys, "train", str(tmp_path / "missing.json"), "--out", out)
     assert "config file not found" in msg
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("{")
-    assert "corrupt JSON in" in _error(capsys, "train", str(bad_json), "--out", out)
-    msg = _error(capsys, "train", "ring", "--out", out, "--set", "train.foo=1")
+    assert "corrupt JSON in" in one_line_error(capsys, "train", str(bad_json), "--out", out)
+    msg = one_line_error(capsys, "train", "ring", "--out", out, "--set", "train.foo=1")
     assert "unknown config key 'train.foo'" in msg and "allowed here:" in msg and "steps" in msg
-    msg = _error(capsys, "train", "ring", "--out", out, "--set", "trian.steps=1")
+    msg = one_line_error(capsys, "train", "ring", "--out", out, "--set", "trian.steps=1")
     assert "unknown config key 'trian'" in msg and "train" in msg
-    msg = _error(capsys, "train", "ring", "--out", out, "--set", "train.steps=abc")
+    msg = one_line_error(capsys, "train", "ring", "--out", out, "--set", "train.steps=abc")
     assert "train.steps" in msg and "expects a number" in msg and "'abc'" in msg
-    msg = _error(capsys, "train", "ring", "--out", out, "--set", "train.ema_warmup=maybe")
+    msg = one_line_error(capsys, "train", "ring", "--out", out, "--set", "train.ema_warmup=maybe")
     assert "train.ema_warmup" in msg and "true or false" in msg
-    msg = _error(capsys, "train", "ring", "--out", out, "--set", "model.channel_mult=1,2")
+    msg = one_line_error(capsys, "train", "ring", "--out", out, "--set", "model.channel_mult=1,2")
     assert "model.channel_mult" in msg and "list" in msg
-    assert "--set expects key=value" in _error(capsys, "train", "ring", "--out", out, "--set", "train.steps")
-    assert "section.key" in _error(capsys, "train", "ring", "--out", out, "--set", "steps=3")
-    msg = _error(capsys, "train", "ring", "--out", out, "--set", "train.steps=0")
+    assert "--set expects key=value" in one_line_error(capsys, "train", "ring", "--out", out, "--set", "train.steps")
+    assert "section.key" in one_line_error(capsys, "train", "ring", "--out", out, "--set", "steps=3")
+    msg = one_line_error(capsys, "train", "ring", "--out", out, "--set", "train.steps=0")
     assert "train.steps must be a whole number >= 1, got 0" in msg
-    msg = _error(capsys, "train", "ring", "--out", out, "--set", "process.name=foo")
+    msg = one_line_error(capsys, "train", "ring", "--out", out, "--set", "process.name=foo")
     assert "unknown process 'foo'" in msg and "ddpm" in msg
-    msg = _error(capsys, "train", "ring", "--out", out, "--set", "model.prediction=foo")
+    msg = one_line_error(capsys, "train", "ring", "--out", out, "--set", "model.prediction=foo")
     assert "unknown prediction 'foo'" in msg and "eps" in msg
-    msg = _error(capsys, "train", "ring", "--out", out, "--set", "loss.name=foo")
+    msg = one_line_error(capsys, "train", "ring", "--out", out, "--set", "loss.name=foo")
     assert "unknown loss 'foo'" in msg and "dsm" in msg
-    msg = _error(capsys, "train", "ring", "--out", out, "--set", "loss.weighting=foo", "--set", "train.steps=2",
+    msg = one_line_error(capsys, "train", "ring", "--out", out, "--set", "loss.weighting=foo", "--set", "train.steps=2",
                  "--quiet")
     assert "unknown loss weighting 'foo'" in msg and "min_snr" in msg
     assert not (tmp_path / "r").exists()  # nothing was written by a failed start
@@ -147,26 +136,26 @@ def test_train_errors(capsys, tmp_path: Path) -> None:
 def test_resume_into_a_different_config_is_an_error(run: Path, capsys, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
-    msg = _error(capsys, "train", "ring", "--out", str(copy), *TINY[:-1], "--set", "model.hidden=64")
+    msg = one_line_error(capsys, "train", "ring", "--out", str(copy), *TINY[:-1], "--set", "model.hidden=64")
     assert "different model config" in msg and "--force" in msg
 
 
 # --- sample errors (in-process) -----------------------------------------------------------------------------------
 def test_sample_errors(run: Path, capsys, tmp_path: Path) -> None:
     r = str(run)
-    msg = _error(capsys, "sample", r, "--sampler", "nope")
+    msg = one_line_error(capsys, "sample", r, "--sampler", "nope")
     assert "unknown sampler 'nope'" in msg and "allowed:" in msg and "ddim" in msg
-    msg = _error(capsys, "sample", r, "--steps", "0")
+    msg = one_line_error(capsys, "sample", r, "--steps", "0")
     assert "steps" in msg and ">= 1" in msg and "got 0" in msg
-    msg = _error(capsys, "sample", r, "--grid", "nope", "--steps", "3")
+    msg = one_line_error(capsys, "sample", r, "--grid", "nope", "--steps", "3")
     assert "unknown grid 'nope'" in msg and "uniform" in msg
-    msg = _error(capsys, "sample", str(tmp_path / "missing"))
+    msg = one_line_error(capsys, "sample", str(tmp_path / "missing"))
     assert "run folder not found" in msg
-    msg = _error(capsys, "sample", r, "--class", "3", "--steps", "2")
+    msg = one_line_error(capsys, "sample", r, "--class", "3", "--steps", "2")
     assert "--class" in msg and "not class-conditional" in msg
-    assert "--guidance needs --class" in _error(capsys, "sample", r, "--guidance", "2", "--steps", "2")
-    assert "--opt expects key=value" in _error(capsys, "sample", r, "--opt", "eta", "--steps", "2")
-    msg = _error(capsys, "sample", r, "--steps", "2", "--n", "4", "--out", str(tmp_path / "x.jpg"))
+    assert "--guidance needs --class" in one_line_error(capsys, "sample", r, "--guidance", "2", "--steps", "2")
+    assert "--opt expects key=value" in one_line_error(capsys, "sample", r, "--opt", "eta", "--steps", "2")
+    msg = one_line_error(capsys, "sample", r, "--steps", "2", "--n", "4", "--out", str(tmp_path / "x.jpg"))
     assert ".png or .npz" in msg
 
 
@@ -174,20 +163,20 @@ def test_corrupt_and_missing_checkpoints(run: Path, capsys, tmp_path: Path) -> N
     bad = tmp_path / "bad"
     shutil.copytree(run, bad)
     (bad / "model.safetensors").write_bytes(b"garbage" * 100)
-    msg = _error(capsys, "sample", str(bad), "--no-ema", "--steps", "2")
+    msg = one_line_error(capsys, "sample", str(bad), "--no-ema", "--steps", "2")
     assert "corrupt checkpoint" in msg and "model.safetensors" in msg
     (bad / "ema.safetensors").unlink()
-    msg = _error(capsys, "sample", str(bad), "--steps", "2")
+    msg = one_line_error(capsys, "sample", str(bad), "--steps", "2")
     assert "missing checkpoint file" in msg and "ema.safetensors" in msg
     (bad / "config.json").write_text("[1, 2")
-    assert "corrupt JSON" in _error(capsys, "sample", str(bad), "--steps", "2")
+    assert "corrupt JSON" in one_line_error(capsys, "sample", str(bad), "--steps", "2")
     (bad / "config.json").unlink()
-    assert "missing file" in _error(capsys, "sample", str(bad), "--steps", "2")
+    assert "missing file" in one_line_error(capsys, "sample", str(bad), "--steps", "2")
     # a run folder whose training state is corrupt cannot be resumed silently
     bad2 = tmp_path / "bad2"
     shutil.copytree(run, bad2)
     (bad2 / "train_state.safetensors").write_bytes(b"\x01" * 64)
-    msg = _error(capsys, "train", "ring", "--out", str(bad2), *TINY)
+    msg = one_line_error(capsys, "train", "ring", "--out", str(bad2), *TINY)
     assert "corrupt checkpoint" in msg and "train_state.safetensors" in msg
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import one_line_error
 from torchdiffusion import _files as files
 from torchdiffusion.cli.main import main
 from torchdiffusion.parameterization.denoiser import Denoiser
@@ -138,17 +139,6 @@ def file_hashes(folder: Path) -> dict[str, str]:
 
 
 PROGRESS = re.compile(r"\d+%\|")  # a tqdm bar (stderr): not an error line
-
-
-def one_line_error(capsys, *argv: str) -> str:
-    """``main(argv)`` in-process: exit status 2, one line on stderr, no traceback; returns the line."""
-    capsys.readouterr()
-    rc = main(list(argv))
-    cap = capsys.readouterr()
-    assert rc == 2, (argv, rc, cap.err)
-    lines = [x for x in cap.err.strip().splitlines() if not PROGRESS.search(x)]
-    assert len(lines) == 1 and lines[0].startswith("torchdiffusion: error: "), cap.err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import torchdiffusion as td
+from helpers import one_line_error as _error
 from torchdiffusion.cli.main import main
 from torchdiffusion.samplers import gridfit
 
@@ -159,16 +160,6 @@ def test_json_round_trip_and_bad_files(tmp_path: Path) -> None:
         td.grids.load(tmp_path / "absent.json")
     with pytest.raises(ValueError, match="strictly decreasing"):
         td.grids.save(tmp_path / "x.json", torch.tensor([0.0, 1.0]))
-
-
-def _error(capsys, *argv: str) -> str:
-    capsys.readouterr()
-    rc = main(list(argv))
-    cap = capsys.readouterr()
-    assert rc == 2, (argv, cap.out, cap.err)
-    lines = cap.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("torchdiffusion: error: ") and "Traceback" not in cap.err
-    return lines[0]
 
 
 def test_cli_sample_with_a_grid_file(tmp_path: Path, capsys) -> None:
