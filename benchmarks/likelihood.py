@@ -152,8 +152,8 @@ def run_model(name: str, train: Dataset, test: torch.Tensor, work: Path, ablatio
               batch: int) -> dict:
     preset, sets, steps, what = MODELS[name]
     sets = list(sets)
-    if steps == "ablation":
-        sets.append(f"train.steps={ablation_steps}")
+    if steps == "ablation":  # one thread each, so that two ablations train side by side on the 2 cores
+        sets += [f"train.steps={ablation_steps}", "train.threads=1"]
     if quick:
         sets.append("train.steps=20")
     cfg = config.resolve(preset, [*sets, "train.device=cpu", "train.ckpt_every=500", "train.log_every=100"])

@@ -229,13 +229,15 @@ PRESETS.update({
 # dequantized digits -- the bins that the ODE likelihood scores -- with a learned monotone log-SNR schedule
 # (endpoints by the bound, shape by the variance of its estimate), antithetic times, Fourier features of the input
 # at periods 1/4, 1/8, 1/16 (about 2, 1 and 1/2 grey levels) and dropout 0.1 against overfitting the ~1200 digits.
-# 3000 steps of batch 128: ~0.2 s a step with one thread (measured on the shared 2-core machine), ~10 minutes, well
-# inside the 30-minute budget on 2 cores. Score it with `torchdiffusion likelihood RUN --method ode|vlb`.
+# The step count is set by issue 17's budget, not tuned on any score: 30 minutes on 2 cores. One step of batch 128
+# takes 0.155 s with 2 threads on the idle 2-core machine (0.235 s with one), so 9000 steps take ~23 minutes, with
+# room for a slower machine. Score it with `torchdiffusion likelihood RUN --method ode|vlb`.
 PRESETS["likelihood_digits"] = deep_update(
     _score_digits({"name": "learned", "gamma_min": -10.0, "gamma_max": 6.0},
                   {"name": "vdm", "dequantize": "uniform", "time_sampler": "antithetic"},
                   {"sampler": "euler_maruyama", "steps": 500}),
-    {"model": {"fourier_features": [3, 4, 5], "dropout": 0.1}, "train": {"steps": 3000, "lr": 2e-3}}, strict=False)
+    {"model": {"fourier_features": [3, 4, 5], "dropout": 0.1}, "train": {"steps": 9000, "lr": 2e-3, "threads": 2}},
+    strict=False)
 
 PRESETS.update({
     "digits": _DIGITS,
