@@ -44,6 +44,8 @@ MODELS: dict[str, tuple[str, list[str], str | None, str]] = {
     "digits": ("digits", [], None, "preset: cosine DDPM, v-prediction, L_simple, class-conditional"),
     "likelihood_digits": ("likelihood_digits", [], None,
                           "preset: VDM bound, learned schedule, Fourier features, uniform dequantization"),
+    "likelihood_digits (9000 steps)": ("likelihood_digits", ["train.steps=9000"], None,
+                                       "likelihood_digits for the whole 30-minute budget on 2 cores: overfits"),
     "likelihood_digits (short)": ("likelihood_digits", [], "ablation", "likelihood_digits at the ablation budget"),
     "no-dequantization": ("likelihood_digits", ["loss.dequantize=none"], "ablation",
                           "item 1: trained on grid values (discretized decoder at t_min)"),
@@ -243,6 +245,7 @@ def report(work: Path, out: Path, ablation_steps: int, cmd: str, notes: list[str
     order = [a["name"] for a in anchor] + [n for n in MODELS if n in results]
     for name, e in results.items():
         e["train_s"] = train_seconds(work / name) or e["train_s"]
+        e["what"] = MODELS[name][3] if name in MODELS else e["what"]
     entries = {**{a["name"]: a for a in anchor}, **results}
     lines = ["# Likelihood benchmark: held-out 8x8 digits (17 levels, D = 64)", "",
              f"Machine: {machine()}", "", f"Command: `{cmd}`", "",
