@@ -136,3 +136,11 @@ def predict_limited(model, x: Tensor, t: Tensor, clip_x0: float | None = None,
     x0 = dynamic_threshold(x0, thresholding, clip_x0) if thresholding is not None else x0.clamp(-clip_x0, clip_x0)
     a, s = coeffs(model.process, t)
     return x0, (x - a * x0) / s if s > 0 else eps
+
+
+def predict_interval(model, x: Tensor, t: Tensor, s: Tensor, clip_x0: float | None = None,
+                     thresholding: float | None = None) -> tuple[Tensor, Tensor, tuple, tuple]:
+    """The start of one step of a sampler over ``[t, s]``: the (limited) x0 and eps predictions at ``t``
+    (:func:`predict_limited`, one network evaluation) and the coefficients ``(alpha, sigma)`` of both ends."""
+    x0, eps = predict_limited(model, x, t, clip_x0, thresholding)
+    return x0, eps, coeffs(model.process, t), coeffs(model.process, s)

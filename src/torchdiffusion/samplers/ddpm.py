@@ -6,7 +6,15 @@ import math
 
 from torch import Tensor
 
-from torchdiffusion.samplers.common import coeffs, ddim_step, emit, noise_like, posterior_var, predict_limited
+from torchdiffusion.samplers.common import (
+    coeffs,
+    ddim_step,
+    emit,
+    noise_like,
+    posterior_var,
+    predict_interval,
+    predict_limited,
+)
 from torchdiffusion.samplers.registry import register
 
 
@@ -73,13 +81,10 @@ def py24(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, mu: flo
     """
     if not 0 <= mu < 1:
         raise ValueError(f"mu must be in [0, 1), got {mu}")
-    proc = model.process
     eps_prev = None
     for i in range(len(ts) - 1):
         t, s = ts[i], ts[i + 1]
-        x0, eps = predict_limited(model, x, t, clip_x0, thresholding)
-        a_t, sig_t = coeffs(proc, t)
-        a_s, sig_s = coeffs(proc, s)
+        x0, eps, (a_t, sig_t), (a_s, sig_s) = predict_interval(model, x, t, s, clip_x0, thresholding)
         st, ss = sig_t / a_t, sig_s / a_s
         eps_bar = eps if eps_prev is None else gamma * eps + (1 - gamma) * eps_prev
         eps_prev = eps

@@ -40,6 +40,7 @@ from torchdiffusion.samplers.common import (
     noise_like,
     phi,
     poly_weights,
+    predict_interval,
     predict_limited,
 )
 from torchdiffusion.samplers.registry import register
@@ -92,13 +93,10 @@ def euler(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, final_
     """Euler on ``dy/ds = eps`` in VE coordinates (Karras et al. 2022, THEORY T-DDIM-1): algebraically the same
     as deterministic DDIM, ``x_s = alpha_s x0_hat + sigma_s eps_hat``."""
     _check(final_step, clip_x0, thresholding)
-    proc = model.process
     s_hist, x0_hist = [], []
     for i in range(len(ts) - 1):
         t, s = ts[i], ts[i + 1]
-        x0, eps = predict_limited(model, x, t, clip_x0, thresholding)
-        a_t, sig_t = coeffs(proc, t)
-        a_s, sig_s = coeffs(proc, s)
+        x0, eps, (a_t, sig_t), (a_s, sig_s) = predict_interval(model, x, t, s, clip_x0, thresholding)
         s_hist.append(sig_t / a_t)
         x0_hist.append(x0)
         x = _finish(final_step, x0, s_hist, x0_hist) if sig_s == 0 else ddim_step(x0, eps, a_s, sig_s)
@@ -121,13 +119,10 @@ def heun(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, final_s
     _check(final_step, clip_x0, thresholding)
     if not max_ratio > 1:
         raise ValueError(f"max_ratio must be > 1, got {max_ratio}")
-    proc = model.process
     s_hist, x0_hist = [], []
     for i in range(len(ts) - 1):
         t, s = ts[i], ts[i + 1]
-        x0, eps = predict_limited(model, x, t, clip_x0, thresholding)
-        a_t, sig_t = coeffs(proc, t)
-        a_s, sig_s = coeffs(proc, s)
+        x0, eps, (a_t, sig_t), (a_s, sig_s) = predict_interval(model, x, t, s, clip_x0, thresholding)
         s_hist.append(sig_t / a_t)
         x0_hist.append(x0)
         if sig_s == 0:
@@ -156,13 +151,10 @@ def ipndm(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, order:
     fixed coefficients ``(55, -59, 37, -9) / 24`` (exact only for equal steps in s). ``final_step="solver"``
     takes the multistep step down to ``s = 0``."""
     _check(final_step, clip_x0, thresholding, order, max_order=4)
-    proc = model.process
     s_hist, x0_hist, eps_hist = [], [], []
     for i in range(len(ts) - 1):
         t, s = ts[i], ts[i + 1]
-        x0, eps = predict_limited(model, x, t, clip_x0, thresholding)
-        a_t, sig_t = coeffs(proc, t)
-        a_s, sig_s = coeffs(proc, s)
+        x0, eps, (a_t, sig_t), (a_s, sig_s) = predict_interval(model, x, t, s, clip_x0, thresholding)
         st, ss = sig_t / a_t, sig_s / a_s
         s_hist.append(st)
         x0_hist.append(x0)
@@ -193,14 +185,11 @@ def _dpmpp_multistep(model, x: Tensor, ts: Tensor, order: int, eta: float, gener
         raise ValueError(f"unknown solver_type {solver_type!r}; allowed: {', '.join(SOLVER_TYPES)}")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    proc = model.process
     n = len(ts) - 1
     lam_hist, s_hist, x0_hist = [], [], []
     for i in range(n):
         t, s = ts[i], ts[i + 1]
-        x0, eps = predict_limited(model, x, t, clip_x0, thresholding)
-        a_t, sig_t = coeffs(proc, t)
-        a_s, sig_s = coeffs(proc, s)
+        x0, eps, (a_t, sig_t), (a_s, sig_s) = predict_interval(model, x, t, s, clip_x0, thresholding)
         lam_t = half_log_snr(a_t, sig_t)
         lam_hist.append(lam_t)
         s_hist.append(sig_t / a_t)
@@ -265,9 +254,7 @@ def dpmpp_2s(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, r: 
     s_hist, x0_hist = [], []
     for i in range(len(ts) - 1):
         t, s = ts[i], ts[i + 1]
-        x0, eps = predict_limited(model, x, t, clip_x0, thresholding)
-        a_t, sig_t = coeffs(proc, t)
-        a_s, sig_s = coeffs(proc, s)
+        x0, eps, (a_t, sig_t), (a_s, sig_s) = predict_interval(model, x, t, s, clip_x0, thresholding)
         s_hist.append(sig_t / a_t)
         x0_hist.append(x0)
         if sig_s == 0:
