@@ -66,8 +66,10 @@ def test_fitted_grid_is_valid_and_beats_its_start_on_held_out_noise(pname) -> No
     err_fit = rms(td.sample(model, held_out, "unipc", steps, grid=ts), ref)
     assert err_fit < 0.7 * err_start, (err_fit, err_start, info)
     assert info["rms"] < info["start_rms"]
-    # deterministic: the same pilot states give the same grid
-    assert torch.equal(ts, td.grids.optimize(model, "unipc", steps, x_T=pilot, budget=200))
+    # deterministic: the same pilot states give the same grid, to rounding (a clean-clone CI run once found the two
+    # fits apart in the last bits: CPU reductions may round differently between calls; another search path would
+    # move the points by far more)
+    torch.testing.assert_close(ts, td.grids.optimize(model, "unipc", steps, x_T=pilot, budget=200), rtol=1e-8, atol=0)
 
 
 def test_validation_hold_out_never_worse_than_the_start() -> None:
