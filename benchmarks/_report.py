@@ -20,12 +20,11 @@ def command(script: str, argv: list[str] | None = None) -> str:
     return f"Command: `.venv/bin/python benchmarks/{script}{' ' + args if args else ''}`"
 
 
-def machine(t0: float, threads: str = "1 thread", load0: tuple[float, ...] | None = None,
-            versions: str = "") -> str:
-    """The date, machine, versions, threads, load average (when ``load0``, taken at the start, is given) and the
-    wall-clock seconds since ``t0``."""
+def machine(t0: float, threads: str = "1 thread", load0: tuple[float, ...] | None = None) -> str:
+    """The date, machine, python and torch versions, threads, load average (when ``load0``, taken at the start, is
+    given) and the wall-clock seconds since ``t0``."""
     load = (f"load average {load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
             if load0 is not None else "")
     return (f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; machine: `{' '.join(platform.uname())}`, "
-            f"{os.cpu_count()} cores; python {sys.version.split()[0]}, torch {torch.__version__}{versions}; "
+            f"{os.cpu_count()} cores; python {sys.version.split()[0]}, torch {torch.__version__}; "
             f"{threads}; {load}total {time.time() - t0:.0f} s (shared machine: seconds are wall-clock under load).")

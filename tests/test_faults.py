@@ -16,7 +16,6 @@ import errno
 import hashlib
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -136,9 +135,6 @@ def assert_same(a: dict, b: dict) -> None:
 def file_hashes(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-PROGRESS = re.compile(r"\d+%\|")  # a tqdm bar (stderr): not an error line
 
 
 @pytest.fixture(scope="module")
