@@ -28,7 +28,7 @@ import time
 import torch
 from torch import Tensor
 
-from torchdiffusion.parameterization.denoiser import Denoiser
+from torchdiffusion.parameterization.denoiser import Denoiser, unwrap
 
 from .dequantization import dequantization_offset, dequantize
 from .gaussian import discretized_gaussian_log_likelihood, gaussian_kl
@@ -54,10 +54,7 @@ def unit_times(n: int, kind: str = "antithetic", generator: torch.Generator | No
 
 def dequantizer_of(model: Denoiser):
     """The model's learned dequantizer (``model.net.dequantizer``, through DDP / compile wrappers) or None."""
-    net = model.net
-    for attr in ("module", "_orig_mod"):
-        net = getattr(net, attr, net)
-    return getattr(net, "dequantizer", None)
+    return getattr(unwrap(model.net), "dequantizer", None)
 
 
 def dequantize_for(model: Denoiser, x: Tensor, levels: int, value_range: tuple[float, float], kind: str,

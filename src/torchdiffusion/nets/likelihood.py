@@ -50,11 +50,11 @@ class VariationalDequantizer(nn.Module):
 class LikelihoodNet(nn.Module):
     """The denoising ``net`` plus the trained parts a likelihood model needs: a noise ``schedule`` (any module,
     e.g. ``processes.MonotoneSchedule``; the process reads it from here) and an optional ``dequantizer``.
-    Calls go to ``net`` unchanged: ``net(x, t[, cond])``."""
+    Calls go to ``net`` unchanged: ``net(x, t[, cond], **options)``."""
 
     def __init__(self, net: nn.Module, schedule: nn.Module | None = None, dequantizer: nn.Module | None = None):
         super().__init__()
         self.net, self.schedule, self.dequantizer = net, schedule, dequantizer
 
-    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
-        return self.net(x, t) if cond is None else self.net(x, t, cond)
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, **options) -> Tensor:
+        return self.net(x, t, **options) if cond is None else self.net(x, t, cond, **options)

@@ -238,6 +238,7 @@ class UNet(nn.Module):
         num_heads: int = 1,
         context_dim: int | None = None,
         fourier_features: Sequence[int] = (),
+        augment_dim: int = 0,
     ):
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
@@ -267,6 +268,8 @@ class UNet(nn.Module):
         emb_dim = 4 * channels
         self.time_embed = TimeEmbedding(channels, emb_dim, time_scale)
         self.class_embed = None if num_classes is None else nn.Embedding(num_classes + 1, emb_dim)
+        # augmentation labels (data.augment): linear without bias, so the zero label (no augmentation) adds nothing
+        self.augment_embed = nn.Linear(augment_dim, emb_dim, bias=False) if augment_dim else None
 
         def attn(ch: int, res: int) -> AttentionBlock | None:
             if res not in self.attn_resolutions:
@@ -370,13 +373,16 @@ class UNet(nn.Module):
         *,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
+        augment: Tensor | None = None,
     ) -> Tensor:
         """Predict a tensor of the shape of ``x`` (B, C, H, W) at process time ``t`` (scalar or ``(B,)``).
 
         ``cond``: optional ``(B,)`` integer class labels (``-1`` or ``self.null_class`` = no label; ``None``
         = no label for every sample). ``context``: optional ``(B, L, context_dim)`` sequence for
         cross-attention, with optional ``context_mask`` ``(B, L)`` bool (True = keep); without a context the
-        cross-attention layers are skipped (the same as a fully masked context).
+        cross-attention layers are skipped (the same as a fully masked context). ``augment``: optional
+        ``(B, augment_dim)`` labels of the augmentation each image underwent (``data.augment``); ``None`` is the
+        zero label, un-augmented data, as at sampling time.
         """
         if x.ndim != 4:
             raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}")
@@ -392,6 +398,13 @@ class UNet(nn.Module):
             )
         self._check_context(B, context, context_mask)
         emb = self._embed(x, t, cond)
+        if augment is not None:
+            if self.augment_embed is None:
+                raise ValueError("augment labels were given but the UNet was built without augment_dim")
+            if tuple(augment.shape) != (B, self.augment_embed.in_features):
+                raise ValueError(f"augment labels must have shape ({B}, {self.augment_embed.in_features}), "
+                                 f"got {tuple(augment.shape)}")
+            emb = emb + self.augment_embed(augment.to(emb.dtype))
 
         h = self.conv_in(fourier_input(x, self.fourier_features))
         hs = [h]

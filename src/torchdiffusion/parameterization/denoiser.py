@@ -52,14 +52,23 @@ def prediction_from(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, predi
     raise ValueError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
 
 
+def unwrap(net: Callable) -> Callable:
+    """The network inside its wrappers: DDP's and the training wrappers' ``.module``, torch.compile's
+    ``._orig_mod``, in any nesting."""
+    while True:
+        inner = getattr(net, "module", None)
+        if inner is None:
+            inner = getattr(net, "_orig_mod", None)
+        if inner is None:
+            return net
+        net = inner
+
+
 def process_for_net(process: Process, net: Callable) -> Process:
-    """``process`` reading the learned schedule held by ``net`` (``net.schedule``, looked up through DDP's
-    ``.module`` and torch.compile's ``._orig_mod``) when it has one; otherwise ``process`` itself."""
+    """``process`` reading the learned schedule held by ``net`` (``net.schedule``, looked up through its wrappers,
+    :func:`unwrap`) when it has one; otherwise ``process`` itself."""
     rebind = getattr(process, "with_schedule", None)
-    inner = net
-    for attr in ("module", "_orig_mod"):
-        inner = getattr(inner, attr, inner)
-    schedule = getattr(inner, "schedule", None)
+    schedule = getattr(unwrap(net), "schedule", None)
     if rebind is None or schedule is None or schedule is getattr(process, "schedule", None):
         return process
     return rebind(schedule)

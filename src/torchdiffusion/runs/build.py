@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from torchdiffusion._tensor import resolve_device
+from torchdiffusion.data.augment import AUGMENT_DIM
 from torchdiffusion.nets import NETS
 from torchdiffusion.nets.autoencoder import Autoencoder
 from torchdiffusion.nets.likelihood import LikelihoodNet, VariationalDequantizer
@@ -42,11 +43,15 @@ def default_time_scale(process: Process, precond: str) -> float:
     return 1.0 if process.discrete and precond == "none" else 1000.0
 
 
-def build_net(mcfg: dict, data_shape: tuple[int, ...], process: Process, num_classes: int | None) -> nn.Module:
-    """The network of the ``model`` section for data of ``data_shape``."""
+def build_net(mcfg: dict, data_shape: tuple[int, ...], process: Process, num_classes: int | None,
+              augment_dim: int = 0) -> nn.Module:
+    """The network of the ``model`` section for data of ``data_shape`` (``augment_dim``: the length of the
+    augmentation labels it takes, 0 for none; U-Net only)."""
     name = mcfg.get("net", "mlp")
     if name not in NETS:
         raise ValueError(f"unknown net {name!r}; allowed: {', '.join(NETS)}")
+    if augment_dim and name != "unet":
+        raise ValueError(f"data.augment needs model.net=unet (its labels enter the U-Net's embedding), got {name!r}")
     ts = mcfg.get("time_scale") or default_time_scale(process, mcfg.get("precond", "none"))
     if name == "mlp":
         if len(data_shape) != 1:
@@ -63,7 +68,7 @@ def build_net(mcfg: dict, data_shape: tuple[int, ...], process: Process, num_cla
                             attn_resolutions=tuple(mcfg["attn_resolutions"]), dropout=float(mcfg["dropout"]),
                             num_classes=num_classes, time_scale=ts, groups=min(32, ch),
                             num_heads=int(mcfg.get("num_heads", 1)),
-                            fourier_features=tuple(mcfg.get("fourier_features") or ()))
+                            fourier_features=tuple(mcfg.get("fourier_features") or ()), augment_dim=augment_dim)
     if name in ("autoencoder", "vae"):  # (denoising) autoencoder / VAE (nets/autoencoder.py, issue 9)
         if len(data_shape) != 3:
             raise ValueError(f"net {name!r} needs image data (C, H, W), got examples of shape {data_shape}")
@@ -141,10 +146,23 @@ def with_net(model: RunModel, net: nn.Module) -> RunModel:
     return net if isinstance(model, Autoencoder) else model.with_net(net)
 
 
+def augment_probability(cfg: dict) -> float:
+    """``data.augment``: the probability of each augmentation operation (0 = off; data.augment module doc)."""
+    p = cfg["data"].get("augment") or 0.0
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"data.augment must be a probability in [0, 1] (0 = no augmentation), got {p!r}")
+    return float(p)
+
+
+def augment_dim(cfg: dict) -> int:
+    """The length of the augmentation labels the network takes: ``AUGMENT_DIM`` with ``data.augment > 0``, else 0."""
+    return AUGMENT_DIM if augment_probability(cfg) > 0 else 0
+
+
 def build_model(cfg: dict, data_shape: tuple[int, ...], num_classes: int | None = None) -> RunModel:
     """Process + network (+ parameterization for diffusion runs) from a full config."""
     process = build_process(cfg["process"])
-    net = build_net(cfg["model"], tuple(data_shape), process, num_classes)
+    net = build_net(cfg["model"], tuple(data_shape), process, num_classes, augment_dim(cfg))
     schedule = getattr(process, "schedule", None)
     deq = cfg["model"].get("dequantizer")
     if run_kind(cfg) in ("diffusion", "latent") and (isinstance(schedule, nn.Module) or deq):

@@ -17,7 +17,7 @@ from torchdiffusion._tensor import check_count
 
 DEFAULTS: dict[str, dict] = {
     "data": {"name": "ring", "n": 10000, "seed": 0, "size": 8, "channels": 3, "key": None, "label_key": None,
-             "flip": False, "conditional": False, "holdout": 0.1,
+             "flip": False, "augment": 0.0, "conditional": False, "holdout": 0.1,
              "autoencoder": None},
     "process": {"name": "ddpm", "betas": "linear", "T": 1000, "beta_start": None, "beta_end": None,
                 "rescale_zero_snr": False, "beta_min": 0.1, "beta_max": 20.0, "sigma_min": None,

@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from torchdiffusion.data.augment import augment
 from torchdiffusion.data.datasets import Dataset, split_dataset
-from torchdiffusion.runs.build import RunModel, build_model, net_of, run_kind, with_net
+from torchdiffusion.runs.build import RunModel, augment_probability, build_model, net_of, run_kind, with_net
 from torchdiffusion.runs.config import with_defaults
 from torchdiffusion.runs.generate import generate_to_file
 from torchdiffusion.runs.latent import dataset_from_config, write_autoencoder_samples
@@ -35,16 +36,39 @@ def loss_closure(model: RunModel, cfg: dict, data: Dataset | None = None):
     """``loss(net, x0, *, cond, generator)`` for the trainer: the configured loss of ``model`` with ``net`` in
     place of its network (DDP / compiled wrappers), after dropping each label with probability
     ``loss.p_uncond`` (classifier-free guidance training: ``-1`` is the null class). The data's quantization
-    levels and value range go along (for ``loss.dequantize`` and the discretized decoder)."""
+    levels and value range go along (for ``loss.dequantize`` and the discretized decoder). With ``data.augment``
+    each batch is augmented first and the network sees the labels of what each image underwent
+    (:mod:`torchdiffusion.data.augment`)."""
     fn, lcfg = get_loss(cfg["loss"]["name"], run_kind(cfg)), dict(cfg["loss"])
     if data is not None:
         lcfg.update({"_levels": data.levels, "_value_range": list(data.value_range)})
     p_uncond = float(lcfg.get("p_uncond", 0.0))
+    p_augment = augment_probability(cfg)
 
     def loss(net: nn.Module, x0: Tensor, *, cond: Tensor | None, generator: torch.Generator) -> Tensor:
         cond = drop_labels(cond, p_uncond, generator)
+        if p_augment > 0:
+            x0, labels = augment(x0, p_augment, generator)
+            net = AugmentLabelled(net, labels)
         return fn(with_net(model, net), x0, cond=cond, generator=generator, cfg=lcfg)
     return loss
+
+
+class AugmentLabelled(nn.Module):
+    """``module`` called with the augmentation ``labels`` of the batch it is training on (``augment=labels``):
+    the wrapper the loss sees in place of the network while ``data.augment`` is on. The learned schedule and
+    dequantizer stay reachable through ``.module`` (``parameterization.denoiser.unwrap``)."""
+
+    def __init__(self, module: nn.Module, labels: Tensor):
+        super().__init__()
+        self.module, self.labels = module, labels
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        if x.shape[0] != self.labels.shape[0]:
+            raise ValueError(f"the loss called the network on a batch of {x.shape[0]}, but the augmentation "
+                             f"labels are for {self.labels.shape[0]} images")
+        return self.module(x, t, augment=self.labels) if cond is None else self.module(x, t, cond,
+                                                                                     augment=self.labels)
 
 
 def drop_labels(y: Tensor | None, p: float, generator: torch.Generator | None = None) -> Tensor | None:
