@@ -38,25 +38,33 @@ from torchdiffusion.runs.build import load_run
 from torchdiffusion.runs.train import build_trainer, ema_model
 
 LEVELS, N_TRAIN = 17, 1200
+# the recipe as it was before data.augment joined the preset (the ablations of items 1-2 change that recipe)
+NO_AUGMENT = ["data.augment=0"]
 # name -> (preset, --set overrides, steps: None = the preset's own, "ablation" = --ablation-steps, what it tests)
 MODELS: dict[str, tuple[str, list[str], str | None, str]] = {
     "vp_digits": ("vp_digits", [], None, "preset: VP SDE, eps weighting, trained on the 17-level grid values"),
     "digits": ("digits", [], None, "preset: cosine DDPM, v-prediction, L_simple, class-conditional"),
     "likelihood_digits": ("likelihood_digits", [], None,
-                          "preset: VDM bound, learned schedule, Fourier features, uniform dequantization"),
-    "likelihood_digits (9000 steps)": ("likelihood_digits", ["train.steps=9000"], None,
-                                       "likelihood_digits for the whole 30-minute budget on 2 cores: overfits"),
-    "likelihood_digits (short)": ("likelihood_digits", [], "ablation", "likelihood_digits at the ablation budget"),
-    "no-dequantization": ("likelihood_digits", ["loss.dequantize=none"], "ablation",
+                          "preset: VDM bound, learned schedule, Fourier features, uniform dequantization, "
+                          "non-leaking augmentation"),
+    "without augmentation (3000 steps)": ("likelihood_digits", NO_AUGMENT + ["train.steps=3000"], None,
+                                          "the preset's recipe before augmentation (its former default)"),
+    "without augmentation (9000 steps)": ("likelihood_digits", NO_AUGMENT + ["train.steps=9000"], None,
+                                          "the same for the whole 30-minute budget on 2 cores: overfits"),
+    "without augmentation (short)": ("likelihood_digits", NO_AUGMENT, "ablation",
+                                     "the recipe without augmentation at the ablation budget"),
+    "no-dequantization": ("likelihood_digits", NO_AUGMENT + ["loss.dequantize=none"], "ablation",
                           "item 1: trained on grid values (discretized decoder at t_min)"),
-    "variational-dequantization": ("likelihood_digits", ["loss.dequantize=variational", "model.dequantizer=true"],
+    "variational-dequantization": ("likelihood_digits", NO_AUGMENT + ["loss.dequantize=variational",
+                                                                      "model.dequantizer=true"],
                                    "ablation", "item 1: learned q(u | k) instead of uniform"),
     "vp_digits+dequantization": ("vp_digits", ["loss.dequantize=uniform"], None,
                                  "item 1 alone: vp_digits trained on uniformly dequantized digits"),
-    "fixed-vp-schedule": ("likelihood_digits", ["process.name=vp"], "ablation",
+    "fixed-vp-schedule": ("likelihood_digits", NO_AUGMENT + ["process.name=vp"], "ablation",
                           "item 2: the VP SDE's fixed schedule instead of the learned one (times importance sampled)"),
-    "no-fourier": ("likelihood_digits", ["model.fourier_features=[]"], "ablation", "item 2: no Fourier features"),
-    "uniform-times": ("likelihood_digits", ["loss.time_sampler=uniform"], "ablation",
+    "no-fourier": ("likelihood_digits", NO_AUGMENT + ["model.fourier_features=[]"], "ablation",
+                   "item 2: no Fourier features"),
+    "uniform-times": ("likelihood_digits", NO_AUGMENT + ["loss.time_sampler=uniform"], "ablation",
                       "item 2: independent uniform times instead of antithetic pairs"),
 }
 ODE = {"divergence": "hutchinson", "rtol": 1e-5, "atol": 1e-5}
@@ -218,8 +226,12 @@ NOTES = """Reading the table:
 - "train s" (summed over resumed sessions, from log.csv) and "eval s" are wall-clock seconds on the shared 2-core
   machine with other jobs running: compare them with care. One intra-op thread per process. A row scored in parts
   (`--partial --slice i/n`, parallel processes over the test digits) gives the slowest part's eval s.
-- The ablation rows change one thing in likelihood_digits and train at the ablation budget; compare them with
-  "likelihood_digits (short)", not with the full preset. "vp_digits+dequantization" is vp_digits with item 1 alone."""
+- The ablation rows change one thing in the recipe without augmentation (likelihood_digits with data.augment=0) and
+  train at the ablation budget; compare them with "without augmentation (short)", not with the full preset.
+  "vp_digits+dequantization" is vp_digits with item 1 alone.
+- The preset's augmentation and step count were chosen on a validation split of the training digits
+  (benchmarks/likelihood_select.py: fit on digits[:1000], validate on digits[1000:1200]); the test digits were not
+  used for that choice."""
 
 
 def train_seconds(folder: Path) -> float | None:

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-from _report import command, machine
 
+from _report import command, machine
 from torchdiffusion.data.datasets import Dataset, load
 from torchdiffusion.likelihood import bits_per_dim
 from torchdiffusion.runs import config
@@ -43,6 +43,10 @@ CANDIDATES: dict[str, tuple[list[str], str]] = {
     "augment-0.2 (4500 steps)": (["data.augment=0.2", "train.steps=4500"],
                                  "non-leaking augmentation (flips, quarter turns, 1-pixel shifts; each p = 0.2), "
                                  "1.5x the steps"),
+    "augment-0.2 (6000 steps)": (["data.augment=0.2", "train.steps=6000"], "augmentation p = 0.2, 2x the steps"),
+    "augment-0.2 (9000 steps)": (["data.augment=0.2", "train.steps=9000"],
+                                 "augmentation p = 0.2, 3x the steps (the 30-minute budget on 2 idle cores)"),
+    "augment-0.3 (6000 steps)": (["data.augment=0.3", "train.steps=6000"], "augmentation p = 0.3, 2x the steps"),
     "weight-decay-0.05": (["train.weight_decay=0.05"], "AdamW weight decay 0.05"),
     "no-fourier (2000 steps)": (["model.fourier_features=[]", "train.steps=2000"], "no Fourier features, 2000 steps"),
     "no-fourier (4500 steps)": (["model.fourier_features=[]", "train.steps=4500"], "no Fourier features, 4500 steps"),
@@ -65,7 +69,8 @@ def score(model, val: torch.Tensor, method: str) -> torch.Tensor:
 
 def run(name: str, fit: Dataset, val: torch.Tensor, work: Path, every: int, threads: int, quick: bool) -> dict:
     sets, what = CANDIDATES[name]
-    cfg = config.resolve("likelihood_digits", [*sets, *(["train.steps=20"] if quick else []), "train.device=cpu", f"train.threads={threads}",
+    sets = [*sets, *(["train.steps=20"] if quick else [])]
+    cfg = config.resolve("likelihood_digits", [*sets, "train.device=cpu", f"train.threads={threads}",
                                                "train.ckpt_every=500", "train.log_every=100"])
     out = work / name
     out.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-from helpers import one_line_error
 
+from helpers import one_line_error
 from torchdiffusion.data.augment import AUGMENT_DIM, augment, translate
 from torchdiffusion.data.datasets import Dataset, load
 from torchdiffusion.likelihood import bits_per_dim
