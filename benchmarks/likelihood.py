@@ -159,13 +159,15 @@ def evaluate(model, test: torch.Tensor, cfg: dict, batch: int) -> list[dict]:
 
 
 def run_model(name: str, train: Dataset, test: torch.Tensor, work: Path, ablation_steps: int, quick: bool,
-              batch: int) -> dict:
+              batch: int, threads: int | None = None) -> dict:
     preset, sets, steps, what = MODELS[name]
     sets = list(sets)
     if steps == "ablation":  # one thread each, so that two ablations train side by side on the 2 cores
         sets += [f"train.steps={ablation_steps}", "train.threads=1"]
     if quick:
         sets.append("train.steps=20")
+    if threads is not None:  # e.g. 1 while another job shares the 2 cores
+        sets.append(f"train.threads={threads}")
     cfg = config.resolve(preset, [*sets, "train.device=cpu", "train.ckpt_every=500", "train.log_every=100"])
     out = work / name
     t_prev = 0.0
@@ -293,6 +295,8 @@ def main() -> None:
                     "test digits (parts run as separate processes; the report merges them once all n are there)")
     ap.add_argument("--partial", action="store_true",
                     help="score the latest checkpoint of the --models whose training has not finished (no training)")
+    ap.add_argument("--threads", type=int, default=None, help="train.threads for every model trained by this call "
+                    "(default: the preset's, 1 for ablations)")
     ap.add_argument("--out", default="benchmarks/results/likelihood.md")
     ap.add_argument("--note", action="append", default=[], help="a line about this run for the results file")
     a = ap.parse_args()
@@ -323,7 +327,7 @@ def main() -> None:
                 if res is not None:
                     (work / name / f"bench_result_partial{suffix}.json").write_text(json.dumps(res))
                 continue
-            res = run_model(name, train, test, work, a.ablation_steps, a.quick, a.batch)
+            res = run_model(name, train, test, work, a.ablation_steps, a.quick, a.batch, a.threads)
             (work / name / "bench_result.json").write_text(json.dumps(res))
     report(work, Path(a.out), a.ablation_steps, cmd, a.note)
 
