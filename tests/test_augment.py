@@ -17,6 +17,7 @@ from torchdiffusion.nets.unet import UNet
 from torchdiffusion.runs import config
 from torchdiffusion.runs.build import load_run
 from torchdiffusion.runs.train import build_trainer
+from torchdiffusion.samplers import sample
 
 
 def short_error(e: pytest.ExceptionInfo, expect: str) -> None:
@@ -136,7 +137,7 @@ def test_training_with_augment_trains_the_label_embedding_and_scores_plain_data(
     model, _ = load_run(tmp_path / "aug")
     r = bits_per_dim(model, _digits(8).x, method="vlb", levels=17, n_t=4, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(r.bpd).all()
-    plain = build_trainer(config.resolve("likelihood_digits", ["train.steps=1", "model.channels=16"]),
+    plain = build_trainer(config.resolve("likelihood_digits", ["data.augment=0", "train.steps=1", "model.channels=16"]),
                           tmp_path / "plain", dataset=_digits(), progress=False)
     assert plain.model.net.net.augment_embed is None
 
@@ -155,3 +156,16 @@ def test_bad_augment_config_is_one_line(tmp_path, sets, expect):
 def test_cli_refuses_a_bad_augment_probability(tmp_path, capsys):
     msg = one_line_error(capsys, "train", "likelihood_digits", "--set", "data.augment=2", "--out", str(tmp_path / "r"))
     assert "data.augment must be a probability in [0, 1]" in msg
+
+
+def test_class_conditional_run_trains_with_augment(tmp_path):
+    """The labels ride beside the class labels: a class-conditional DDPM run trains with data.augment and samples."""
+    cfg = config.resolve("digits", ["data.augment=0.3", "train.steps=2", "train.batch=16", "train.device=cpu",
+                                    "model.channels=16", "data.holdout=0"])
+    tr = build_trainer(cfg, tmp_path / "cond", dataset=_digits(), progress=False)
+    assert tr.run()["step"] == 2
+    model, _ = load_run(tmp_path / "cond")
+    g = torch.Generator().manual_seed(0)
+    x = sample(model, torch.randn(4, 1, 8, 8, generator=g), sampler="ddim", steps=3, cond=torch.arange(4),
+               generator=g)
+    assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
