@@ -206,6 +206,20 @@ def evaluate_partial(name: str, test: torch.Tensor, work: Path, batch: int) -> d
             "train_s": wall[-1], "what": what, "rows": res}
 
 
+def step_time(train: Dataset, work: Path, steps: int = 200) -> dict:
+    """Seconds per training step of the likelihood_digits preset as configured (its train.threads), after 20
+    warm-up steps, in a scratch run folder: what the preset's training time on this machine is (steps x this)."""
+    cfg = config.resolve("likelihood_digits", ["train.device=cpu", "train.ckpt_every=0"])
+    tr = build_trainer(cfg, work / "_step_time", dataset=train, progress=False, resume=False, force=True)
+    load0 = os.getloadavg()[0]
+    tr.run(stop_after=20)
+    t0 = time.time()
+    tr.run(stop_after=steps)
+    per = (time.time() - t0) / steps
+    return {"seconds_per_step": per, "threads": int(cfg["train"]["threads"]), "steps": int(cfg["train"]["steps"]),
+            "measured_steps": steps, "load": load0, "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
 def machine() -> str:
     uname = " ".join(platform.uname())
     threads = f"torch threads {torch.get_num_threads()}" + \
@@ -272,6 +286,12 @@ def report(work: Path, out: Path, ablation_steps: int, cmd: str, notes: list[str
             lines.append(f"| {name} | {e['what']} | {e['steps']} | {e['train_s']:.0f} | {r['method']} | "
                          f"{r['variant']} | {r['bpd']:.3f} | {r['se']:.3f} | {r['median']:.3f} | {r['max']:.2f} | "
                          f"{r['nfe']:.0f} | {r['seconds']:.0f} |")
+    if (work / "step_time.json").is_file():
+        st = json.loads((work / "step_time.json").read_text())
+        lines += ["", f"Training time of the likelihood_digits preset on this machine (`--step-time`, {st['date']}, "
+                  f"load average {st['load']:.1f} at the start): {st['seconds_per_step']:.3f} s a step with "
+                  f"{st['threads']} threads over {st['measured_steps']} steps, so its {st['steps']} steps take "
+                  f"{st['seconds_per_step'] * st['steps'] / 60:.1f} minutes."]
     missing = [n for n in MODELS if n not in results]
     if missing:
         lines += ["", "Not run in this results file: " + ", ".join(missing) + "."]
@@ -295,6 +315,8 @@ def main() -> None:
                     "test digits (parts run as separate processes; the report merges them once all n are there)")
     ap.add_argument("--partial", action="store_true",
                     help="score the latest checkpoint of the --models whose training has not finished (no training)")
+    ap.add_argument("--step-time", action="store_true",
+                    help="time 200 training steps of likelihood_digits as configured (run it on an idle machine)")
     ap.add_argument("--threads", type=int, default=None, help="train.threads for every model trained by this call "
                     "(default: the preset's, 1 for ablations)")
     ap.add_argument("--out", default="benchmarks/results/likelihood.md")
@@ -308,7 +330,9 @@ def main() -> None:
         test = test[:64]
         ODE.update(rtol=1e-3, atol=1e-3)
     cmd = " ".join([".venv/bin/python", *sys.argv])
-    if not a.report:
+    if a.step_time:
+        (work / "step_time.json").write_text(json.dumps(step_time(train, work)))
+    elif not a.report:
         if not (work / "anchors.json").is_file():
             (work / "anchors.json").write_text(json.dumps(anchors(train, test)))
         for name in a.models.split(","):
