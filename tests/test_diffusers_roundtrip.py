@@ -197,10 +197,13 @@ def test_edm_euler_matches_diffusers(prediction):
 # --- part 2: export and import --------------------------------------------------------------------------------
 def test_unet2d_twin_on_random_inputs():
     """Our U-Net and the UNet2DModel built from unet2d_from_unet agree to 1e-5 (attention at two levels, classes,
-    RGB, several heads of one size)."""
+    RGB, several heads of one size; augmentation labels, left out of the twin, which equals the net at the zero
+    label)."""
     for kw in (dict(in_channels=3, image_size=16, channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                     attn_resolutions=(8, 4), num_classes=3, groups=16),
-               dict(image_size=8, channels=32, channel_mult=(1, 1), attn_resolutions=(4,), num_heads=4)):
+               dict(image_size=8, channels=32, channel_mult=(1, 1), attn_resolutions=(4,), num_heads=4),
+               dict(image_size=8, channels=16, channel_mult=(1, 2), attn_resolutions=(4,), groups=16,
+                    augment_dim=6)):
         torch.manual_seed(0)
         net = UNet(**kw).eval()
         with torch.no_grad():
@@ -224,6 +227,8 @@ def test_no_twin_is_refused_with_one_line():
         unet2d_from_unet(UNet(channels=16, groups=16, time_scale=1000.0))
     with pytest.raises(ValueError, match="groups"):
         unet2d_from_unet(UNet(channels=48, channel_mult=(1, 2)))  # 48 -> 24 groups, 96 -> 32 groups
+    with pytest.raises(ValueError, match="Fourier input features"):
+        unet2d_from_unet(UNet(channels=16, groups=16, fourier_features=(3,)))
     with pytest.raises(ValueError, match="UNet2DModel twin"):
         unet2d_from_unet(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="DDPM"):

@@ -336,13 +336,16 @@ def unet2d_from_unet(net: nn.Module) -> tuple[dict, dict[str, Tensor]]:
     and a class embedding of ``num_classes + 1`` rows (the last is our null class).
 
     Refused with one line where no twin exists: a time scale other than 1 (diffusers embeds the timestep as
-    given), cross-attention, GroupNorms with different group counts, or several heads whose size differs
-    between attention levels.
+    given), cross-attention, Fourier input features, GroupNorms with different group counts, or several heads
+    whose size differs between attention levels. The embedding of augmentation labels (``augment_dim``, zero at
+    sampling time, when it adds nothing) is left out: the twin computes the net of un-augmented data.
     """
     if not isinstance(net, UNet):
         raise ValueError(f"only torchdiffusion's UNet has a diffusers UNet2DModel twin, got {type(net).__name__}")
     if net.context_dim is not None:
         raise ValueError("a UNet with cross-attention (context_dim) has no UNet2DModel twin")
+    if net.fourier_features:
+        raise ValueError("a UNet with Fourier input features (model.fourier_features) has no UNet2DModel twin")
     if net.time_scale != 1.0:
         raise ValueError(f"the UNet embeds {net.time_scale:g} * t; UNet2DModel embeds the timestep as given, so only "
                          "time_scale = 1 (a DDPM run without preconditioning) can be exported")
