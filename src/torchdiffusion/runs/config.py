@@ -231,11 +231,11 @@ PRESETS.update({
 # at periods 1/4, 1/8, 1/16 (about 2, 1 and 1/2 grey levels), dropout 0.1, and non-leaking augmentation
 # (data.augment = 0.2: flips, quarter turns and 1-pixel shifts, the network told which; EDM, Karras et al. 2022)
 # against memorizing the ~1200 digits. Without augmentation the recipe overfits after ~2000-3000 steps; with it
-# the validation bound still falls at 9000 steps. The augmentation, its p and the step count were chosen on a
-# validation split of the training digits (benchmarks/results/likelihood_select.md). 9000 steps of batch 128:
-# 0.141 s a step with 2 threads on the idle 2-core machine, 21 minutes (benchmarks/likelihood.py --step-time). On
-# the 597 held-out digits: 1.781 bits/dim by the ODE, 1.780 by the bound (benchmarks/results/likelihood.md). Score with
-# `torchdiffusion likelihood RUN --method ode|vlb`.
+# the validation bound falls until ~7000 of 9000 steps, then levels off. The augmentation, its p and the step count
+# were chosen on a validation split of the training digits (benchmarks/results/likelihood_select.md). 9000 steps
+# of batch 128: 0.141 s a step with 2 threads on the idle 2-core machine, 21 minutes (benchmarks/likelihood.py
+# --step-time). On the 597 held-out digits: 1.781 bits/dim by the ODE, 1.780 by the bound
+# (benchmarks/results/likelihood.md). Score it with `torchdiffusion likelihood RUN --method ode|vlb`.
 PRESETS["likelihood_digits"] = deep_update(
     _score_digits({"name": "learned", "gamma_min": -10.0, "gamma_max": 6.0},
                   {"name": "vdm", "dequantize": "uniform", "time_sampler": "antithetic"},
