@@ -356,3 +356,21 @@ def test_count_values_are_checked(setting: str) -> None:
     key = setting.split("=")[0]
     with pytest.raises(ValueError, match=key.replace(".", "[.]") + " must be"):
         C.resolve("ring", [setting])
+
+
+def test_train_threads_apply_while_training_and_are_restored(tmp_path: Path, monkeypatch) -> None:
+    """train.threads sets torch's intra-op threads for the steps (seen from inside the loss) and gives the caller's
+    count back afterwards."""
+    before = torch.get_num_threads()
+    target = 2 if before != 2 else 3
+    seen = []
+    tr = build_trainer(_cfg("train.steps=2", f"train.threads={target}"), tmp_path / "run", progress=False)
+    loss = tr.loss_fn
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return loss(*a, **k)
+    monkeypatch.setattr(tr, "loss_fn", spy)
+    tr.run()
+    assert seen and set(seen) == {target}
+    assert torch.get_num_threads() == before

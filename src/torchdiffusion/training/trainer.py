@@ -226,8 +226,6 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self._shard = dist_mod.shard(int(t.batch), self.dist)
-        if t.threads > 0:
-            torch.set_num_threads(t.threads)
         self.tb = None
         if t.tensorboard:
             try:
@@ -434,12 +432,17 @@ class Trainer:
     def run(self, stop_after: int | None = None) -> dict:
         """Train until ``train.steps`` (or ``stop_after`` more steps); checkpoint periodically and at the end.
         SIGINT (Ctrl-C) and SIGTERM finish the current step and write a checkpoint before stopping
-        (:class:`Interrupted`), so the same command resumes; the folder is given back when this returns."""
+        (:class:`Interrupted`), so the same command resumes; the folder is given back when this returns.
+        ``train.threads > 0`` sets torch's intra-op threads while it trains; the caller's count is restored after."""
         if self.lock is not None:
             self.lock.acquire()
+        threads = torch.get_num_threads()
+        if self.settings.threads > 0:
+            torch.set_num_threads(self.settings.threads)
         try:
             return self._run(stop_after)
         finally:
+            torch.set_num_threads(threads)
             self.close()
 
     def _run(self, stop_after: int | None) -> dict:
