@@ -13,7 +13,8 @@ Each model trains in ``--work`` (default runs/bench_likelihood/NAME, resumable: 
 scores are cached there as JSON, so that several shells can run disjoint ``--models`` at once; every run
 rewrites the results file from all finished models. Models: the presets ``vp_digits``, ``digits`` (class-conditional,
 scored with the null label) and ``likelihood_digits`` at their own step counts, and ablations of issue 17's items 1-2
-at ``--ablation-steps`` (default 2000, the other presets' budget) next to ``likelihood_digits`` at that budget.
+at ``--ablation-steps`` (default 2000, the other presets' budget) next to the recipe they change (likelihood_digits
+without augmentation) at that budget.
 Results go to benchmarks/results/likelihood.md.
 """
 
@@ -180,6 +181,8 @@ def run_model(name: str, train: Dataset, test: torch.Tensor, work: Path, ablatio
     tr.run()
     train_s = t_prev + (time.time() - t0 if tr.step > done_before else 0.0)
     state.write_text(json.dumps({"train_s": train_s}))
+    if int(cfg["train"]["threads"]) > 0:  # score with the threads it trained with (Trainer.run restores the caller's)
+        torch.set_num_threads(int(cfg["train"]["threads"]))
     model = ema_model(tr)
     print(f"{name}: {cfg['train']['steps']} steps, {train_s:.0f} s of training", flush=True)
     rows = evaluate(model, test, cfg, batch)

@@ -73,6 +73,7 @@ def run(name: str, fit: Dataset, val: torch.Tensor, work: Path, every: int, thre
     curve_file = out / "curve.json"
     curve = json.loads(curve_file.read_text()) if curve_file.is_file() else {"points": [], "train_s": 0.0}
     tr = build_trainer(cfg, out, dataset=fit, progress=False, resume=True)
+    torch.set_num_threads(threads)  # scoring too (Trainer.run gives the caller's count back after each chunk)
     total = int(cfg["train"]["steps"])
     while tr.step < total:
         t0 = time.time()

@@ -169,3 +169,24 @@ def test_class_conditional_run_trains_with_augment(tmp_path):
     x = sample(model, torch.randn(4, 1, 8, 8, generator=g), sampler="ddim", steps=3, cond=torch.arange(4),
                generator=g)
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_schedule_and_dequantizer_are_found_through_the_wrappers():
+    """unwrap reaches the LikelihoodNet through the augmentation wrapper and torch.compile, in either nesting, so the
+    process reads the trained schedule and the bound finds the dequantizer (not the process's own copy)."""
+    from torchdiffusion.likelihood.continuous import dequantizer_of
+    from torchdiffusion.nets.likelihood import LikelihoodNet, VariationalDequantizer
+    from torchdiffusion.parameterization.denoiser import Denoiser, process_for_net, unwrap
+    from torchdiffusion.processes import process_from_config
+    from torchdiffusion.runs.train import AugmentLabelled
+
+    proc = process_from_config({"name": "learned"})
+    other = process_from_config({"name": "learned"}).schedule  # a schedule the process does not hold
+    inner = LikelihoodNet(UNet(1, image_size=8, channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                               attn_resolutions=(4,), groups=8, augment_dim=AUGMENT_DIM), other,
+                          VariationalDequantizer(1))
+    labels = torch.zeros(2, AUGMENT_DIM)
+    for wrapped in (AugmentLabelled(torch.compile(inner), labels), torch.compile(AugmentLabelled(inner, labels))):
+        assert unwrap(wrapped) is inner
+        assert process_for_net(proc, wrapped).schedule is other
+        assert dequantizer_of(Denoiser(wrapped, proc)) is inner.dequantizer

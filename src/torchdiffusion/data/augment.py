@@ -39,7 +39,8 @@ def augment(x: Tensor, p: float, generator: torch.Generator | None = None,
     """``(x_aug, labels)``: the images ``x`` (B, C, H, W) with each operation (x-flip, y-flip, a quarter-turn
     rotation by 1-3 turns on square images, a translation by up to ``max_shift`` pixels each way, default
     ``max(1, round(min(H, W) / 8))``) applied with probability ``p`` independently, and the ``(B, AUGMENT_DIM)``
-    labels that name what each image underwent (module doc; zero = untouched)."""
+    labels that name what each image underwent (module doc; zero = untouched), float32 unless ``x`` is of another
+    floating type. ``generator`` is a CPU generator (the draws are made on the CPU, then moved to ``x.device``)."""
     if x.ndim != 4:
         raise ValueError(f"augmentation needs images (B, C, H, W), got shape {tuple(x.shape)}")
     if not 0.0 <= p <= 1.0:
@@ -64,4 +65,4 @@ def augment(x: Tensor, p: float, generator: torch.Generator | None = None,
     labels[:, 0], labels[:, 1] = xflip.float(), yflip.float()
     labels[:, 2], labels[:, 3] = (torch.cos(angle) - 1).round().float(), torch.sin(angle).round().float()
     labels[:, 4], labels[:, 5] = dx.float() / W, dy.float() / H
-    return x, labels.to(device=dev, dtype=x.dtype)
+    return x, labels.to(device=dev, dtype=x.dtype if x.is_floating_point() else torch.float32)

@@ -268,8 +268,6 @@ class UNet(nn.Module):
         emb_dim = 4 * channels
         self.time_embed = TimeEmbedding(channels, emb_dim, time_scale)
         self.class_embed = None if num_classes is None else nn.Embedding(num_classes + 1, emb_dim)
-        # augmentation labels (data.augment): linear without bias, so the zero label (no augmentation) adds nothing
-        self.augment_embed = nn.Linear(augment_dim, emb_dim, bias=False) if augment_dim else None
 
         def attn(ch: int, res: int) -> AttentionBlock | None:
             if res not in self.attn_resolutions:
@@ -310,6 +308,9 @@ class UNet(nn.Module):
 
         self.norm_out = _norm(ch, groups)
         self.conv_out = _zero_(nn.Conv2d(ch, self.out_channels, 3, padding=1))
+        # augmentation labels (data.augment): linear without bias, so the zero label (no augmentation) adds nothing;
+        # made last, so that the other layers start from the same weights as without it (same seed)
+        self.augment_embed = nn.Linear(augment_dim, emb_dim, bias=False) if augment_dim else None
 
     def _embed(self, x: Tensor, t: Tensor | float, cond: Tensor | None) -> Tensor:
         B = x.shape[0]

@@ -233,7 +233,7 @@ PRESETS.update({
 # against memorizing the ~1200 digits. Without augmentation the recipe overfits after ~2000-3000 steps; with it
 # the validation bound falls until ~7000 of 9000 steps, then levels off. The augmentation, its p and the step count
 # were chosen on a validation split of the training digits (benchmarks/results/likelihood_select.md). 9000 steps
-# of batch 128: 0.141 s a step with 2 threads on the idle 2-core machine, 21 minutes (benchmarks/likelihood.py
+# of batch 128: 0.141 s a step with 2 threads, no other job running, 21 minutes (benchmarks/likelihood.py
 # --step-time). On the 597 held-out digits: 1.781 bits/dim by the ODE, 1.780 by the bound
 # (benchmarks/results/likelihood.md). Score it with `torchdiffusion likelihood RUN --method ode|vlb`.
 PRESETS["likelihood_digits"] = deep_update(
