@@ -10,6 +10,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,3 +29,12 @@ def machine(t0: float, threads: str = "1 thread", load0: tuple[float, ...] | Non
     return (f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; machine: `{' '.join(platform.uname())}`, "
             f"{os.cpu_count()} cores; python {sys.version.split()[0]}, torch {torch.__version__}; "
             f"{threads}; {load}total {time.time() - t0:.0f} s (shared machine: seconds are wall-clock under load).")
+
+
+def write_results(out: Path, lines: list[str], notes: list[str] | None = None) -> None:
+    """Write a results file: ``lines``, then the ``--note`` lines under "About this run:"; also print it."""
+    if notes:
+        lines = [*lines, "", "About this run:", *[f"- {n}" for n in notes]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from _report import write_results
 from torchdiffusion.data.datasets import Dataset, load
 from torchdiffusion.likelihood import bits_per_dim, dequantize
 from torchdiffusion.runs import config
@@ -299,11 +300,7 @@ def report(work: Path, out: Path, ablation_steps: int, cmd: str, notes: list[str
     if missing:
         lines += ["", "Not run in this results file: " + ", ".join(missing) + "."]
     lines += ["", NOTES]
-    if notes:
-        lines += ["", "About this run:"] + [f"- {n}" for n in notes]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(out, lines, notes)
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from _report import command, machine
+from _report import command, machine, write_results
 from likelihood import LEVELS, ODE  # the likelihood benchmark's levels and ODE settings
 from torchdiffusion.data.datasets import Dataset, load
 from torchdiffusion.likelihood import bits_per_dim
@@ -125,11 +125,7 @@ def report(work: Path, out: Path, t0: float, load0: tuple[float, ...], notes: li
     lines += ["", "The curve is the validation bound of the EMA weights during the candidate's own run (its cosine "
               "learning-rate schedule ends at its own step count), so a curve's minimum is not the best length for "
               "another step count."]
-    if notes:
-        lines += ["", "About this run:"] + [f"- {n}" for n in notes]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(out, lines, notes)
 
 
 def main() -> None:

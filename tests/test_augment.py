@@ -13,10 +13,14 @@ from helpers import one_line_error
 from torchdiffusion.data.augment import AUGMENT_DIM, augment, translate
 from torchdiffusion.data.datasets import Dataset, load
 from torchdiffusion.likelihood import bits_per_dim
+from torchdiffusion.likelihood.continuous import dequantizer_of
+from torchdiffusion.nets.likelihood import LikelihoodNet, VariationalDequantizer
 from torchdiffusion.nets.unet import UNet
+from torchdiffusion.parameterization.denoiser import Denoiser, process_for_net, unwrap
+from torchdiffusion.processes import process_from_config
 from torchdiffusion.runs import config
 from torchdiffusion.runs.build import load_run
-from torchdiffusion.runs.train import build_trainer
+from torchdiffusion.runs.train import AugmentLabelled, build_trainer
 from torchdiffusion.samplers import sample
 
 
@@ -174,12 +178,6 @@ def test_class_conditional_run_trains_with_augment(tmp_path):
 def test_schedule_and_dequantizer_are_found_through_the_wrappers():
     """unwrap reaches the LikelihoodNet through the augmentation wrapper and torch.compile, in either nesting, so the
     process reads the trained schedule and the bound finds the dequantizer (not the process's own copy)."""
-    from torchdiffusion.likelihood.continuous import dequantizer_of
-    from torchdiffusion.nets.likelihood import LikelihoodNet, VariationalDequantizer
-    from torchdiffusion.parameterization.denoiser import Denoiser, process_for_net, unwrap
-    from torchdiffusion.processes import process_from_config
-    from torchdiffusion.runs.train import AugmentLabelled
-
     proc = process_from_config({"name": "learned"})
     other = process_from_config({"name": "learned"}).schedule  # a schedule the process does not hold
     inner = LikelihoodNet(UNet(1, image_size=8, channels=16, channel_mult=(1, 2), num_res_blocks=1,
