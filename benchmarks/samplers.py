@@ -47,8 +47,10 @@ Where our a-priori choice misses the goal (<= 0.5 x diffusers' best; <= 1 x on t
 (``diagnose``): the error at the last positive grid level against the exact ODE state there (integration) and the
 error of the final step applied to *exact* states (Tweedie's x0_hat at the last level, or its extrapolation from
 the last two levels); the larger is named. Beside it: the error of a converged solve (``gridfit.end_state``, rtol =
-atol = 1e-6) -- the model is queried at t >= t_min only, so no sampler reaches much below this -- and, where a few
-states carry most of the squared error (``concentration``), those states.
+atol = 1e-6) -- the model is queried at t >= t_min only, so no sampler reaches much below this -- where a few
+states carry most of the squared error (``concentration``), those states, and on the mixture problems the component
+flips of ours and of diffusers' best (``flips``: states that end in another component than the exact solution) with
+both errors on the states where neither flips.
 """
 
 from __future__ import annotations
@@ -299,8 +301,7 @@ def diagnose(case: Case, sampler: str, ts: torch.Tensor, opts: dict) -> dict:
 def concentration(x: torch.Tensor, ref: torch.Tensor, share: float = 0.5, few: float = 0.01) -> str:
     """Whether a few states carry the error: the fewest states (at most ``few`` of them, at least one) whose squared
     errors make up ``share`` of the total, their per-state RMS, and the RMS of all the others; "" otherwise. Such
-    states are rare events (on the 64-D problem at NFE 20, a state that ends in another mixture component than its
-    exact solution), which a pilot of the same size need not contain."""
+    states are rare events (see :func:`flips`), which a pilot of the same size need not contain."""
     e2 = ((x.to(torch.float64) - ref) ** 2).flatten(1).mean(1)
     order = e2.sort(descending=True).values
     cum = order.cumsum(0) / order.sum()
@@ -322,6 +323,26 @@ class Counter:
     def __call__(self, x, t, *args):
         self.calls += 1
         return self.fn(x, t, *args)
+
+
+def flips(case: Case, x: torch.Tensor, x_diff: torch.Tensor) -> str:
+    """Component flips on a mixture problem: states whose sample ends in another mixture component (the most
+    responsible one at noise 0) than the exact solution from the same ``x_T`` -- a discrete event (the path crossed
+    the boundary between basins at moderate noise), whose error is the distance between components, not the
+    solver's local error. Counts for our a-priori samples ``x`` and diffusers' best ``x_diff``, the share of our
+    squared error the flipped states carry, and both RMS on the states where neither flips."""
+    lab = case.mixture.responsibilities(case.ref).argmax(1)
+    ours = case.mixture.responsibilities(x.to(torch.float64)).argmax(1) != lab
+    theirs = case.mixture.responsibilities(x_diff.to(torch.float64)).argmax(1) != lab
+    if not (ours.any() or theirs.any()):
+        return "no component flips (ours or diffusers' best)"
+    e2 = ((x.to(torch.float64) - case.ref) ** 2).flatten(1).mean(1)
+    keep = ~(ours | theirs)
+    r_o, r_d = rms(x[keep], case.ref[keep]), rms(x_diff[keep], case.ref[keep])
+    return (f"component flips (the sample ends in another mixture component than the exact solution): ours "
+            f"{int(ours.sum())} of {len(lab)} states ({100 * float(e2[ours].sum() / e2.sum()):.0f} % of our squared "
+            f"error), diffusers' best {int(theirs.sum())}; on the {int(keep.sum())} states where neither flips: ours "
+            f"{r_o:.2e}, diffusers' best {r_d:.2e} (ratio {r_o / r_d:.3f})")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -658,6 +679,9 @@ def main(argv: list[str] | None = None) -> None:
                 conc = concentration(x, case.ref)
                 if conc:
                     term += "; " + conc
+                if not digits:
+                    x_d = diffusers_run(case, *dbest["spec"], nfe)[0]
+                    term += "; " + flips(case, x, x_d)
                 if ap_ours["rms"] > 2 * info["val"]:
                     term += (f"; the fit did not carry over from the pilot (validation RMS {info['val']:.2e}, "
                              f"held-out {ap_ours['rms']:.2e})")
