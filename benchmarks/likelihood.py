@@ -10,7 +10,8 @@ full-covariance components fitted on dequantized digits[:1200]).
     .venv/bin/python benchmarks/likelihood.py --partial --models M  # score M's latest checkpoint (still training)
 
 Each model trains in ``--work`` (default runs/bench_likelihood/NAME, resumable: an interrupted run continues) and its
-scores are cached there as JSON, so that several shells can run disjoint ``--models`` at once; every run
+scores are cached there as JSON, so that several shells can run disjoint ``--models`` at once (a cached score is
+used only while the folder's saved config is still the recipe of its name: ``check_cached``); every run
 rewrites the results file from all finished models. Models: the presets ``vp_digits``, ``digits`` (class-conditional,
 scored with the null label) and ``likelihood_digits`` at their own step counts, and ablations of issue 17's items 1-2
 at ``--ablation-steps`` (default 2000, the other presets' budget) next to the recipe they change (likelihood_digits
@@ -38,6 +39,7 @@ from torchdiffusion.likelihood import bits_per_dim, dequantize
 from torchdiffusion.runs import config
 from torchdiffusion.runs.build import load_run
 from torchdiffusion.runs.train import build_trainer, ema_model
+from torchdiffusion.training.checkpoint import load_json
 
 LEVELS, N_TRAIN = 17, 1200
 # the recipe as it was before data.augment joined the preset (the ablations of items 1-2 change that recipe)
@@ -160,9 +162,9 @@ def evaluate(model, test: torch.Tensor, cfg: dict, batch: int) -> list[dict]:
     return rows
 
 
-def run_model(name: str, train: Dataset, test: torch.Tensor, work: Path, ablation_steps: int, quick: bool,
-              batch: int, threads: int | None = None) -> dict:
-    preset, sets, steps, what = MODELS[name]
+def recipe(name: str, ablation_steps: int, quick: bool, threads: int | None = None) -> tuple[list[str], dict]:
+    """The ``--set`` list and the resolved config that model ``name`` trains with."""
+    preset, sets, steps, _ = MODELS[name]
     sets = list(sets)
     if steps == "ablation":  # one thread each, so that two ablations train side by side on the 2 cores
         sets += [f"train.steps={ablation_steps}", "train.threads=1"]
@@ -170,7 +172,44 @@ def run_model(name: str, train: Dataset, test: torch.Tensor, work: Path, ablatio
         sets.append("train.steps=20")
     if threads is not None:  # e.g. 1 while another job shares the 2 cores
         sets.append(f"train.threads={threads}")
-    cfg = config.resolve(preset, [*sets, "train.device=cpu", "train.ckpt_every=500", "train.log_every=100"])
+    return sets, config.resolve(preset, [*sets, "train.device=cpu", "train.ckpt_every=500", "train.log_every=100"])
+
+
+# settings that do not change what is trained (threads, device, logging): a cached score ignores them
+NOT_RECIPE = {"train": ("threads", "device", "ckpt_every", "log_every")}
+
+
+def _recipe_part(cfg: dict) -> dict:
+    """``cfg`` as ``{"section.key": value}`` without ``run``/``sample`` and the settings of :data:`NOT_RECIPE`."""
+    flat = {}
+    for sec, v in cfg.items():
+        if sec in ("run", "sample"):
+            continue
+        items = v.items() if isinstance(v, dict) else [("", v)]
+        flat.update({f"{sec}.{k}".rstrip("."): vv for k, vv in items if k not in NOT_RECIPE.get(sec, ())})
+    return flat
+
+
+def check_cached(name: str, work: Path, ablation_steps: int, quick: bool) -> None:
+    """Refuse scores cached in ``work/name`` that were trained with another recipe than ``MODELS[name]`` now gives
+    (e.g. a folder of a renamed or changed recipe): the run folder's saved config, with today's defaults filled in,
+    must equal the recipe's in every section but ``run``/``sample`` and the settings of :data:`NOT_RECIPE`."""
+    saved_path = work / name / "config.json"
+    if not saved_path.is_file():
+        raise SystemExit(f"{name}: cached scores in {work / name} have no config.json to check them against; delete "
+                         "the folder or use another --work")
+    saved = _recipe_part(config.with_defaults(load_json(saved_path)))
+    want = _recipe_part(recipe(name, ablation_steps, quick)[1])
+    diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+    if diff:
+        raise SystemExit(f"{name}: the run in {work / name} was trained with another recipe than MODELS[{name!r}] "
+                         f"(differs in {', '.join(diff[:6])}); delete the folder or use another --work")
+
+
+def run_model(name: str, train: Dataset, test: torch.Tensor, work: Path, ablation_steps: int, quick: bool,
+              batch: int, threads: int | None = None) -> dict:
+    preset, _, _, what = MODELS[name]
+    sets, cfg = recipe(name, ablation_steps, quick, threads)
     out = work / name
     t_prev = 0.0
     state = out / "bench_train.json"
@@ -264,7 +303,8 @@ def train_seconds(folder: Path) -> float | None:
     return total
 
 
-def report(work: Path, out: Path, ablation_steps: int, cmd: str, notes: list[str] | None = None) -> None:
+def report(work: Path, out: Path, ablation_steps: int, cmd: str, notes: list[str] | None = None,
+           quick: bool = False) -> None:
     results = {}
     for folder in sorted(p.parent for p in work.glob("*/bench_result_partial_0of*.json")):
         n = int(next(folder.glob("bench_result_partial_0of*.json")).stem.rsplit("of", 1)[1])
@@ -276,6 +316,8 @@ def report(work: Path, out: Path, ablation_steps: int, cmd: str, notes: list[str
     anchor = json.loads((work / "anchors.json").read_text()) if (work / "anchors.json").is_file() else []
     order = [a["name"] for a in anchor] + [n for n in MODELS if n in results]
     for name, e in results.items():
+        if name in MODELS:
+            check_cached(name, work, ablation_steps, quick)
         e["train_s"] = train_seconds(work / name) or e["train_s"]
         e["what"] = MODELS[name][3] if name in MODELS else e["what"]
     entries = {**{a["name"]: a for a in anchor}, **results}
@@ -339,6 +381,7 @@ def main() -> None:
             if name not in MODELS:
                 raise SystemExit(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
             if (work / name / "bench_result.json").is_file():
+                check_cached(name, work, a.ablation_steps, a.quick)
                 print(f"{name}: cached", flush=True)
                 continue
             if a.partial:
@@ -353,7 +396,7 @@ def main() -> None:
                 continue
             res = run_model(name, train, test, work, a.ablation_steps, a.quick, a.batch, a.threads)
             (work / name / "bench_result.json").write_text(json.dumps(res))
-    report(work, Path(a.out), a.ablation_steps, cmd, a.note)
+    report(work, Path(a.out), a.ablation_steps, cmd, a.note, a.quick)
 
 
 if __name__ == "__main__":
