@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor, nn
 
 from torchdiffusion.evaluation import metrics
-from torchdiffusion.runs import config
+from torchdiffusion.runs import config, latent
 from torchdiffusion.runs.train import train_dataset
 
 
@@ -24,6 +25,26 @@ def test_scored_presets_train_on_the_evaluators_train_split(preset: str) -> None
     assert torch.equal(train.x, x_tr)  # same digits in the same order: the held-out ones never enter training
     if train.y is not None:
         assert torch.equal(train.y, y_tr)
+
+
+class _IdentityEncoder(nn.Module):
+    """A stand-in autoencoder run's network: ``E(x) = x``, so a latent is the digit it encodes."""
+
+    def encode(self, x: Tensor) -> tuple[Tensor, None]:
+        return x, None
+
+
+@pytest.mark.parametrize("preset", config.SCORED_LATENT)
+def test_scored_latent_presets_train_on_latents_of_the_evaluators_train_split(preset: str, monkeypatch) -> None:
+    ae_cfg = config.resolve("vae_digits")  # the autoencoder preset of benchmarks/latent.py: its data section
+    monkeypatch.setattr(latent, "load_autoencoder", lambda run, ema=True: (_IdentityEncoder(), ae_cfg))
+    monkeypatch.setattr(latent, "weights_sha256", lambda run: "fake")  # no weights file behind the fake run
+    train = train_dataset(config.resolve(preset, ["data.autoencoder=fake-vae"]))
+    x_tr, y_tr, _, _ = metrics.digits_split(ae_cfg["data"]["size"])
+    c = train.meta["latent"]["scale"]
+    assert c == pytest.approx(1 / float(x_tr.std()))  # the scale is measured on the training split only
+    assert torch.equal(train.x, x_tr * c)  # latents of exactly the evaluator's training digits, in its order
+    assert torch.equal(train.y, y_tr)
 
 
 def test_floor_bootstrap_deterministic_and_brackets_the_floor() -> None:

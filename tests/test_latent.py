@@ -90,16 +90,17 @@ def test_end_to_end_vae_then_latent_diffusion(tmp_path, capsys):
     train(config.resolve("latent", [*TINY_LATENT, f"data.autoencoder={ae_run}", "train.sample_every=3",
                                     "sample.n=4", "sample.steps=2"]), lat_run, progress=False)
     assert (lat_run / "samples" / "step_0000003.png").is_file()  # periodic grids are decoded images
-    info = json.loads((lat_run / "config.json").read_text())["run"]
+    saved = json.loads((lat_run / "config.json").read_text())
+    info, holdout = saved["run"], saved["data"]["holdout"]
     lat = info["latent"]
     assert info["data_shape"] == [4, 4, 4] and lat["image_shape"] == [1, 8, 8] and info["num_classes"] == 10
     # the stored scale makes the training split's latents unit-variance; it is applied once each way (T-LDM-1)
     net, _ = latent.load_autoencoder(ae_run)
-    ds = latent.load_latents(ae_run, holdout=0.1)
+    ds = latent.load_latents(ae_run, holdout=holdout)
     from torchdiffusion.data.datasets import digits, split_dataset
 
     z = latent.encode(net, digits(8).x)
-    train_z = split_dataset(ds, 0.1)[0].x
+    train_z = split_dataset(ds, holdout)[0].x
     assert abs(float(train_z.std()) - 1.0) < 1e-5
     torch.testing.assert_close(ds.x, z * lat["scale"])
     imgs, vr = latent.to_images(ds.x[:5], info)

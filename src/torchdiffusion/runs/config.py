@@ -264,15 +264,6 @@ PRESETS["classifier_digits"] = deep_update(_DIGITS, {"model": {"net": "classifie
                                                      "loss": {"name": "classifier", "p_uncond": 0.0},
                                                      "train": {"steps": 3000}}, strict=False)
 
-# Digits models whose samples evaluation.metrics.DigitsEvaluator scores (and the classifier that guides them) hold
-# out the evaluator's held-out digits: data.holdout = its HOLDOUT on the same seed-0 permutation (split_dataset), so
-# they train on exactly the evaluator's training digits and its FD floor is measured on digits they never saw.
-EVALUATOR_HOLDOUT = 0.2  # = evaluation.metrics.HOLDOUT (tests/test_digits_split.py checks the splits are equal)
-SCORED_DIGITS = ("digits", "digits16", "classifier_digits", "vp_digits", "ve_digits", "ncsn_digits")
-for _name in SCORED_DIGITS:
-    PRESETS[_name] = deep_update(PRESETS[_name], {"data": {"holdout": EVALUATOR_HOLDOUT}}, strict=False)
-
-
 # Autoencoders and latent diffusion (issue 9; nets/autoencoder.py, ae_losses.py, latent.py). 16x16 digits
 # (data.size=16) so that the 4x4x4 latent (64 numbers) is 4x smaller than the image; the decoder is N(D(z),
 # 0.1^2 I). vae2d_digits: a 2-D vector latent on 8x8 digits with a learned-variance discretized decoder (17
@@ -305,3 +296,15 @@ PRESETS.update({
                                               "num_res_blocks": 1, "attn_resolutions": [4, 2], "cond_tokens": 4},
                                     "train": {"steps": 3000, "lr": 1e-3}}, strict=False),
 })
+
+# Digits models whose samples evaluation.metrics.DigitsEvaluator scores (and the classifier that guides them) hold
+# out the evaluator's held-out digits: data.holdout = its HOLDOUT on the same seed-0 permutation (split_dataset), so
+# they train on exactly the evaluator's training digits and its FD floor is measured on digits they never saw.
+# vae_digits is the autoencoder of the scored latent model (benchmarks/latent.py). SCORED_LATENT: latent diffusion
+# on such an autoencoder's digits; its dataset is the latents of all the digits in their order (runs/latent.py), so
+# the same holdout leaves the latents of the same held-out digits out of training.
+EVALUATOR_HOLDOUT = 0.2  # = evaluation.metrics.HOLDOUT (tests/test_digits_split.py checks the splits are equal)
+SCORED_DIGITS = ("digits", "digits16", "classifier_digits", "vp_digits", "ve_digits", "ncsn_digits", "vae_digits")
+SCORED_LATENT = ("latent",)
+for _name in SCORED_DIGITS + SCORED_LATENT:
+    PRESETS[_name] = deep_update(PRESETS[_name], {"data": {"holdout": EVALUATOR_HOLDOUT}}, strict=False)
