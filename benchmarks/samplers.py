@@ -325,26 +325,47 @@ class Counter:
         return self.fn(x, t, *args)
 
 
-def flips(case: Case, x: torch.Tensor, x_diff: torch.Tensor) -> tuple[str, float, float]:
+def flipped(case: Case, x: torch.Tensor) -> torch.Tensor | None:
+    """Which states' samples end in another mixture component (the most responsible one at noise 0) than the exact
+    solution from the same ``x_T`` (``None`` on the digits model, which has no components)."""
+    if isinstance(case, DigitsCase):
+        return None
+    resp = case.mixture.responsibilities
+    return resp(x.to(torch.float64)).argmax(1) != resp(case.ref).argmax(1)
+
+
+def _count(mask: torch.Tensor | None) -> int | None:
+    return None if mask is None else int(mask.sum())
+
+
+def _flip_counts(rows: list[dict], lib: str) -> str:
+    n = sorted(r["flips"] for r in rows if r["lib"] == lib and r.get("flips") is not None)
+    return f"fewest {n[0]}, median {n[len(n) // 2]} over {len(n)} configurations" if n else "not counted"
+
+
+def flips(case: Case, x: torch.Tensor, x_diff: torch.Tensor, rows: list[dict],
+          ap_diff: dict) -> tuple[str, float, float]:
     """Component flips on a mixture problem: states whose sample ends in another mixture component (the most
     responsible one at noise 0) than the exact solution from the same ``x_T`` -- a discrete event (the path crossed
     the boundary between basins at moderate noise), whose error is the distance between components, not the
-    solver's local error. Counts for our a-priori samples ``x`` and diffusers' best ``x_diff``, the share of our
-    squared error the flipped states carry, and both RMS on the states where neither flips; then that share and
-    the ratio of the two RMS (ours / diffusers' best) on those states."""
-    lab = case.mixture.responsibilities(case.ref).argmax(1)
-    ours = case.mixture.responsibilities(x.to(torch.float64)).argmax(1) != lab
-    theirs = case.mixture.responsibilities(x_diff.to(torch.float64)).argmax(1) != lab
+    solver's local error. Counts for our a-priori samples ``x`` and diffusers' best ``x_diff`` (beside them: the
+    fewest and the median over each library's configurations ``rows``, and diffusers' a-priori ``ap_diff`` -- the
+    best is chosen on the scored states, so where flips dominate it is also the configuration that happened to
+    flip least on them), the share of our squared error the flipped states carry, and both RMS on the states where
+    neither flips; then that share and the ratio of the two RMS (ours / diffusers' best) on those states."""
+    ours, theirs = flipped(case, x), flipped(case, x_diff)
     if not (ours.any() or theirs.any()):
-        return "no component flips (ours or diffusers' best)", 0.0, math.nan
+        return "no component flips (ours a-priori or diffusers' best)", 0.0, math.nan
     e2 = ((x.to(torch.float64) - case.ref) ** 2).flatten(1).mean(1)
     share = float(e2[ours].sum() / e2.sum())
     keep = ~(ours | theirs)
     r_o, r_d = rms(x[keep], case.ref[keep]), rms(x_diff[keep], case.ref[keep])
     return (f"component flips (the sample ends in another mixture component than the exact solution): ours "
-            f"{int(ours.sum())} of {len(lab)} states ({100 * share:.0f} % of our squared error), diffusers' best "
-            f"{int(theirs.sum())}; on the {int(keep.sum())} states where neither flips: ours {r_o:.2e}, diffusers' "
-            f"best {r_d:.2e} (ratio {r_o / r_d:.3f})"), share, r_o / r_d
+            f"{int(ours.sum())} of {len(ours)} states ({100 * share:.0f} % of our squared error), diffusers' best "
+            f"{int(theirs.sum())}, diffusers' a-priori {ap_diff['flips']} (ours: {_flip_counts(rows, 'ours')}; "
+            f"diffusers: {_flip_counts(rows, 'diffusers')}); on the {int(keep.sum())} states where neither ours nor "
+            f"diffusers' best flips: ours {r_o:.2e}, diffusers' best {r_d:.2e} (ratio {r_o / r_d:.3f})",
+            share, r_o / r_d)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -400,7 +421,8 @@ def run_ours(case: Case, configs: dict, nfe: int, fitted: torch.Tensor, only: se
                 continue  # e.g. a grid that cannot have this many distinct timesteps
             if net.calls > nfe:
                 raise RuntimeError(f"{label} used {net.calls} > {nfe} NFE")
-            rows.append({"lib": "ours", "config": f"{label} / {gname}", "nfe": net.calls, "rms": rms(x, case.ref)})
+            rows.append({"lib": "ours", "config": f"{label} / {gname}", "nfe": net.calls, "rms": rms(x, case.ref),
+                         "flips": _count(flipped(case, x))})
     return rows
 
 
@@ -532,6 +554,7 @@ def run_diffusers(case: Case, nfe: int, space: list, failures: dict, only: set |
             failures.setdefault(label.split("+")[0] + " " + err, []).append(f"{case.name}@{nfe}")
             continue
         row = {"lib": "diffusers", "config": label, "nfe": calls, "rms": rms(x, case.ref), "hash": probe,
+               "flips": _count(flipped(case, x)),
                "spec": (cls_name, opts, per_step)}
         seen[probe] = row
         rows.append(row)
@@ -621,7 +644,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     t0 = time.time()
     space = diffusers_space(args.quick)
-    head, detail, same, fits, failures, goal, fds, flipped = [], [], [], [], {}, [], [], []
+    head, detail, same, fits, failures, goal, fds, flip_rows = [], [], [], [], {}, [], [], []
     counts: dict[str, tuple] = {}
     ref_costs: dict[str, str] = {}
     top_ours: set[str] = set()
@@ -646,7 +669,7 @@ def main(argv: list[str] | None = None) -> None:
             rows = run_ours(case, configs, nfe, ts, only=top_ours if digits and top_ours else None)
             x = td.sample(case.model(), case.x_start, A_PRIORI_OURS, grid=ts, **opts)
             ap_ours = {"lib": "ours", "config": f"{A_PRIORI_OURS}[fitted: {_opt_label(opts)}] / fitted", "nfe": nfe,
-                       "rms": rms(x, case.ref)}
+                       "rms": rms(x, case.ref), "flips": _count(flipped(case, x))}
             rows.append(ap_ours)
             ap_label = "DPMSolverMultistep(solver_order=2,algorithm_type=dpmsolver++,solver_type=midpoint)+karras"
             drows = run_diffusers(case, nfe, space, failures,
@@ -669,7 +692,7 @@ def main(argv: list[str] | None = None) -> None:
             term = ""
             if ratio_apbest > limit:
                 flip_text, flip_share, flip_ratio = ("", 0.0, math.nan) if digits else flips(
-                    case, x, diffusers_run(case, *dbest["spec"], nfe)[0])
+                    case, x, diffusers_run(case, *dbest["spec"], nfe)[0], rows, ap_diff)
                 dg = diagnose(case, A_PRIORI_OURS, ts, opts)
                 term = (f"final step ({dg['final']} {dg['final_floor']:.2e} at s_last = {dg['s_last']:.3g} vs "
                         f"integration {dg['integration']:.2e})" if dg["final_floor"] >= dg["integration"] else
@@ -685,7 +708,7 @@ def main(argv: list[str] | None = None) -> None:
                     term += "; " + conc
                 if flip_share >= 0.5:  # the flips dominate: named first
                     term = f"{flip_text}; the split of the whole error: {term}"
-                    flipped.append((case.name, nfe, flip_share, flip_ratio))
+                    flip_rows.append((case.name, nfe, flip_share, flip_ratio))
                 elif flip_text:
                     term += "; " + flip_text
                 if ap_ours["rms"] > 2 * info["val"]:
@@ -712,7 +735,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"ours/diffusers' best {ratio_apbest:.3f} ({time.time() - t0:.0f}s)", flush=True)
         detail.append(f"\n({case.name}: {time.time() - t_case:.0f} s)")
         ref_costs[case.name] = f"{case.pilot_ref_nfe} calls, {case.pilot_ref_s:.0f} s"
-        write_report(args.out, head, detail, same, fits, fds, failures, goal, flipped, counts, time.time() - t0,
+        write_report(args.out, head, detail, same, fits, fds, failures, goal, flip_rows, counts, time.time() - t0,
                      args.quick,
                      ref_costs)
     print("\n".join(HEAD_COLS + head))
@@ -725,7 +748,7 @@ HEAD_COLS = [
     "|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
-def write_report(path: str, head, detail, same, fits, fds, failures, goal, flipped, counts, seconds: float,
+def write_report(path: str, head, detail, same, fits, fds, failures, goal, flip_rows, counts, seconds: float,
                  quick: bool, ref_costs: dict) -> None:
     import diffusers
 
@@ -759,9 +782,9 @@ def write_report(path: str, head, detail, same, fits, fds, failures, goal, flipp
         f"{len(dig)} rows; best-vs-best <= 1 in {sum(g[3] for g in dig)} of {len(dig)}.",
         f"Rows that miss the goal on the exact problems: {sum(not g[2] for g in exact)}; of them, with half or more "
         "of our squared error in component flips (states whose sample ends in another mixture component than the "
-        f"exact solution): {len(flipped)}" + (": " + "; ".join(
+        f"exact solution): {len(flip_rows)}" + (": " + "; ".join(
             f"{n} NFE {k} ({100 * sh:.0f} %; on the states where neither ours nor diffusers' best flips, ours / "
-            f"diffusers' best = {r:.3f})" for n, k, sh, r in flipped) if flipped else "") + ".",
+            f"diffusers' best = {r:.3f})" for n, k, sh, r in flip_rows) if flip_rows else "") + ".",
         "",
         *HEAD_COLS, *head,
         "",
