@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     for m in dict.fromkeys(r[0] for r in rows):
         by_w = sorted((w, acc, fd) for mm, w, acc, fd, _, _ in rows if mm == m)
         if len(by_w) > 1:
-            acc_up = all(b[1] >= a[1] for a, b in zip(by_w, by_w[1:]))
-            fd_up = all(b[2] >= a[2] for a, b in zip(by_w, by_w[1:]))
+            acc_up = all(hi[1] >= lo[1] for lo, hi in zip(by_w, by_w[1:]))
+            fd_up = all(hi[2] >= lo[2] for lo, hi in zip(by_w, by_w[1:]))
             trend.append(f"{m}: accuracy {'rises' if acc_up else 'does not rise'} and FD "
                          f"{'rises' if fd_up else 'does not rise'} with w at every step")
     lines += ["", f"**Goal accuracy >= 0.95**: {'PASS' if best[2] >= 0.95 else 'FAIL'} "
