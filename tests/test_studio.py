@@ -28,8 +28,8 @@ from torchdiffusion.evaluation.viz import save_samples
 from torchdiffusion.runs import config as config_mod
 from torchdiffusion.runs.latent import dataset_from_config
 from torchdiffusion.runs.train import train
-from torchdiffusion.studio import Studio
-from torchdiffusion.studio import server as server_mod
+from torchdiffusion.studio import Studio, StudioServer
+from torchdiffusion.studio import app as studio_app
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 TINY = ["model.channels=8", "model.num_res_blocks=1", "train.batch=16", "train.ckpt_every=0", "train.log_every=2",
@@ -86,7 +86,7 @@ def runs(tmp_path_factory):
 def servers(runs):
     out = {}
     for name in ("ring", "digits"):
-        server = Studio.from_run(runs / name).serve("127.0.0.1", 0)
+        server = StudioServer(Studio.from_run(runs / name), "127.0.0.1", 0)
         server.start_background()
         out[name] = server
     yield out
@@ -277,7 +277,7 @@ def test_sampling_runs_off_the_request_thread_one_job_at_a_time(servers, monkeyp
     monkeypatch.setattr(studio.counter, "model", _Spy(inner, threads))
     assert post()[-1]["type"] == "done"
     assert threads and set(threads) == {"studio-worker"}
-    monkeypatch.setattr(server_mod, "WAIT_SECONDS", 0.2)
+    monkeypatch.setattr(studio_app, "WAIT_SECONDS", 0.2)
     with studio.lock:  # another job holds the model
         msgs = post()
     assert msgs == [{"type": "error", "message": "the model is busy with another request; try again when it finishes"}]

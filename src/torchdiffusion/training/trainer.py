@@ -6,9 +6,11 @@ EMA, optimizer and RNG states in one safetensors file), CSV logs, periodic sampl
 optional TensorBoard scalars (``train.tensorboard``), and data-parallel training on torch.distributed (see
 :mod:`torchdiffusion.training.distributed` for the batch-sharding scheme; only rank 0 writes files).
 
-The run folder is never lost or silently wrong (DESIGN.md section 6): one trainer holds it (``.lock``); SIGINT
+The run folder is never lost or silently wrong (docs/design.md section 6): one trainer holds it (``.lock``); SIGINT
 and SIGTERM finish the current step, save and stop; a folder that holds a model is overwritten only with
 ``force`` (which also starts a fresh log); temp files of killed writers are removed at start.
+
+The ``train`` settings and the lr / EMA schedules are in ``settings.py``; signal handling in ``signals.py``.
 """
 
 from __future__ import annotations
@@ -16,15 +18,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import dataclasses
 import io
 import math
 import os
 import shutil
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,7 +32,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from torchdiffusion._files import FileError, FolderLock, atomic_write, cause, read_text, remove_stale_temps
-from torchdiffusion._tensor import check_count, resolve_device
 from torchdiffusion.data.datasets import Dataset
 from torchdiffusion.training import distributed as dist_mod
 from torchdiffusion.training.checkpoint import (
@@ -45,143 +44,8 @@ from torchdiffusion.training.checkpoint import (
     save_json,
     save_tensors,
 )
-
-
-# ---------------------------------------------------------------------------------------------------------
-def pick_device(name: str) -> torch.device:
-    """``train.device``: ``auto`` (CUDA when available) or a device this torch build has (one-line error else)."""
-    return resolve_device(name)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainSettings:
-    """What the loop needs to know (the ``train`` section of a run's config, plus the flip augmentation)."""
-
-    steps: int
-    batch: int
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup: int = 0
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    ema: float = 0.999
-    ema_warmup: bool = True
-    clip: float | None = 1.0
-    accum: int = 1
-    seed: int = 0
-    ckpt_every: int = 0
-    log_every: int = 50
-    sample_every: int = 0
-    device: str = "auto"
-    precision: str = "fp32"
-    compile: bool = False
-    threads: int = 0
-    tensorboard: bool = False
-    flip: bool = False
-
-    def __post_init__(self) -> None:
-        for key in ("steps", "batch", "accum", "log_every"):
-            check_count(getattr(self, key), f"train.{key}", 1)
-        for key in ("ckpt_every", "sample_every", "warmup", "threads", "seed"):
-            check_count(getattr(self, key), f"train.{key}", 0)
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"unknown precision {self.precision!r}; allowed: fp32, bf16")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"unknown lr schedule {self.schedule!r}; allowed: cosine, constant")
-        for key in ("lr", "ema", "min_lr_ratio", "weight_decay"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"train.{key} must be a finite number >= 0, got {v!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainSettings:
-        """From a ``train`` section (unknown keys are an error naming them)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(d) - names)
-        if bad:
-            raise ValueError(f"unknown train setting(s) {', '.join(bad)}; allowed: {', '.join(sorted(names))}")
-        return cls(**d)
-
-
-def lr_at(step: int, s: TrainSettings) -> float:
-    """Learning rate at ``step``: linear warm-up, then cosine (to ``min_lr_ratio``) or constant."""
-    base, warm, total = float(s.lr), int(s.warmup), int(s.steps)
-    f = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
-    sched = s.schedule
-    if sched == "cosine":
-        r = float(s.min_lr_ratio)
-        f *= r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
-    elif sched != "constant":
-        raise ValueError(f"unknown lr schedule {sched!r}; allowed: cosine, constant")
-    return base * f
-
-
-def ema_decay(step: int, decay: float, warmup: bool) -> float:
-    """EMA decay at ``step``; with warm-up ``min(decay, (1 + step) / (10 + step))``."""
-    return min(decay, (1 + step) / (10 + step)) if warmup else decay
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
-    """``ema <- decay * ema + (1 - decay) * net`` for parameters; buffers are copied."""
-    for pe, p in zip(ema.parameters(), net.parameters()):
-        pe.lerp_(p.detach(), 1 - decay)
-    for be, b in zip(ema.buffers(), net.buffers()):
-        be.copy_(b)
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class Interrupted(KeyboardInterrupt):
-    """Training stopped by a signal (``signum``: SIGINT for Ctrl-C, SIGTERM from a scheduler or ``kill``)."""
-
-    def __init__(self, message: str, signum: int = signal.SIGINT):
-        super().__init__(message)
-        self.signum = signum
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-@contextlib.contextmanager
-def _deferred_signals(enabled: bool = True) -> Iterator[Callable[[], int]]:
-    """Defer SIGINT (Ctrl-C) and SIGTERM to the next step boundary, so that the checkpoint written on interrupt is
-    the state after a whole step and resuming stays bit-exact; a second signal interrupts at once. Yields
-    ``interrupted()``: the first signal's number, or 0. Only in the main thread of a single process (elsewhere
-    the signals act immediately, as usual)."""
-    hit: list[int] = []
-    if not enabled or not _main_thread():
-        yield lambda: 0
-        return
-
-    def handler(signum, frame):
-        if hit:
-            raise Interrupted(f"interrupted again ({signal.Signals(signum).name})", signum)
-        hit.append(signum)
-
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-    try:
-        yield lambda: hit[0] if hit else 0
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM while a checkpoint is written (they are delivered right after), so that its files
-    are all from one step; a no-op outside the main thread or where signal masks do not exist."""
-    if not (_main_thread() and hasattr(signal, "pthread_sigmask")):
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
+from torchdiffusion.training.settings import TrainSettings, ema_decay, ema_update, lr_at, pick_device
+from torchdiffusion.training.signals import Interrupted, _deferred_signals, _signals_held
 
 LossFn = Callable[..., Tensor]
 Preview = Callable[[nn.Module, Path], Path]

@@ -1,0 +1,382 @@
+"""The studio's model side: settings parsed from the page, sampling on a worker thread, stored results.
+
+:class:`Studio` holds a loaded :class:`torchdiffusion.Pipeline`; the HTTP layer in ``server.py`` turns requests
+into calls of its methods. One job at a time per model (a lock, waited for up to :data:`WAIT_SECONDS`); a bad
+value is a one-line error (:class:`StudioError`).
+"""
+
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import queue
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from torchdiffusion import samplers
+from torchdiffusion.data.datasets import TOYS, toy_density
+from torchdiffusion.evaluation.scorefield import score_field
+from torchdiffusion.evaluation.viz import grid_array, save_samples, save_score_field
+from torchdiffusion.parameterization import guidance as G
+from torchdiffusion.runs.latent import dataset_from_config, to_images
+from torchdiffusion.runs.pipeline import Pipeline
+from torchdiffusion.samplers import grids
+
+WAIT_SECONDS = 30.0  # how long a request waits for the model while another one runs
+FRAME_SECONDS = 0.04  # at most ~25 reverse-process pictures a second are streamed (every step's counter is)
+MAX_STEPS = 2000
+MAX_N_IMAGES, MAX_N_POINTS = 256, 5000
+FRAME_IMAGES, FRAME_POINTS, DATA_POINTS = 16, 1000, 2000
+KEEP_RESULTS = 32
+
+
+class StudioError(ValueError):
+    """A bad request value or a busy model: shown to the user as one line."""
+
+
+class JobCancelledError(Exception):
+    """The browser went away while its job was running."""
+
+
+# --- settings ------------------------------------------------------------------------------------------------
+def _int(value, name: str, lo: int, hi: int) -> int:
+    text = str(value).strip()
+    try:
+        v = int(text)
+    except ValueError:
+        raise StudioError(f"{name} must be a whole number, got {text!r}") from None
+    if not lo <= v <= hi:
+        raise StudioError(f"{name} must be in {lo}..{hi}, got {v}")
+    return v
+
+
+def _float(value, name: str) -> float:
+    text = str(value).strip()
+    try:
+        v = float(text)
+    except ValueError:
+        raise StudioError(f"{name} must be a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise StudioError(f"{name} must be a finite number, got {text!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One request's sampling settings, checked (``grid`` ``None`` = the run's own; ``klass`` ``None`` =
+    unconditional; ``view`` ``None`` = no anagram)."""
+
+    sampler: str
+    grid: str | None
+    steps: int
+    seed: int
+    n: int
+    klass: int | None = None
+    guidance: float = 0.0
+    view: str | None = None
+    class2: int | None = None
+
+    def label(self) -> str:
+        """A short description (``ddim, grid logsnr, 10 steps``)."""
+        return f"{self.sampler}, grid {self.grid or 'default'}, {self.steps} steps"
+
+
+# --- the model and its jobs ----------------------------------------------------------------------------------
+class CountingModel:
+    """A model that counts its network calls (the NFE of one job: a guided call is one batched call)."""
+
+    def __init__(self, model):
+        self.model, self.process, self.net, self.calls = model, model.process, model.net, 0
+
+    def predict(self, x: Tensor, t, cond=None) -> tuple[Tensor, Tensor]:
+        """The wrapped model's prediction, counted."""
+        self.calls += 1
+        return self.model.predict(x, t) if cond is None else self.model.predict(x, t, cond)
+
+
+class Job:
+    """Messages from a worker thread to the request that started it (``None`` ends the stream)."""
+
+    def __init__(self):
+        self.messages: queue.Queue = queue.Queue()
+        self.cancelled = threading.Event()
+
+    def put(self, msg: dict) -> None:
+        """Send one message to the browser (or stop the work if the browser went away)."""
+        if self.cancelled.is_set():
+            raise JobCancelledError()
+        self.messages.put(msg)
+
+    def __iter__(self) -> Iterator[dict]:
+        while (msg := self.messages.get()) is not None:
+            yield msg
+
+
+def _png_data_url(arr: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class Studio:
+    """A loaded run and what the page can ask of it; :meth:`serve` makes the HTTP server."""
+
+    def __init__(self, pipe: Pipeline, name: str = "run"):
+        self.name, self.denoiser, self.config = name, pipe.model, pipe.config
+        self.counter = CountingModel(pipe.model)
+        self.pipe = Pipeline(self.counter, pipe.config)
+        info = self.config["run"]
+        self.info_run = info
+        self.num_classes = info.get("num_classes") or None
+        self.latent = bool(info.get("latent"))
+        self.image_shape = tuple(info["latent"]["image_shape"] if self.latent else info["data_shape"])
+        self.value_range = tuple(info["latent"].get("value_range", (-1, 1)) if self.latent
+                                 else info.get("value_range", (-1, 1)))
+        self.is_image = len(self.image_shape) == 3
+        self.is_2d = self.image_shape == (2,)
+        self.data: Tensor | None = None
+        self.density = None
+        if self.is_2d:
+            self.data = dataset_from_config(self.config["data"]).x[:DATA_POINTS].float()
+            name_ = self.config["data"].get("name")
+            self.density = toy_density(name_) if name_ in TOYS else None
+            self.lim = max(1.0, round(float(self.data.abs().quantile(0.995)) * 1.15, 1))
+        self.lock = threading.Lock()
+        self.tmp = tempfile.TemporaryDirectory(prefix="torchdiffusion-studio-")
+        self.results: OrderedDict[str, dict] = OrderedDict()
+        self._next_id = 0
+
+    @classmethod
+    def from_run(cls, run: str | Path, *, ema: bool = True, device: str = "cpu") -> Studio:
+        """Load a run folder (refused with one line unless it is a diffusion or latent run)."""
+        return cls(Pipeline.from_pretrained(run, ema=ema, device=device), name=Path(run).name)
+
+    def close(self) -> None:
+        """Remove the stored results."""
+        self.tmp.cleanup()
+
+    # --- what the page shows --------------------------------------------------------------------------------
+    def defaults(self) -> Settings:
+        """The run's own sampling settings (``sample`` section of its config)."""
+        s = self.config.get("sample", {})
+        n = int(s.get("n", 64)) if self.is_image else 1000
+        return Settings(sampler=s.get("sampler", "ddim"), grid=s.get("grid"), steps=int(s.get("steps", 50)),
+                        seed=0, n=min(n, MAX_N_IMAGES if self.is_image else MAX_N_POINTS),
+                        klass=0 if self.num_classes else None, guidance=float(s.get("guidance", 0.0) or 0.0))
+
+    def info(self) -> dict:
+        """The page's description of the run."""
+        d = self.defaults()
+        views = [v for v in G.VIEWS if v != "identity"] if self.anagrams() else []
+        out = {"name": self.name, "kind": "latent" if self.latent else "diffusion",
+               "process": self.denoiser.process.name, "data": str(self.config["data"].get("name")),
+               "data_shape": list(self.image_shape), "image": self.is_image, "two_d": self.is_2d,
+               "num_classes": self.num_classes, "samplers": samplers.names(), "grids": grids.names(),
+               "views": views, "max_n": MAX_N_IMAGES if self.is_image else MAX_N_POINTS, "max_steps": MAX_STEPS,
+               "defaults": {"sampler": d.sampler, "grid": d.grid or "", "steps": d.steps, "seed": d.seed, "n": d.n,
+                            "class": d.klass, "guidance": d.guidance}}
+        if self.is_2d:
+            out["data_points"] = self.data[:FRAME_POINTS].round(decimals=3).tolist()
+            out["lim"] = self.lim
+            out["scorefield"] = {"exact": self.density is not None and hasattr(self.density, "score"),
+                                 "density": self.density is not None}
+        return out
+
+    def anagrams(self) -> bool:
+        """Whether the page offers visual anagrams (class-conditional pixel-space image runs)."""
+        return bool(self.num_classes) and self.is_image and not self.latent
+
+    def parse(self, body: dict, prefix: str = "") -> Settings:
+        """Settings from the page's values (strings as typed); a bad one is a one-line :class:`StudioError`."""
+        def get(key: str, default=""):
+            v = body.get(prefix + key, body.get(key, default))
+            return "" if v is None else v
+
+        sampler = str(get("sampler")).strip()
+        if sampler not in samplers.names():
+            raise StudioError(f"unknown sampler {sampler!r}; allowed: {', '.join(samplers.names())}")
+        grid = str(get("grid")).strip() or None
+        if grid is not None and grid not in grids.names():
+            raise StudioError(f"unknown grid {grid!r}; allowed: {', '.join(grids.names())}")
+        steps = _int(get("steps"), "steps", 1, MAX_STEPS)
+        seed = _int(get("seed"), "seed", 0, 2**63 - 1)
+        n = _int(get("n"), "n", 1, MAX_N_IMAGES if self.is_image else MAX_N_POINTS)
+        klass = guidance = view = class2 = None
+        if self.num_classes:
+            text = str(get("class")).strip()
+            klass = None if text == "" else _int(text, "class", 0, self.num_classes - 1)
+            guidance = _float(get("guidance", "0") or "0", "guidance")
+            if guidance and klass is None:
+                raise StudioError("guidance needs a class")
+            view = str(get("view")).strip() or None
+            if view is not None:
+                if not self.anagrams():
+                    raise StudioError("anagram views need a class-conditional image run in pixel space")
+                if view not in G.VIEWS or view == "identity":
+                    raise StudioError(f"unknown view {view!r}; allowed: {', '.join(self.info()['views'])}")
+                if klass is None:
+                    raise StudioError("an anagram view needs a class (and a second class for the view)")
+                class2 = _int(get("class2"), "class 2", 0, self.num_classes - 1)
+        return Settings(sampler, grid, steps, seed, n, klass, guidance or 0.0, view, class2)
+
+    # --- sampling -------------------------------------------------------------------------------------------
+    def sample(self, s: Settings, callback: Callable[[dict], None] | None = None) -> tuple[Tensor, int, float]:
+        """Samples (images or points in the data's range), the NFE and the seconds of one setting."""
+        gen = torch.Generator().manual_seed(s.seed)
+        self.counter.calls = 0
+        t0 = time.perf_counter()
+        if s.view is None:
+            x = self.pipe(s.n, sampler=s.sampler, steps=s.steps, grid=s.grid, class_labels=s.klass,
+                          guidance=s.guidance, generator=gen, callback=callback)
+        else:  # a visual anagram: looks like class as it is, like class2 under the view
+            model = G.CFG(self.counter, s.guidance) if s.guidance else self.counter
+            model = G.MultiView(model, ["identity", s.view], conds=[s.klass, s.class2],
+                                shape=tuple(self.info_run["data_shape"]))
+            x = self.pipe.generate(model, s.n, sampler=s.sampler, steps=s.steps, grid=s.grid, generator=gen,
+                                   callback=callback)
+        return x, self.counter.calls, time.perf_counter() - t0
+
+    def picture_title(self, s: Settings) -> str:
+        """The title of a 2-D scatter (as the ``sample`` command writes it)."""
+        return f"{s.sampler}, {s.steps} NFE"
+
+    def store(self, x: Tensor, s: Settings) -> str:
+        """Write the samples as .png and .npz with the viz writers; their id."""
+        self._next_id += 1
+        rid = f"r{self._next_id}"
+        folder = Path(self.tmp.name)
+        png = folder / f"{rid}.png"
+        if s.view is not None:  # each sample as it is and under the view, side by side
+            pairs = torch.stack([x, G.get_view(s.view).forward(x)], 1).flatten(0, 1)
+            save_samples(pairs, png, nrow=2 * min(len(x), 8), value_range=self.value_range)
+        else:
+            save_samples(x, png, data=self.data, value_range=self.value_range, title=self.picture_title(s))
+        save_samples(x, folder / f"{rid}.npz")
+        self.results[rid] = {"png": png, "npz": folder / f"{rid}.npz"}
+        while len(self.results) > KEEP_RESULTS:
+            _, old = self.results.popitem(last=False)
+            for p in old.values():
+                p.unlink(missing_ok=True)
+        return rid
+
+    def result_file(self, name: str) -> Path | None:
+        """The stored file ``ID.png`` or ``ID.npz`` (``None`` if unknown or dropped)."""
+        rid, _, ext = name.partition(".")
+        entry = self.results.get(rid)
+        return entry.get(ext) if entry else None
+
+    def frame(self, d: dict) -> dict:
+        """One reverse-process step as the page draws it: image grids or 2-D points of x_t and x0."""
+        out = {}
+        for key in ("x", "x0"):
+            v = d.get(key)
+            if v is None:
+                continue
+            if self.is_2d:
+                out[key] = v[:FRAME_POINTS].detach().float().cpu().round(decimals=3).tolist()
+            elif self.is_image:
+                imgs = to_images(v[:FRAME_IMAGES].detach().float().cpu(), self.info_run)[0]
+                out[key] = _png_data_url(grid_array(imgs, value_range=self.value_range))
+        return out
+
+    def stepper(self, job: Job, which: str = "") -> Callable[[dict], None]:
+        """A sampler callback streaming every step's counter and, at most every :data:`FRAME_SECONDS`, its
+        pictures; call it with ``None`` after sampling to send the last step's pictures if they were skipped."""
+        last = {"time": 0.0, "d": None, "sent": True}
+
+        def cb(d: dict | None) -> None:
+            if d is None:
+                if not last["sent"] and last["d"] is not None:
+                    job.put({"type": "step", "which": which, **last["d"], **self.frame(last["raw"])})
+                return
+            msg = {"i": int(d.get("i", 0)) + 1, "t": float(d["t"]) if "t" in d else None}
+            now = time.perf_counter()
+            if now - last["time"] >= FRAME_SECONDS:
+                last["time"], last["sent"] = now, True
+                job.put({"type": "step", "which": which, **msg, **self.frame(d)})
+            else:
+                last["sent"] = False
+                job.put({"type": "step", "which": which, **msg})
+            last["d"], last["raw"] = msg, {"x": d.get("x"), "x0": d.get("x0")}
+        return cb
+
+    def run_generate(self, s: Settings, job: Job) -> None:
+        """The Generate job: stream the reverse process, store the samples, report NFE and seconds."""
+        cb = self.stepper(job)
+        x, nfe, seconds = self.sample(s, cb)
+        cb(None)
+        rid = self.store(x, s)
+        job.put({"type": "done", "id": rid, "png": f"/results/{rid}.png", "npz": f"/results/{rid}.npz",
+                 "nfe": nfe, "seconds": round(seconds, 3), "label": s.label(), "n": len(x)})
+
+    def run_compare(self, a: Settings, b: Settings, job: Job) -> None:
+        """The Compare job: both settings from the same noise (same seed), and the RMS difference."""
+        out = {}
+        for which, s in (("a", a), ("b", b)):
+            cb = self.stepper(job, which)
+            x, nfe, seconds = self.sample(s, cb)
+            cb(None)
+            rid = self.store(x, s)
+            out[which] = {"x": x, "id": rid, "png": f"/results/{rid}.png", "npz": f"/results/{rid}.npz", "nfe": nfe,
+                          "seconds": round(seconds, 3), "label": s.label()}
+        rms = float((out["a"].pop("x") - out["b"].pop("x")).double().pow(2).mean().sqrt())
+        job.put({"type": "done", "a": out["a"], "b": out["b"], "rms": rms})
+
+    def scorefield(self, sigma: float) -> dict:
+        """The learned (and exact) score field at noise level ``sigma`` as a PNG data URL, ``t`` and the
+        density-weighted relative error (``None`` without an oracle)."""
+        if not self.is_2d:
+            raise StudioError("the score field is for 2-D runs")
+        if not sigma > 0:
+            raise StudioError(f"sigma must be > 0, got {sigma:g}")
+        t, learned, exact, log_density, err = score_field(self.denoiser, self.density, sigma, self.lim)
+        fields = {"learned": learned} if exact is None else {"learned": learned, "exact": exact}
+        path = Path(self.tmp.name) / "scorefield.png"
+        save_score_field(fields, path, log_density=log_density, lim=self.lim, n=21,
+                         title=f"score at sigma={sigma:.3g} (t={t:.3g})")
+        url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+        return {"png": url, "t": t, "sigma": sigma, "error": err}
+
+    def start(self, work: Callable[[Job], None]) -> Job:
+        """Run ``work`` on a worker thread once the model is free (one job at a time); its messages end with
+        ``done`` or one ``error`` line."""
+        if not self.lock.acquire(timeout=WAIT_SECONDS):
+            raise StudioError("the model is busy with another request; try again when it finishes")
+        job = Job()
+
+        def main() -> None:
+            final = None
+            try:
+                work(job)
+            except JobCancelledError:
+                pass
+            except (ValueError, TypeError, RuntimeError, KeyError) as e:
+                final = {"type": "error", "message": _one_line(e)}
+            except Exception as e:  # noqa: BLE001  (shown to the user, the server keeps serving)
+                final = {"type": "error", "message": f"{type(e).__name__}: {_one_line(e)}"}
+            finally:
+                self.lock.release()  # before the last message: the page's next request finds the model free
+                if final is not None:
+                    job.messages.put(final)
+                job.messages.put(None)
+
+        threading.Thread(target=main, name="studio-worker", daemon=True).start()
+        return job
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
