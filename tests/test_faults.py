@@ -1,4 +1,4 @@
-"""Run folders never lose work (DESIGN.md section 6, issue 15).
+"""Run folders never lose work (docs/design.md section 6, issue 15).
 
 Real processes are killed (SIGKILL at seeded random steps, inside checkpoint writes, and from outside after a
 seeded random delay), terminated (SIGTERM) and raced (two trainers); every resumed run must end bit-identical

@@ -1,4 +1,4 @@
-"""The layers of DESIGN.md section 4, checked from the imports of src/torchdiffusion.
+"""The layers of docs/design.md section 4, checked from the imports of src/torchdiffusion.
 
 A module imports only from a lower layer or from inside its own folder; folders of one layer do not import
 each other (one exception: losses may use likelihood); there is no import cycle; our own modules are imported

@@ -1,4 +1,4 @@
-"""td.Pipeline (DESIGN.md section 5): load any diffusion run folder and sample it; run kinds are refused
+"""td.Pipeline (docs/design.md section 5): load any diffusion run folder and sample it; run kinds are refused
 with one line where a command does not apply."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``torchdiffusion studio`` (DESIGN.md section 7), tested in a real browser: Playwright for Python drives the
+"""``torchdiffusion studio`` (docs/design.md section 7), tested in a real browser: Playwright for Python drives the
 system's headless Chromium (Debian package ``chromium``; installed with apt-get when we are root and it is
 missing) against studios of two tiny runs trained here (a 2-D ring and class-conditional digits)."""
 

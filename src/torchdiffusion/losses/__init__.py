@@ -1,4 +1,4 @@
-"""L3 losses (axis 3 of DESIGN.md): weighted denoising score matching, exact / sliced / NCSN score matching,
+"""L3 losses (axis 3 of docs/design.md): weighted denoising score matching, exact / sliced / NCSN score matching,
 autoencoder losses. Each is a plain function ``loss(model, x0, ...) -> tensor``."""
 
 from .autoencoder import (  # noqa: F401

@@ -1,4 +1,4 @@
-"""Losses (axis 3 of DESIGN.md): plain functions ``loss(model, x0, ...) -> scalar tensor``.
+"""Losses (axis 3 of docs/design.md): plain functions ``loss(model, x0, ...) -> scalar tensor``.
 
 Weighted denoising score matching covers L_simple (DDPM Algorithm 1), the score-SDE weightings
 ``lambda(t) = sigma^2`` and ``g^2`` (likelihood weighting), SNR / min-SNR weightings and EDM's weighting.

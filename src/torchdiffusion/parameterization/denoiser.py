@@ -1,4 +1,4 @@
-"""Parameterization (axis 2 of DESIGN.md): one wrapper turns any network into eps, x0, score and v.
+"""Parameterization (axis 2 of docs/design.md): one wrapper turns any network into eps, x0, score and v.
 
 With ``x = alpha x0 + sigma eps`` the conversions are (THEORY T-PAR-1, T-PAR-5, T-PAR-9):
 

@@ -3,7 +3,7 @@ or a model folder) as one of our processes, wrap a diffusers ``UNet2DModel`` (or
 as a torchdiffusion network, and write our DDPM schedule back as a diffusers scheduler config.
 
 diffusers itself is optional (``pip install torchdiffusion[diffusers]``): nothing here imports it. Families
-(DESIGN.md section 2 conventions):
+(docs/design.md section 2 conventions):
 
 - DDPM-type (``DDPMScheduler``, ``DDIMScheduler``, ``PNDMScheduler``, ``DPMSolver*``, ``Euler*``, ``Heun``,
   ``LMS``, ``KDPM2*``, ``UniPC``, ``DEIS``, ``SASolver``, ``LCM``, ``TCD``, ``RePaint``, ``UnCLIP``, ``CogVideoX*``):

@@ -112,7 +112,7 @@ RunModel = Denoiser | Classifier | Autoencoder
 
 
 def run_kind(cfg: dict) -> str:
-    """The kind of a run (DESIGN.md section 5): ``autoencoder`` (model.net autoencoder / vae), ``classifier``
+    """The kind of a run (docs/design.md section 5): ``autoencoder`` (model.net autoencoder / vae), ``classifier``
     (a noise-conditional classifier for guidance), ``latent`` (diffusion on an autoencoder's codes) or
     ``diffusion``."""
     net = cfg.get("model", {}).get("net")

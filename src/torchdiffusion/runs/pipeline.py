@@ -1,4 +1,4 @@
-"""The front door for Python users (DESIGN.md section 5): load any diffusion run folder and sample it.
+"""The front door for Python users (docs/design.md section 5): load any diffusion run folder and sample it.
 
     pipe = td.Pipeline.from_pretrained("runs/digits")
     x = pipe(n=64, sampler="unipc", steps=10, class_labels=3, guidance=0.5,

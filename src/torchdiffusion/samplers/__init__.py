@@ -1,4 +1,4 @@
-"""Reverse discretizations (axis 4 of DESIGN.md).
+"""Reverse discretizations (axis 4 of docs/design.md).
 
 Every sampler is a stateless function ``sampler(model, x, ts, *, generator=None, callback=None, **options)``
 walking the decreasing grid ``ts`` (whose last entry is the clean time) and returning the sample. ``model``

@@ -1,4 +1,4 @@
-"""Time grids for sampling (axis 4 of DESIGN.md).
+"""Time grids for sampling (axis 4 of docs/design.md).
 
 A grid is a strictly decreasing float64 tensor of ``n + 1`` process times: ``n`` points at which a sampler
 may evaluate the model, followed by ``process.t_zero`` (the clean state, noise 0). Every grid is a function
