@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-all lint docs bench clean
 
 $(STAMP): pyproject.toml Makefile
 	@if [ "$(TORCH)" = "system" ]; then $(PYTHON) -m venv --system-site-packages $(VENV); \
@@ -31,5 +31,12 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
+# the documentation site into site/ (docs/, mkdocs.yml): warnings, broken links and missing references fail the
+# build; the tutorials are executed (TUTORIALS=small: the test suite's quick settings, full: the default)
+TUTORIALS ?= full
+docs: $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 TD_TUTORIAL_SIZE=$(TUTORIALS) PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site

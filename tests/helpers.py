@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+
+import pytest
 
 from torchdiffusion.cli.main import main
 
+CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 PROGRESS = re.compile(r"\d+%\|")  # a tqdm bar (stderr): not an error line
 
 
@@ -20,3 +26,23 @@ def one_line_error(capsys, *argv: str) -> str:
     lines = [x for x in cap.err.strip().splitlines() if not PROGRESS.search(x)]
     assert len(lines) == 1 and lines[0].startswith("torchdiffusion: error: "), cap.err
     return lines[0]
+
+
+def chromium() -> str:
+    """The system Chromium, installed with apt-get when missing and we are root; else the test is skipped."""
+    found = next((p for p in CHROMIUM if os.path.exists(p)), None) or shutil.which("chromium")
+    if found:
+        return found
+    if os.name != "posix" or os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("no system Chromium (/usr/bin/chromium) and not root with apt-get to install it: "
+                    "run `apt-get install -y chromium` (Playwright cannot download its own browser here)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "install", "-y", "-q", "chromium"], ["apt-get", "update", "-q"],
+                ["apt-get", "install", "-y", "-q", "chromium"]):
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if cmd[1] == "install" and res.returncode == 0:
+            break
+    found = next((p for p in CHROMIUM if os.path.exists(p)), None)
+    if not found:
+        pytest.skip(f"`apt-get install -y chromium` failed: {(res.stderr or res.stdout).strip()[-300:]}")
+    return found

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 import torchdiffusion as td
+from helpers import chromium as _chromium
 from torchdiffusion.cli.main import main
 from torchdiffusion.evaluation.viz import save_samples
 from torchdiffusion.runs import config as config_mod
@@ -35,30 +36,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 TINY = ["model.channels=8", "model.num_res_blocks=1", "train.batch=16", "train.ckpt_every=0", "train.log_every=2",
         "train.threads=0", "train.warmup=2", "train.device=cpu", "train.steps=3", "sample.steps=4"]
 TESTIDS = ("sampler", "steps", "seed", "generate", "result", "status")
-CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 
 
 # --- set-up: a browser, two runs, two servers ----------------------------------------------------------------
-def _chromium() -> str:
-    """The system Chromium, installed with apt-get when missing and we are root; else the test is skipped."""
-    found = next((p for p in CHROMIUM if os.path.exists(p)), None) or shutil.which("chromium")
-    if found:
-        return found
-    if os.name != "posix" or os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("no system Chromium (/usr/bin/chromium) and not root with apt-get to install it: "
-                    "run `apt-get install -y chromium` (Playwright cannot download its own browser here)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "install", "-y", "-q", "chromium"], ["apt-get", "update", "-q"],
-                ["apt-get", "install", "-y", "-q", "chromium"]):
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        if cmd[1] == "install" and res.returncode == 0:
-            break
-    found = next((p for p in CHROMIUM if os.path.exists(p)), None)
-    if not found:
-        pytest.skip(f"`apt-get install -y chromium` failed: {(res.stderr or res.stdout).strip()[-300:]}")
-    return found
-
-
 @pytest.fixture(scope="module")
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api",

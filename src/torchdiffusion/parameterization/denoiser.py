@@ -24,6 +24,9 @@ from torch import Tensor, nn
 from torchdiffusion.processes import Process, as_time, expand_like
 
 PREDICTIONS = ("eps", "x0", "v", "score")
+"""What a network may predict (``Denoiser(..., prediction=...)``): the noise ``eps``, the clean data ``x0``, the
+velocity ``v = alpha eps - sigma x0``, or the ``score`` of the noised marginal; the Denoiser converts any one into
+all four (THEORY T-PAR-10)."""
 PRECONDITIONINGS = ("none", "edm")
 
 
