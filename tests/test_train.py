@@ -196,7 +196,13 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(straight: Path, tmp_pa
     cfg = ckpt.load_json(run2 / "config.json")
     cfg["model"]["hidden"] = 48
     ckpt.save_json(cfg, run2 / "config.json")
-    with pytest.raises(ValueError, match="does not match the config's network"):
+    with pytest.raises(ValueError, match="does not match its weights ema.safetensors: model.hidden is 48 there, but "
+                                         "the weights were trained with 32"):
+        load_run(run2)  # the config bound to the weights names the changed key
+    tensors, meta = ckpt.load_tensors(run2 / "ema.safetensors")  # weights without that record (an older run)
+    ckpt.save_tensors(tensors, run2 / "ema.safetensors", {"step": meta["step"]})
+    with pytest.warns(UserWarning, match="carries no record"), \
+            pytest.raises(ValueError, match="does not match the config's network"):
         load_run(run2)
 
 

@@ -25,6 +25,13 @@ except ImportError:  # pragma: no cover
 
 TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]{8})\.tmp$")
 
+# The files a run folder owns (docs/design.md section 6): only the run layer writes them (``run_file=True``); a
+# user-named output that names one of them inside a run folder is refused (:func:`refuse_run_file`).
+RUN_FOLDER_FILES = ("config.json", "model.safetensors", "ema.safetensors", "train_state.safetensors", "log.csv",
+                    ".lock")
+# a folder holding any of these is a run folder (``.lock`` exists from the trainer's first moment on)
+RUN_FOLDER_MARKERS = ("model.safetensors", "ema.safetensors", "train_state.safetensors", ".lock")
+
 
 class FileError(ValueError):
     """A one-line error about a file: what could not be done, the file, and the cause."""
@@ -35,6 +42,26 @@ def cause(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def is_run_folder(folder: str | Path) -> bool:
+    """``folder`` is (or is becoming) a run folder: it holds weights, a training state or a trainer's lock."""
+    folder = Path(folder)
+    return any((folder / n).exists() for n in RUN_FOLDER_MARKERS)
+
+
+def refuse_run_file(path: str | Path) -> Path:
+    """The guard of every user-named output: refuse ``path`` if it names a file that belongs to a run folder
+    (:data:`RUN_FOLDER_FILES`: its config, weights, EMA, training state, log or lock), whatever the command; such
+    files are written only by the run layer. Relative parts (``RUN/sub/../config.json``) and symlinked folders
+    are resolved first."""
+    path = Path(path)
+    if path.name in RUN_FOLDER_FILES:
+        folder = Path(os.path.realpath(path.parent))
+        if is_run_folder(folder):
+            raise FileError(f"refusing to write {path}: it is the {path.name} of the run folder {folder}, which only "
+                            "training writes; name another file")
+    return path
 
 
 def check_writable(path: str | Path) -> Path:
@@ -73,10 +100,14 @@ def temp_path(path: Path) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], None], *, run_file: bool = False) -> Path:
     """Write ``path`` atomically: ``write(tmp)`` fills a temp file in the same folder, which is fsynced and
     renamed over ``path``. On any failure (full disk, read-only file system, an interrupt) the old ``path`` is
-    untouched, the temp file is removed, and an OS error becomes a one-line :class:`FileError`."""
+    untouched, the temp file is removed, and an OS error becomes a one-line :class:`FileError`. Unless
+    ``run_file`` (the run layer writing its own files), a path that names a run folder's file is refused
+    (:func:`refuse_run_file`)."""
+    if not run_file:
+        refuse_run_file(path)
     path = check_writable(path)
     tmp = temp_path(path)
     try:
@@ -96,18 +127,18 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def write_bytes(path: str | Path, data: bytes) -> Path:
+def write_bytes(path: str | Path, data: bytes, *, run_file: bool = False) -> Path:
     """:func:`atomic_write` of ``data``."""
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), run_file=run_file)
 
 
-def write_json(path: str | Path, obj) -> Path:
+def write_json(path: str | Path, obj, *, run_file: bool = False) -> Path:
     """:func:`atomic_write` of ``obj`` as indented JSON; non-finite numbers are refused (JSON has none)."""
     try:
         text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
     except ValueError:
         raise ValueError(f"refusing to write {path}: it would hold a NaN or infinite number") from None
-    return write_bytes(path, (text + "\n").encode())
+    return write_bytes(path, (text + "\n").encode(), run_file=run_file)
 
 
 def read_bytes(path: str | Path, what: str = "file") -> bytes:
@@ -171,8 +202,9 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
 
 
 def prepare_output(path: str | Path) -> Path:
-    """Check an output path before the work (:func:`check_writable`) and clear its folder of stale temp files."""
-    path = check_writable(path)
+    """Check a user-named output path before the work (:func:`refuse_run_file`, :func:`check_writable`) and clear
+    its folder of stale temp files."""
+    path = check_writable(refuse_run_file(path))
     remove_stale_temps(path.parent)
     return path
 

@@ -42,8 +42,7 @@ class Dataset:
         if self.y is not None:
             if len(self.y) != len(self.x):
                 raise ValueError(f"dataset {self.name!r}: {len(self.y)} labels for {len(self.x)} examples")
-            if self.num_classes is None:
-                self.num_classes = int(self.y.max()) + 1
+            self.num_classes = check_labels(self.y, self.num_classes, f"dataset {self.name!r}")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -55,6 +54,42 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.x)
+
+
+def check_labels(y: Tensor, num_classes: int | None, where: str) -> int:
+    """The class count of labels ``y`` (checked on every dataset): whole numbers (an integer tensor) in
+    ``[0, num_classes)``; without a declared ``num_classes`` the count is the largest label + 1, which may not
+    exceed the number of examples (a stray label such as 10^6 would otherwise build a million-class embedding:
+    relabel, or declare ``data.classes``). -1 is refused: it is the null class of guidance, never a data label."""
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dtype.is_complex or y.ndim != 1:
+        raise ValueError(f"{where}: labels must be a 1-D array of whole numbers, got dtype {y.dtype} and shape "
+                         f"{tuple(y.shape)}")
+    lo, hi = int(y.min()), int(y.max())
+    if num_classes is None:
+        if hi + 1 > len(y):
+            raise ValueError(f"{where}: labels up to {hi} imply {hi + 1} classes for {len(y)} examples; relabel "
+                             "them 0..K-1, or declare the class count (data.classes)")
+        num_classes = hi + 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"{where}: the class count must be a whole number >= 1, got {num_classes!r}")
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"{where}: labels must lie in 0..{num_classes - 1} ({num_classes} classes), got values in "
+                         f"[{lo}, {hi}] (-1 is the null class of guidance, not a label)")
+    return num_classes
+
+
+def labels_from_array(arr: np.ndarray, where: str) -> Tensor:
+    """Labels read from a file as a long tensor: integer arrays as they are, float arrays only if every value is a
+    whole number (``0.7`` and NaN are refused, never truncated)."""
+    if arr.dtype.kind in "ui":
+        return torch.tensor(arr.astype(np.int64))
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr) | (np.isfinite(arr) & (arr != np.round(np.nan_to_num(arr))))
+        if bad.any():
+            i = int(np.flatnonzero(bad.reshape(-1))[0])
+            raise ValueError(f"{where}: labels must be whole numbers, got {arr.reshape(-1)[i]!r} at index {i}")
+        return torch.tensor(arr.astype(np.int64))
+    raise ValueError(f"{where}: labels must be whole numbers, got an array of dtype {arr.dtype}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -205,7 +240,7 @@ def load_npz(path: str | Path, key: str | None = None, label_key: str | None = N
                                  f"-1 + 2 k / {levels_given - 1} (k = 0..{levels_given - 1}) of [-1, 1]")
             x = (k.round() / (levels_given - 1) * 2 - 1).to(torch.float32)
         levels = levels_given
-    y = torch.tensor(labels, dtype=torch.long) if labels is not None else None
+    y = labels_from_array(labels, f"{path} array {label_key!r}") if labels is not None else None
     return Dataset(x.contiguous(), y, levels=levels, name=path.stem)
 
 
@@ -264,17 +299,21 @@ def load_image_folder(path: str | Path, size: int = 32, channels: int = 3) -> Da
 def load(name: str, **kw) -> Dataset:
     """Dispatch: a toy name, ``digits``, a ``.npz`` path or an image folder (latent codes of an autoencoder run
     are built by :func:`torchdiffusion.runs.latent.dataset_from_config`)."""
+    classes = kw.get("classes")
     if name in TOYS:
-        return toy(name, n=int(kw.get("n", 10000)), seed=int(kw.get("seed", 0)))
-    if name == "digits":
-        return digits(int(kw.get("size", 8)))
-    p = Path(name)
-    if p.suffix == ".npz":
-        return load_npz(p, kw.get("key"), kw.get("label_key"))
-    if p.is_dir():
-        return load_image_folder(p, int(kw.get("size", 32)), int(kw.get("channels", 3)))
-    raise ValueError(f"unknown data {name!r}: use a toy ({', '.join(TOYS)}), 'digits', a .npz file or an "
-                     "image folder")
+        ds = toy(name, n=int(kw.get("n", 10000)), seed=int(kw.get("seed", 0)))
+    elif name == "digits":
+        ds = digits(int(kw.get("size", 8)))
+    elif Path(name).suffix == ".npz":
+        ds = load_npz(Path(name), kw.get("key"), kw.get("label_key"))
+    elif Path(name).is_dir():
+        ds = load_image_folder(Path(name), int(kw.get("size", 32)), int(kw.get("channels", 3)))
+    else:
+        raise ValueError(f"unknown data {name!r}: use a toy ({', '.join(TOYS)}), 'digits', a .npz file or an "
+                         "image folder")
+    if classes is not None and ds.y is not None:  # a declared class count (data.classes): labels checked against it
+        ds = dataclasses.replace(ds, num_classes=classes)
+    return ds
 
 
 def split_dataset(ds: Dataset, holdout: float,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from torchdiffusion.nets.likelihood import LikelihoodNet, VariationalDequantizer
 from torchdiffusion.parameterization.denoiser import Denoiser
 from torchdiffusion.parameterization.guidance import Classifier
 from torchdiffusion.processes import Process, process_from_config
-from torchdiffusion.runs.config import check_values, with_defaults
+from torchdiffusion.runs.config import check_binding, check_values, with_defaults
 from torchdiffusion.training.checkpoint import load_json, load_tensors
 
 _PROCESS_KEYS = {
@@ -191,7 +192,12 @@ def load_run(run: str | Path, ema: bool = True, device: str | torch.device = "cp
         raise ValueError(f"{run}/config.json: {e}") from None
     model = build_model(cfg, tuple(info["data_shape"]), info.get("num_classes"))
     weights = run / ("ema.safetensors" if ema else "model.safetensors")
-    tensors, _ = load_tensors(weights)
+    tensors, meta = load_tensors(weights)
+    if not check_binding(cfg, meta, weights):
+        # (weights written before the binding existed: loaded, with a warning, so that old runs stay usable)
+        warnings.warn(f"{weights} carries no record of the config it was trained with (written before that record "
+                      "existed), so its config.json cannot be checked against it; resume training or save_pretrained "
+                      "to add one", stacklevel=2)
     try:
         net_of(model).load_state_dict(tensors)
     except RuntimeError as e:

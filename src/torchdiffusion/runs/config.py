@@ -8,17 +8,20 @@ is an error that lists the allowed ones.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
+from torchdiffusion import samplers
 from torchdiffusion._files import read_json
-from torchdiffusion._tensor import check_count
+from torchdiffusion.samplers import grids
 
 DEFAULTS: dict[str, dict] = {
     "data": {"name": "ring", "n": 10000, "seed": 0, "size": 8, "channels": 3, "key": None, "label_key": None,
              "flip": False, "augment": 0.0, "conditional": False, "holdout": 0.1,
-             "autoencoder": None},
+             "autoencoder": None, "classes": None},
     "process": {"name": "ddpm", "betas": "linear", "T": 1000, "beta_start": None, "beta_end": None,
                 "rescale_zero_snr": False, "beta_min": 0.1, "beta_max": 20.0, "sigma_min": None,
                 "sigma_max": None, "t_min": None, "gamma_min": -10.0, "gamma_max": 6.0, "schedule_hidden": 32},
@@ -158,17 +161,96 @@ def resolve(spec: str | dict | None, sets: list[str] | None = None) -> dict:
     return check_values(apply_sets(cfg, sets or []))
 
 
-# keys that count something: whole numbers >= 1 (0 allowed for the train intervals that 0 switches off)
-COUNTS = {"model": ("hidden", "depth", "emb_dim", "channels", "num_res_blocks", "latent_channels", "cond_tokens",
-                    "num_heads", "latent_dim"),
-          "process": ("T", "schedule_hidden"), "sample": ("steps", "n"), "data": ("size", "channels", "n"),
-          "loss": ("ncsn_levels", "ssm_projections", "vae_samples", "levels"),
-          "train": ("steps", "batch", "accum", "log_every")}
-OPTIONAL_COUNTS = {"train": ("ckpt_every", "sample_every", "warmup", "threads", "seed")}
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of one numeric config key: a (whole) number between ``lo`` and ``hi`` (each bound open or
+    closed, ``None`` = unbounded); ``null`` says what ``null`` means where it is allowed (``None``: refused)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    whole: bool = False
+    null: str | None = None
+
+    def text(self) -> str:
+        """The range in words: ``a whole number >= 1``, ``a number in [0, 1)`` (``or null (no clipping)``)."""
+        kind = "a whole number" if self.whole else "a number"
+        lo, hi = self.lo, self.hi
+        if lo is not None and hi is not None:
+            out = f"{kind} in {'(' if self.lo_open else '['}{lo:g}, {hi:g}{')' if self.hi_open else ']'}"
+        elif lo is not None:
+            out = f"{kind} {'>' if self.lo_open else '>='} {lo:g}"
+        elif hi is not None:
+            out = f"{kind} {'<' if self.hi_open else '<='} {hi:g}"
+        else:
+            out = "a finite number"
+        return out + (f" or null ({self.null})" if self.null else "")
+
+    def allows(self, v) -> bool:
+        """Whether ``v`` is an allowed value."""
+        if v is None:
+            return self.null is not None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        if self.whole and not isinstance(v, int):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+
+def _count(lo: int = 1, hi: int | None = None, null: str | None = None) -> Range:
+    return Range(lo, hi, whole=True, null=null)
+
+
+_PROB = Range(0.0, 1.0, hi_open=True)  # a probability that must leave something (p < 1)
+_POSITIVE = Range(0.0, lo_open=True)
+MAX_CLASSES = 100_000  # data.classes: more than any labelled image collection (ImageNet-21k has 21,841)
+
+# Every numeric config key and its allowed values, enforced in one place (check_values) when a config is resolved
+# and when a run is loaded; tests/test_faults.py enumerates it (a value just outside each range is refused with one
+# line naming the key and the range, a value inside is accepted), and a numeric key missing here fails that test.
+RANGES: dict[str, Range] = {
+    "data.n": _count(), "data.seed": _count(0), "data.size": _count(), "data.channels": _count(),
+    "data.augment": Range(0.0, 1.0), "data.holdout": _PROB,
+    "data.classes": _count(1, MAX_CLASSES, null="the largest label + 1"),
+    "process.T": _count(2), "process.beta_start": Range(0.0, 1.0, True, True, null="the schedule's default"),
+    "process.beta_end": Range(0.0, 1.0, True, True, null="the schedule's default"),
+    "process.beta_min": Range(0.0), "process.beta_max": _POSITIVE,
+    "process.sigma_min": Range(0.0, lo_open=True, null="the process's default"),
+    "process.sigma_max": Range(0.0, lo_open=True, null="the process's default"),
+    "process.t_min": Range(0.0, 1.0, True, True, null="the process's default"),
+    "process.gamma_min": Range(), "process.gamma_max": Range(), "process.schedule_hidden": _count(),
+    "model.sigma_data": _POSITIVE, "model.time_scale": Range(0.0, lo_open=True, null="chosen from the process"),
+    "model.hidden": _count(), "model.depth": _count(), "model.emb_dim": _count(), "model.channels": _count(),
+    "model.num_res_blocks": _count(), "model.dropout": _PROB, "model.num_heads": _count(),
+    "model.dim": _count(null="the data's"), "model.latent_channels": _count(),
+    "model.latent_dim": _count(null="a spatial latent"), "model.decoder_std": _POSITIVE, "model.cond_tokens": _count(),
+    "loss.min_snr_gamma": _POSITIVE, "loss.p_uncond": _PROB, "loss.lambda_vlb": Range(0.0),
+    "loss.ncsn_levels": _count(), "loss.ssm_projections": _count(), "loss.beta": Range(0.0),
+    "loss.levels": _count(2, null="the data's"), "loss.dae_sigma": Range(0.0), "loss.vae_samples": _count(),
+    "train.steps": _count(), "train.batch": _count(), "train.lr": _POSITIVE, "train.weight_decay": Range(0.0),
+    "train.warmup": _count(0), "train.min_lr_ratio": Range(0.0, 1.0), "train.ema": _PROB,
+    "train.clip": Range(0.0, lo_open=True, null="no clipping"), "train.accum": _count(), "train.seed": _count(0),
+    "train.ckpt_every": _count(0), "train.log_every": _count(), "train.sample_every": _count(0),
+    "train.threads": _count(0),
+    "sample.steps": _count(), "sample.n": _count(), "sample.guidance": Range(),
+}
+# pairs of keys where the first must lie below (or, with "<=", not above) the second when both are given
+ORDERED = (("process.beta_start", "<", "process.beta_end"), ("process.beta_min", "<=", "process.beta_max"),
+           ("process.sigma_min", "<", "process.sigma_max"), ("process.gamma_min", "<", "process.gamma_max"))
+# list keys: non-empty (channel_mult) lists of whole numbers >= the bound
+LISTS = {"model.channel_mult": (1, False), "model.attn_resolutions": (1, True), "model.fourier_features": (0, True)}
 
 
 def _whole(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _get(cfg: dict, key: str):
+    section, k = key.split(".")
+    return cfg.get(section, {}).get(k) if isinstance(cfg.get(section), dict) else None
 
 
 def with_defaults(saved: dict) -> dict:
@@ -178,21 +260,77 @@ def with_defaults(saved: dict) -> dict:
 
 
 def check_values(cfg: dict) -> dict:
-    """Refuse count values that are not whole numbers (``train.steps=2.5``, ``model.hidden=0``, ``process.T=2.5``)
-    with one line naming the key; returns ``cfg``."""
+    """Refuse config values outside their range (:data:`RANGES`: ``train.clip=-1``, ``train.ema=1.5``,
+    ``train.steps=2.5``, ``loss.min_snr_gamma=0``), keys out of order (:data:`ORDERED`), bad lists
+    (:data:`LISTS`) and sampler or grid names that no registry knows (``sample.sampler=bogus``), each with one
+    line naming the key and what is allowed; returns ``cfg``."""
     for section, values in cfg.items():
         if section in DEFAULTS and not isinstance(values, dict):
             raise ValueError(f"config section {section!r} must be an object of keys, got {values!r}")
-    for table, low in ((COUNTS, 1), (OPTIONAL_COUNTS, 0)):
-        for section, keys in table.items():
-            for k in keys:
-                v = cfg.get(section, {}).get(k)
-                if v is not None:
-                    check_count(v, f"{section}.{k}", low)
-    mult = cfg.get("model", {}).get("channel_mult")
-    if mult is not None and not (isinstance(mult, list) and mult and all(_whole(m) and m >= 1 for m in mult)):
-        raise ValueError(f"model.channel_mult must be a non-empty list of whole numbers >= 1, got {mult!r}")
+    for key, rng in RANGES.items():
+        section, k = key.split(".")
+        if k not in cfg.get(section, {}):
+            continue
+        v = _get(cfg, key)
+        if not rng.allows(v):
+            raise ValueError(f"{key} must be {rng.text()}, got {v!r}")
+    for a, op, b in ORDERED:
+        va, vb = _get(cfg, a), _get(cfg, b)
+        if va is not None and vb is not None and not (va < vb if op == "<" else va <= vb):
+            raise ValueError(f"{a} must be {op} {b}, got {va!r} and {vb!r}")
+    for key, (low, may_be_empty) in LISTS.items():
+        v = _get(cfg, key)
+        if v is None:
+            continue
+        if not (isinstance(v, list) and (v or may_be_empty) and all(_whole(m) and m >= low for m in v)):
+            need = "a list" if may_be_empty else "a non-empty list"
+            raise ValueError(f"{key} must be {need} of whole numbers >= {low}, got {v!r}")
+    s = cfg.get("sample", {})
+    if isinstance(s.get("sampler"), str) and s["sampler"] not in samplers.names():
+        raise ValueError(f"sample.sampler: unknown sampler {s['sampler']!r}; allowed: {', '.join(samplers.names())}")
+    grid = s.get("grid")
+    if grid is not None and not (isinstance(grid, str) and (grid in grids.names() or grid.endswith(".json"))):
+        raise ValueError(f"sample.grid: unknown grid {grid!r}; allowed: null (the process's), a FILE.json of times, "
+                         f"or {', '.join(grids.names())}")
     return cfg
+
+
+# The config sections that decide what the weights compute: a run's weights carry them (and their hash) in their
+# metadata, and loading refuses a config.json whose sections differ (docs/design.md section 6).
+BOUND_SECTIONS = ("process", "model")
+
+
+def _sections_hash(sections: dict) -> str:
+    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()
+
+
+def config_binding(cfg: dict) -> dict:
+    """The metadata that binds weights to the config they were trained with: the :data:`BOUND_SECTIONS` and the
+    SHA-256 of their canonical JSON."""
+    sections = {k: copy.deepcopy(cfg.get(k, {})) for k in BOUND_SECTIONS}
+    return {"config_sha256": _sections_hash(sections), "config_sections": sections}
+
+
+def check_binding(cfg: dict, meta: dict, weights: str | Path) -> bool:
+    """Refuse a config whose :data:`BOUND_SECTIONS` differ from those the weights in ``weights`` were trained
+    with (``meta``: their metadata), naming the first changed key (a hand-edited ``process.betas`` must not be
+    used with weights trained on another schedule). Returns False for weights that carry no binding (written
+    before it existed): they load, and the caller warns once. Keys this version added since are compared at
+    their defaults."""
+    bound = meta.get("config_sections")
+    if not isinstance(bound, dict):
+        return False
+    if meta.get("config_sha256") == _sections_hash({k: cfg.get(k, {}) for k in BOUND_SECTIONS}):
+        return True
+    for section in BOUND_SECTIONS:
+        trained = deep_update(DEFAULTS[section], bound.get(section) or {}, strict=False)
+        now = cfg.get(section, {})
+        for k in sorted(set(trained) | set(now)):
+            if trained.get(k) != now.get(k):
+                raise ValueError(f"{Path(weights).parent / 'config.json'} does not match its weights "
+                                 f"{Path(weights).name}: {section}.{k} is {now.get(k)!r} there, but the weights were "
+                                 f"trained with {trained.get(k)!r}; restore that value (or retrain)")
+    return True
 
 
 # Images (issue 4; defined after deep_update, which builds the variants). Class-conditional DDPM U-Nets with

@@ -11,11 +11,13 @@
 
 from __future__ import annotations
 
+import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
+from torchdiffusion._files import FileError, cause, is_run_folder
 from torchdiffusion.parameterization.denoiser import Denoiser
 from torchdiffusion.parameterization.interop import (
     denoiser_from_diffusers,
@@ -24,7 +26,7 @@ from torchdiffusion.parameterization.interop import (
     unet2d_from_unet,
 )
 from torchdiffusion.runs.build import load_run, run_kind
-from torchdiffusion.training.checkpoint import save_json, save_tensors
+from torchdiffusion.training.checkpoint import model_files, save_json, save_tensors
 
 PIPELINES = {"ddpm": ("DDPMPipeline", "DDPMScheduler"), "ddim": ("DDIMPipeline", "DDIMScheduler")}
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -51,12 +53,18 @@ def export_diffusers(run: str | Path, out: str | Path, *, pipeline: str = "ddpm"
     ``pipeline``: ``ddpm`` (``DDPMPipeline`` + ``DDPMScheduler``, ancestral sampling with beta-tilde) or
     ``ddim`` (``DDIMPipeline`` + ``DDIMScheduler``). Only diffusion runs on the DDPM process with an unconditioned
     time input (``precond="none"``) and eps / x0 / v prediction have a diffusers twin; anything else is refused
-    with one line. ``out`` must be empty or absent unless ``force``.
+    with one line. ``out`` must be empty or absent unless ``force`` (which replaces its ``unet/`` and
+    ``scheduler/`` whole); a run folder is refused even with ``force`` (one model per folder).
     """
     if pipeline not in PIPELINES:
         raise ValueError(f"unknown pipeline {pipeline!r}; allowed: {', '.join(PIPELINES)}")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+    if is_run_folder(out) or model_files(out):
+        raise FileError(f"{out} is a torchdiffusion run folder; a folder holds one model, so export-diffusers will "
+                        "not write there, even with --force: choose another folder")
+    if out.exists() and not out.is_dir():
+        raise FileError(f"cannot write {out}: it is a file, not a folder")
+    if out.exists() and any(out.iterdir()) and not force:
         raise ValueError(f"{out} exists and is not an empty folder; pass --force to overwrite it")
     model, cfg = load_run(run, ema=ema)
     kind = run_kind(cfg)
@@ -70,6 +78,12 @@ def export_diffusers(run: str | Path, out: str | Path, *, pipeline: str = "ddpm"
     pipe_name, sched_name = PIPELINES[pipeline]
     sched_cfg = diffusers_scheduler_config(model.process, model.prediction, sched_name)
     dv = _diffusers_version()
+    for part in ("unet", "scheduler"):  # (--force) the components replaced whole: no stale weights stay beside them
+        if (out / part).is_dir():
+            try:
+                shutil.rmtree(out / part)
+            except OSError as e:
+                raise FileError(f"cannot replace {out / part}: {cause(e)}") from None
     save_json({**unet_cfg, "_diffusers_version": dv}, out / "unet" / "config.json")
     save_tensors(tensors, out / "unet" / UNET_WEIGHTS, {"saved_by": "torchdiffusion export-diffusers",
                                                           "run": str(run)})

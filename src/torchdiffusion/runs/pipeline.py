@@ -18,16 +18,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from torchdiffusion._files import FileError
+from torchdiffusion._files import FileError, FolderLock, check_writable
 from torchdiffusion._tensor import SampleGenerators, check_count
 from torchdiffusion.parameterization.denoiser import Denoiser
 from torchdiffusion.parameterization.guidance import CFG
 from torchdiffusion.processes import Process
 from torchdiffusion.runs.build import load_run, run_kind
+from torchdiffusion.runs.config import config_binding
 from torchdiffusion.runs.diffusers_io import is_diffusers_folder, load_diffusers_folder
 from torchdiffusion.runs.latent import to_images
 from torchdiffusion.samplers import sample
-from torchdiffusion.training.checkpoint import model_files, save_json, save_tensors
+from torchdiffusion.training.checkpoint import clear_run, model_files, save_json, save_tensors
 
 
 def require_kind(cfg: dict, path: str | Path, allowed: Sequence[str], what: str) -> str:
@@ -67,18 +68,29 @@ class Pipeline:
 
     def save_pretrained(self, path: str | Path, *, force: bool = False) -> Path:
         """Write a run folder that :meth:`from_pretrained` loads again (config, weights as model and EMA). A
-        folder that already holds a model is refused unless ``force``."""
+        folder that already holds a model is refused unless ``force``, which replaces the old run whole (its
+        training state, log and previews are deleted, so nothing of it is resumed); a diffusers folder, or a
+        folder a trainer holds, is refused."""
         if self.config["run"].get("diffusers"):
             raise ValueError(f"this Pipeline reads the diffusers folder {self.config['run']['diffusers']}; copy that "
                              "folder instead of save_pretrained")
         path = Path(path)
+        if is_diffusers_folder(path):
+            raise FileError(f"{path} holds a diffusers model; a folder holds one model, so save_pretrained (a run "
+                            "folder) will not write there, even with force: choose another folder")
         held = model_files(path)
         if held and not force:
             raise FileError(f"{path} already holds a model ({', '.join(held)}); pass force=True to overwrite it")
-        save_json(self.config, path / "config.json")
-        state = self.model.net.state_dict()
-        for name in ("model.safetensors", "ema.safetensors"):
-            save_tensors(state, path / name, {"saved_by": "Pipeline.save_pretrained"})
+        check_writable(path / "config.json")
+        with FolderLock(path, "writer"):  # not while a trainer holds the folder
+            # the old run goes whole (training state, log, previews): a later `train` must not resume its
+            # optimizer over these weights; the weights come before config.json, bound to it by their metadata
+            clear_run(path, config=False)
+            state, meta = self.model.net.state_dict(), {"saved_by": "Pipeline.save_pretrained",
+                                                        **config_binding(self.config)}
+            for name in ("model.safetensors", "ema.safetensors"):
+                save_tensors(state, path / name, meta)
+            save_json(self.config, path / "config.json")
         return path
 
     # --- sampling --------------------------------------------------------------------------------------------
@@ -88,12 +100,20 @@ class Pipeline:
             return None
         if not self.num_classes:
             raise ValueError("class_labels given but this model is not class-conditional")
-        y = torch.as_tensor(class_labels, dtype=torch.long)
+        k = self.num_classes
+        try:
+            y = torch.as_tensor(class_labels)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"class_labels must be whole numbers in 0..{k - 1}, got {class_labels!r}") from None
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:  # 3.7 is refused, not truncated
+            raise ValueError(f"class_labels must be whole numbers in 0..{k - 1}, got {class_labels!r}")
+        y = y.to(torch.long)
         y = y.expand(n).clone() if y.ndim == 0 else y.flatten()
         if len(y) != n:
             raise ValueError(f"class_labels must be one int or {n} labels, got {len(y)}")
-        if ((y < 0) | (y >= self.num_classes)).any():
-            raise ValueError(f"class labels must be in 0..{self.num_classes - 1}")
+        if ((y < 0) | (y >= k)).any():
+            raise ValueError(f"class labels must be in 0..{k - 1} (-1, the null class, is not a label), got "
+                             f"{int(y[(y < 0) | (y >= k)][0])}")
         return y
 
     def __call__(self, n: int = 1, sampler: str | None = None, steps: int | None = None,

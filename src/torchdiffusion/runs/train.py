@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchdiffusion.data.augment import augment
 from torchdiffusion.data.datasets import Dataset, split_dataset
 from torchdiffusion.runs.build import RunModel, augment_probability, build_model, net_of, run_kind, with_net
-from torchdiffusion.runs.config import with_defaults
+from torchdiffusion.runs.config import config_binding, with_defaults
 from torchdiffusion.runs.generate import generate_to_file
 from torchdiffusion.runs.latent import dataset_from_config, write_autoencoder_samples
 from torchdiffusion.runs.losses import get_loss
@@ -122,7 +122,7 @@ def build_trainer(cfg: dict, out: str | Path, *, dataset: Dataset | None = None,
     config = {**cfg, "run": run_info(cfg, data)}
     tr = Trainer(net_of(model), loss_closure(model, cfg, data), data, settings, out, config=config,
                  preview=previewer(config, model, data), conditional=conditional, progress=progress, resume=resume,
-                 force=force)
+                 force=force, weights_meta=config_binding(config))
     tr.model = model  # the parameterization around the trained net (for callers; the trainer never reads it)
     return tr
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from torchdiffusion._files import FileError, read_bytes, read_json, write_bytes, write_json
+from torchdiffusion._files import FileError, cause, read_bytes, read_json, write_bytes, write_json
 
 CHECKSUM_KEY = "tensors_sha256"
 RUN_FILES = ("model.safetensors", "ema.safetensors", "train_state.safetensors")  # a folder with any holds a model
@@ -33,9 +34,25 @@ def model_files(folder: str | Path) -> list[str]:
     return [n for n in RUN_FILES if (Path(folder) / n).exists()]
 
 
+def clear_run(folder: str | Path, *, config: bool = True) -> None:
+    """Delete a run's files from ``folder`` (a run overwritten with ``force``): weights, training state, log, the
+    trainer's preview grids and TensorBoard events, and ``config.json`` with ``config``; other files stay."""
+    folder = Path(folder)
+    try:
+        for name in (*RUN_FILES, "log.csv", *(("config.json",) if config else ())):
+            if (folder / name).exists():
+                (folder / name).unlink()
+        for p in (folder / "samples").glob("step_*.png"):
+            p.unlink()
+        shutil.rmtree(folder / "tensorboard", ignore_errors=True)
+    except OSError as e:
+        raise FileError(f"cannot clear the old run in {folder}: {cause(e)}") from None
+
+
 def save_json(obj: dict, path: str | Path) -> None:
-    """Write JSON atomically (temp file, fsync, rename); NaN or infinite numbers are refused."""
-    write_json(path, obj)
+    """Write JSON atomically (temp file, fsync, rename); NaN or infinite numbers are refused. A run folder's own
+    writer: the guard against outputs naming run files (``_files.refuse_run_file``) does not apply."""
+    write_json(path, obj, run_file=True)
 
 
 def load_json(path: str | Path) -> dict:
@@ -58,7 +75,7 @@ def save_tensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict | 
     the tensors (:func:`tensors_checksum`)."""
     t = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {"json": json.dumps(metadata or {}), CHECKSUM_KEY: tensors_checksum(t)}
-    write_bytes(path, st_save(t, metadata=meta))
+    write_bytes(path, st_save(t, metadata=meta), run_file=True)
 
 
 def _header_metadata(data: bytes) -> dict:

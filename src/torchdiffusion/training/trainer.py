@@ -21,7 +21,6 @@ import csv
 import io
 import math
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from torchdiffusion._files import FileError, FolderLock, atomic_write, cause, re
 from torchdiffusion.data.datasets import Dataset
 from torchdiffusion.training import distributed as dist_mod
 from torchdiffusion.training.checkpoint import (
-    RUN_FILES,
+    clear_run,
     load_tensors,
     model_files,
     optimizer_from_tensors,
@@ -57,7 +56,8 @@ class Trainer:
     The trainer knows no model kind: ``loss_fn(net, x0, *, cond, generator) -> scalar`` closes over whatever the
     loss needs (process, parameterization, label dropout); ``config`` is the JSON written as ``config.json``;
     ``preview(ema_net, path)`` writes a picture every ``sample_every`` steps; with ``conditional`` the batches
-    carry the dataset's labels as ``cond``.
+    carry the dataset's labels as ``cond``; ``weights_meta`` is JSON stored in the metadata of the weights files
+    (the run layer binds the config to the weights with it).
 
     The trainer holds ``out`` (a lock) from construction until :meth:`run` returns or :meth:`close`; a second
     trainer on the folder is refused. With ``resume`` a ``train_state.safetensors`` there is continued; otherwise
@@ -67,8 +67,9 @@ class Trainer:
 
     def __init__(self, net: nn.Module, loss_fn: LossFn, data: Dataset, settings: TrainSettings, out: str | Path, *,
                  config: dict | None = None, preview: Preview | None = None, conditional: bool = False,
-                 progress: bool = True, resume: bool = True, force: bool = False):
+                 progress: bool = True, resume: bool = True, force: bool = False, weights_meta: dict | None = None):
         self.settings, self.out, self.progress, self.config = settings, Path(out), progress, config or {}
+        self.weights_meta = dict(weights_meta or {})
         t = settings
         self.device = pick_device(t.device)
         self.dist = dist_mod.current()
@@ -138,18 +139,9 @@ class Trainer:
             self.close()
             raise FileError(f"{self.out} already holds a trained model ({', '.join(held)}){why}; pass --force "
                             "(force=True) to overwrite it, or use another --out")
-        try:
-            # (without force nothing of a model is here; a config.json stays until the first checkpoint replaces it:
-            # it may be the user's own file, passed as this run's config)
-            for name in (*RUN_FILES, "log.csv", *(("config.json",) if force else ())):
-                if (self.out / name).exists():
-                    (self.out / name).unlink()
-            if force:
-                for p in (self.out / "samples").glob("step_*.png"):
-                    p.unlink()
-                shutil.rmtree(self.out / "tensorboard", ignore_errors=True)
-        except OSError as e:
-            raise FileError(f"cannot clear the old run in {self.out}: {cause(e)}") from None
+        # (without force nothing of a model is here; a config.json stays until the first checkpoint replaces it:
+        # it may be the user's own file, passed as this run's config)
+        clear_run(self.out, config=force)
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def _load(self) -> None:
@@ -192,8 +184,9 @@ class Trainer:
             # train_state first: it alone decides a resume; the weights files follow it
             save_tensors(tensors, self.out / "train_state.safetensors", {"step": self.step, "optimizer": opt_meta,
                                                                             "pending_losses": self._pending})
-            save_tensors(self.net.state_dict(), self.out / "model.safetensors", {"step": self.step})
-            save_tensors(self.ema.state_dict(), self.out / "ema.safetensors", {"step": self.step})
+            meta = {**self.weights_meta, "step": self.step}
+            save_tensors(self.net.state_dict(), self.out / "model.safetensors", meta)
+            save_tensors(self.ema.state_dict(), self.out / "ema.safetensors", meta)
 
     def _sync_log(self) -> None:
         """fsync ``log.csv`` before a checkpoint, so that no logged row up to the checkpoint's step can be lost."""
@@ -226,7 +219,7 @@ class Trainer:
                             "(the checkpoint is intact; rows before the resume are then lost)") from None
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows(keep)
-        atomic_write(log, lambda tmp: tmp.write_text(buf.getvalue()))
+        atomic_write(log, lambda tmp: tmp.write_text(buf.getvalue()), run_file=True)
 
     def _log(self, row: dict) -> None:
         """Append a row to ``log.csv`` (and TensorBoard scalars when enabled); rank 0 only."""
