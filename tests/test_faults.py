@@ -374,7 +374,7 @@ def test_bad_sample_options_are_one_line_errors(reference, capsys, tmp_path: Pat
 
 @pytest.mark.parametrize("sets, expected", [
     ("train.steps=2.5", "train.steps must be a whole number >= 1, got 2.5"),
-    ("process.T=2.5", "process.T must be a whole number >= 1, got 2.5"),
+    ("process.T=2.5", "process.T must be a whole number >= 2, got 2.5"),
     ("model.hidden=0", "model.hidden must be a whole number >= 1, got 0"),
     ("model.depth=-1", "model.depth must be a whole number >= 1, got -1"),
     ("train.log_every=0", "train.log_every must be a whole number >= 1, got 0"),
