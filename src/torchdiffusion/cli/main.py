@@ -22,6 +22,7 @@ from torchdiffusion._tensor import check_count, check_number
 from torchdiffusion.cli import eval as _eval  # noqa: F401  (torchdiffusion eval)
 from torchdiffusion.cli import export as _export  # noqa: F401  (torchdiffusion export-diffusers)
 from torchdiffusion.cli import likelihood as _likelihood  # noqa: F401  (torchdiffusion likelihood)
+from torchdiffusion.cli import makedata as _makedata  # noqa: F401  (torchdiffusion make-data)
 from torchdiffusion.cli import scorefield as _scorefield  # noqa: F401  (torchdiffusion scorefield)
 from torchdiffusion.cli import studio as _studio  # noqa: F401  (torchdiffusion studio)
 from torchdiffusion.cli.commands import COMMANDS, StepBar, command

@@ -395,6 +395,21 @@ PRESETS.update({
 })
 
 
+# Shapes (issue 27): the generated 32x32 RGB benchmark (`torchdiffusion make-data shapes data/shapes32 --n 20000
+# --n-test 2000 --seed 0`, data/shapes.py), class-conditional (10 classes: shape x colour family), trained on the
+# train split only (the test split is a separate folder: data.holdout = 0) and scored by the judge of
+# evaluation/shapes.py against the test split (`torchdiffusion eval RUN`). Sampled with td.sample's default
+# sampler (DDIM) at 20 network evaluations. Labels: the class sub-folders, or metadata.jsonl's `label` column.
+SHAPES_DATA = "data/shapes32/train"
+_SHAPES = deep_update(_DIGITS, {"data": {"name": SHAPES_DATA, "size": 32, "channels": 3, "conditional": True,
+                                         "holdout": 0.0, "label_key": "label"},
+                                "model": {"channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": 1,
+                                          "attn_resolutions": [8]},
+                                "train": {"steps": 3000, "batch": 64, "lr": 1e-3, "warmup": 100, "ema": 0.999,
+                                          "ckpt_every": 250, "threads": 1},
+                                "sample": {"sampler": "ddim", "steps": 20, "n": 100}}, strict=False)
+PRESETS["shapes32"] = _SHAPES
+
 # Classifier guidance (issue 8): a noise-conditional classifier p_phi(y | x_t, t) (nets/classifier.py, the U-Net's
 # encoder with time embedding) trained with cross-entropy on x_t of the same process as the `digits` model
 # (cosine DDPM), so that its time input matches the diffusion model it guides. p_uncond = 0: every label is kept.
