@@ -12,7 +12,7 @@ import torch
 from torchdiffusion._files import prepare_output, write_json
 from torchdiffusion._tensor import check_finite
 from torchdiffusion.cli.commands import command
-from torchdiffusion.data.datasets import load, split_dataset
+from torchdiffusion.data.datasets import examples, load, split_dataset
 from torchdiffusion.likelihood import LikelihoodResult, bits_per_dim, time_at_sigma, truncate_times, vlb_times
 from torchdiffusion.runs.build import load_run
 from torchdiffusion.runs.pipeline import require_kind
@@ -97,7 +97,7 @@ def _run(a) -> int:
     model, cfg = load_run(a.run, ema=not a.no_ema, device=a.device)
     require_kind(cfg, a.run, ("diffusion",), "likelihood")
     ds = _dataset(cfg, a.data)
-    x = ds.x if a.n is None else ds.x[: a.n]
+    x = examples(ds, a.n).x  # (an image folder is decoded here, only the examples scored)
     if tuple(x.shape[1:]) != tuple(cfg["run"]["data_shape"]):
         raise ValueError(f"data of shape {tuple(x.shape[1:])} does not match the run's {cfg['run']['data_shape']}")
     method = a.method or ("vlb" if model.process.discrete else "ode")

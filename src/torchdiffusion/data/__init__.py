@@ -1,4 +1,4 @@
-"""L3 data: 2-D toys with exact densities, the 8x8 digits, image folders, ``.npz``; splits."""
+"""L3 data: 2-D toys with exact densities, the 8x8 digits, ``.npz``; image folders streamed from disk; splits."""
 
 from .datasets import (  # noqa: F401
     IMAGE_EXTS,
@@ -6,9 +6,11 @@ from .datasets import (  # noqa: F401
     Checkerboard,
     Dataset,
     digits,
+    examples,
     load,
     load_image_folder,
     load_npz,
     toy,
     toy_density,
 )
+from .folder import BadImageError, ImageFolder  # noqa: F401

@@ -1,5 +1,6 @@
-"""Data: generated 2-D toys (with exact densities), scikit-learn's 8x8 digits, ``.npz`` arrays and image
-folders. Everything is loaded into memory as one tensor; nothing is downloaded."""
+"""Data: generated 2-D toys (with exact densities), scikit-learn's 8x8 digits and ``.npz`` arrays, loaded into
+memory as one tensor, and image folders, streamed from disk (:mod:`torchdiffusion.data.folder`); nothing is
+downloaded."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from torchdiffusion.data.folder import IMAGE_EXTS, ImageFolder  # noqa: F401 (IMAGE_EXTS: re-exported)
+from torchdiffusion.data.labels import check_labels
 from torchdiffusion.oracle import GaussianMixture
 
 TOYS = ("ring", "moons", "swiss_roll", "checkerboard", "gmm")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 @dataclass
@@ -54,28 +56,6 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.x)
-
-
-def check_labels(y: Tensor, num_classes: int | None, where: str) -> int:
-    """The class count of labels ``y`` (checked on every dataset): whole numbers (an integer tensor) in
-    ``[0, num_classes)``; without a declared ``num_classes`` the count is the largest label + 1, which may not
-    exceed the number of examples (a stray label such as 10^6 would otherwise build a million-class embedding:
-    relabel, or declare ``data.classes``). -1 is refused: it is the null class of guidance, never a data label."""
-    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dtype.is_complex or y.ndim != 1:
-        raise ValueError(f"{where}: labels must be a 1-D array of whole numbers, got dtype {y.dtype} and shape "
-                         f"{tuple(y.shape)}")
-    lo, hi = int(y.min()), int(y.max())
-    if num_classes is None:
-        if hi + 1 > len(y):
-            raise ValueError(f"{where}: labels up to {hi} imply {hi + 1} classes for {len(y)} examples; relabel "
-                             "them 0..K-1, or declare the class count (data.classes)")
-        num_classes = hi + 1
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"{where}: the class count must be a whole number >= 1, got {num_classes!r}")
-    if lo < 0 or hi >= num_classes:
-        raise ValueError(f"{where}: labels must lie in 0..{num_classes - 1} ({num_classes} classes), got values in "
-                         f"[{lo}, {hi}] (-1 is the null class of guidance, not a label)")
-    return num_classes
 
 
 def labels_from_array(arr: np.ndarray, where: str) -> Tensor:
@@ -256,49 +236,32 @@ def _npz_levels(z, path: Path) -> int:
     return int(float(lv))
 
 
-def load_image_folder(path: str | Path, size: int = 32, channels: int = 3) -> Dataset:
-    """Images under ``path`` (Pillow), resized (shorter side) and centre-cropped to ``size``, as grey
-    (``channels=1``) or RGB, scaled to [-1, 1]. Sub-folders name classes (sorted) when there are any."""
-    from PIL import Image, UnidentifiedImageError
+def load_image_folder(path: str | Path, size: int = 32, channels: int = 3, **kw) -> Dataset:
+    """An image folder decoded whole into memory (small folders; training streams them instead: :func:`load`
+    returns an :class:`~torchdiffusion.data.folder.ImageFolder`). ``kw``: its options (``label_key``,
+    ``num_classes``, ``on_bad_image``)."""
+    return examples(ImageFolder(path, size, channels, **kw))
 
-    root = Path(path)
-    if not root.is_dir():
-        raise ValueError(f"image folder not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
-    classes = sorted({p.parent.relative_to(root).parts[0] for p in files if p.parent != root})
-    if classes and any(p.parent == root for p in files):
-        classes = []  # mixed layout: no labels
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+
+def examples(ds: Dataset | ImageFolder, n: int | None = None, workers: int = 0) -> Dataset:
+    """The first ``n`` examples (all by default) of a data set as an in-memory :class:`Dataset`: a slice of one
+    already in memory, or decoded from a streamed image folder."""
+    if not isinstance(ds, ImageFolder):
+        return ds if n is None or n >= len(ds) else dataclasses.replace(
+            ds, x=ds.x[:n], y=None if ds.y is None else ds.y[:n])
     xs, ys = [], []
-    for p in files:
-        try:
-            with Image.open(p) as im:
-                im = im.convert(mode)
-                w, h = im.size
-                s = size / min(w, h)
-                im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-                w, h = im.size
-                left, top = (w - size) // 2, (h - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-                a = np.asarray(im, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"corrupt or unreadable image {p}: {e}") from None
-        xs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-        if classes:
-            ys.append(classes.index(p.parent.relative_to(root).parts[0]))
-    x = torch.tensor(np.stack(xs), dtype=torch.float32) / 255 * 2 - 1
-    y = torch.tensor(ys, dtype=torch.long) if classes else None
-    return Dataset(x, y, levels=256, name=root.name, num_classes=len(classes) or None,
-                   meta={"classes": classes})
+    for x, y in ds.batches(256, n, workers=workers):
+        xs.append(x)
+        ys.append(y)
+    return Dataset(torch.cat(xs), torch.cat(ys) if ds.labelled else None, levels=ds.levels, name=ds.name,
+                   num_classes=ds.num_classes, meta=dict(ds.meta))
 
 
-def load(name: str, **kw) -> Dataset:
-    """Dispatch: a toy name, ``digits``, a ``.npz`` path or an image folder (latent codes of an autoencoder run
-    are built by :func:`torchdiffusion.runs.latent.dataset_from_config`)."""
+def load(name: str, **kw) -> Dataset | ImageFolder:
+    """Dispatch: a toy name, ``digits``, a ``.npz`` path or an image folder (streamed: an
+    :class:`~torchdiffusion.data.folder.ImageFolder`; ``kw`` ``size``, ``channels``, ``label_key``, ``classes``,
+    ``on_bad_image``); latent codes of an autoencoder run are built by
+    :func:`torchdiffusion.runs.latent.dataset_from_config`."""
     classes = kw.get("classes")
     if name in TOYS:
         ds = toy(name, n=int(kw.get("n", 10000)), seed=int(kw.get("seed", 0)))
@@ -306,8 +269,10 @@ def load(name: str, **kw) -> Dataset:
         ds = digits(int(kw.get("size", 8)))
     elif Path(name).suffix == ".npz":
         ds = load_npz(Path(name), kw.get("key"), kw.get("label_key"))
-    elif Path(name).is_dir():
-        ds = load_image_folder(Path(name), int(kw.get("size", 32)), int(kw.get("channels", 3)))
+    elif Path(name).is_dir():  # streamed (data.folder): its labels are checked as it is indexed
+        return ImageFolder(Path(name), int(kw.get("size", 32)), int(kw.get("channels", 3)),
+                           label_key=kw.get("label_key"), num_classes=classes,
+                           on_bad_image=kw.get("on_bad_image") or "error")
     else:
         raise ValueError(f"unknown data {name!r}: use a toy ({', '.join(TOYS)}), 'digits', a .npz file or an "
                          "image folder")
@@ -316,10 +281,11 @@ def load(name: str, **kw) -> Dataset:
     return ds
 
 
-def split_dataset(ds: Dataset, holdout: float,
-                  seed: int = 0) -> tuple[Dataset, Dataset | None]:
+def split_dataset(ds: Dataset | ImageFolder, holdout: float,
+                  seed: int = 0) -> tuple[Dataset | ImageFolder, Dataset | ImageFolder | None]:
     """Deterministic (train, test) split: the last ``round(holdout * N)`` examples of a fixed permutation
-    (``seed`` 0) are held out; with none held out the test part is ``None``."""
+    (``seed`` 0) are held out; with none held out the test part is ``None``. An image folder is split into two
+    subsets of its index (nothing decoded)."""
     if not 0.0 <= holdout < 1.0:
         raise ValueError(f"data.holdout must be in [0, 1), got {holdout}")
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
@@ -327,6 +293,8 @@ def split_dataset(ds: Dataset, holdout: float,
     if n_test == 0:
         return ds, None
 
-    def part(idx: Tensor) -> Dataset:
+    def part(idx: Tensor) -> Dataset | ImageFolder:
+        if isinstance(ds, ImageFolder):
+            return ds.subset(idx.numpy())
         return dataclasses.replace(ds, x=ds.x[idx], y=None if ds.y is None else ds.y[idx])
     return part(perm[: len(ds) - n_test]), part(perm[len(ds) - n_test:])

@@ -16,12 +16,13 @@ from pathlib import Path
 
 from torchdiffusion import samplers
 from torchdiffusion._files import read_json
+from torchdiffusion.data.folder import ON_BAD_IMAGE
 from torchdiffusion.samplers import grids
 
 DEFAULTS: dict[str, dict] = {
     "data": {"name": "ring", "n": 10000, "seed": 0, "size": 8, "channels": 3, "key": None, "label_key": None,
              "flip": False, "augment": 0.0, "conditional": False, "holdout": 0.1,
-             "autoencoder": None, "classes": None},
+             "autoencoder": None, "classes": None, "on_bad_image": "error"},
     "process": {"name": "ddpm", "betas": "linear", "T": 1000, "beta_start": None, "beta_end": None,
                 "rescale_zero_snr": False, "beta_min": 0.1, "beta_max": 20.0, "sigma_min": None,
                 "sigma_max": None, "t_min": None, "gamma_min": -10.0, "gamma_max": 6.0, "schedule_hidden": 32},
@@ -38,7 +39,8 @@ DEFAULTS: dict[str, dict] = {
     "train": {"steps": 3000, "batch": 256, "lr": 1e-3, "weight_decay": 0.0, "warmup": 100,
               "schedule": "cosine", "min_lr_ratio": 0.1, "ema": 0.999, "ema_warmup": True, "clip": 1.0,
               "accum": 1, "seed": 0, "ckpt_every": 1000, "log_every": 50, "sample_every": 0,
-              "device": "auto", "precision": "fp32", "compile": False, "threads": 0, "tensorboard": False},
+              "device": "auto", "precision": "fp32", "compile": False, "threads": 0, "tensorboard": False,
+              "workers": 0},
     "sample": {"sampler": "ddim", "steps": 50, "grid": None, "n": 64, "guidance": 0.0},
 }
 
@@ -206,6 +208,7 @@ def _count(lo: int = 1, hi: int | None = None, null: str | None = None) -> Range
 
 _PROB = Range(0.0, 1.0, hi_open=True)  # a probability that must leave something (p < 1)
 _POSITIVE = Range(0.0, lo_open=True)
+MAX_WORKERS = 256  # train.workers: data-loading processes
 MAX_CLASSES = 100_000  # data.classes: more than any labelled image collection (ImageNet-21k has 21,841)
 
 # Every numeric config key and its allowed values, enforced in one place (check_values) when a config is resolved
@@ -234,13 +237,15 @@ RANGES: dict[str, Range] = {
     "train.warmup": _count(0), "train.min_lr_ratio": Range(0.0, 1.0), "train.ema": _PROB,
     "train.clip": Range(0.0, lo_open=True, null="no clipping"), "train.accum": _count(), "train.seed": _count(0),
     "train.ckpt_every": _count(0), "train.log_every": _count(), "train.sample_every": _count(0),
-    "train.threads": _count(0),
+    "train.threads": _count(0), "train.workers": _count(0, MAX_WORKERS),
     "sample.steps": _count(), "sample.n": _count(), "sample.guidance": Range(),
 }
 # pairs of keys where the first must lie below (or, with "<=", not above) the second when both are given
 ORDERED = (("process.beta_start", "<", "process.beta_end"), ("process.beta_min", "<=", "process.beta_max"),
            ("process.sigma_min", "<", "process.sigma_max"), ("process.gamma_min", "<", "process.gamma_max"))
 # list keys: non-empty (channel_mult) lists of whole numbers >= the bound
+# keys that name one of a few choices
+CHOICES = {"data.on_bad_image": ON_BAD_IMAGE}
 LISTS = {"model.channel_mult": (1, False), "model.attn_resolutions": (1, True), "model.fourier_features": (0, True)}
 
 
@@ -285,6 +290,10 @@ def check_values(cfg: dict) -> dict:
         if not (isinstance(v, list) and (v or may_be_empty) and all(_whole(m) and m >= low for m in v)):
             need = "a list" if may_be_empty else "a non-empty list"
             raise ValueError(f"{key} must be {need} of whole numbers >= {low}, got {v!r}")
+    for key, allowed in CHOICES.items():
+        v = _get(cfg, key)
+        if v is not None and v not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {v!r}")
     s = cfg.get("sample", {})
     if isinstance(s.get("sampler"), str) and s["sampler"] not in samplers.names():
         raise ValueError(f"sample.sampler: unknown sampler {s['sampler']!r}; allowed: {', '.join(samplers.names())}")

@@ -31,7 +31,8 @@ def generate_to_file(model, cfg: dict, run_info: dict, path: str | Path, *, data
     device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
     x = generate(model, tuple(run_info["data_shape"]), n, sampler=s["sampler"], steps=int(s["steps"]),
                  grid=s.get("grid"), seed=int(s.get("seed", 0)), device=device)
-    ref = data.x[:2000] if data is not None and data.x.ndim == 2 else None
+    x_data = getattr(data, "x", None)  # (a streamed image folder has none; only 2-D data is drawn under samples)
+    ref = x_data[:2000] if x_data is not None and x_data.ndim == 2 else None
 
     x, vr = to_images(x, run_info)
     return save_samples(x, path, data=ref, value_range=vr)

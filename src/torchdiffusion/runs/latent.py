@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from torchdiffusion.data import datasets as data_mod
-from torchdiffusion.data.datasets import split_dataset
+from torchdiffusion.data.datasets import examples, split_dataset
+from torchdiffusion.data.folder import ImageFolder
 from torchdiffusion.evaluation.viz import save_samples
 from torchdiffusion.nets.autoencoder import Autoencoder, reconstruct
 from torchdiffusion.runs.build import AUTOENCODER_NETS, load_run
@@ -78,7 +79,10 @@ def load_latents(run: str | Path | None, *, holdout: float = 0.0) -> data_mod.Da
     net, ae_cfg = load_autoencoder(run)
     d = ae_cfg["data"]
     images = data_mod.load(d["name"], **{k: v for k, v in d.items() if k not in ("name", "autoencoder")})
-    z = encode(net, images.x)
+    if isinstance(images, ImageFolder):  # streamed: decoded and encoded a batch at a time
+        z = torch.cat([encode(net, x) for x, _ in images.batches(512)]) if len(images) else torch.zeros(0)
+    else:
+        z = encode(net, images.x)
     ds = data_mod.Dataset(z, images.y, num_classes=images.num_classes, name=f"latent:{images.name}")
     train_part, _ = split_dataset(ds, float(holdout))
     c = scale_factor(train_part.x)
@@ -140,7 +144,7 @@ def write_autoencoder_samples(net: Autoencoder, cfg: dict, run: str | Path, *, n
     d = cfg["data"]
     ds = data_mod.load(d["name"], **{k: v for k, v in d.items() if k not in ("name", "autoencoder")})
     train_part, test_part = split_dataset(ds, float(d.get("holdout", 0.0)))
-    x = (test_part or train_part).x[: min(int(n), 50)]
+    x = examples(test_part or train_part, min(int(n), 50)).x
     paths = []
     grid, nrow = reconstruction_grid(net, x)
     rec_path = Path(run) / "reconstructions.png"

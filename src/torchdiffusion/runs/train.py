@@ -25,6 +25,7 @@ from torchdiffusion.training.distributed import barrier, init_from_env
 from torchdiffusion.training.trainer import Preview, Trainer, TrainSettings
 
 MODEL_SECTIONS = ("data", "process", "model", "loss")
+RESUMABLE_DATA_KEYS = ("on_bad_image",)  # may change between a run and its resume (the data drawn stay the same)
 
 
 def train_dataset(cfg: dict) -> Dataset:
@@ -113,7 +114,13 @@ def build_trainer(cfg: dict, out: str | Path, *, dataset: Dataset | None = None,
         raise ValueError(f"data.conditional=true but dataset {data.name!r} has no labels")
     if resume and not force and (out / "train_state.safetensors").is_file():
         saved = with_defaults(load_json(out / "config.json"))
-        diff = [k for k in MODEL_SECTIONS if saved.get(k) != cfg.get(k)]
+        def same(k: str) -> bool:
+            a, b = dict(saved.get(k) or {}), dict(cfg.get(k) or {})
+            if k == "data":
+                for key in RESUMABLE_DATA_KEYS:
+                    a.pop(key, None), b.pop(key, None)
+            return a == b
+        diff = [k for k in MODEL_SECTIONS if not same(k)]
         if diff:
             raise ValueError(f"{out} holds a run with a different {'/'.join(diff)} config; use another --out, or "
                              "--force to overwrite that run")

@@ -40,12 +40,13 @@ class TrainSettings:
     compile: bool = False
     threads: int = 0
     tensorboard: bool = False
+    workers: int = 0
     flip: bool = False
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch", "accum", "log_every"):
             check_count(getattr(self, key), f"train.{key}", 1)
-        for key in ("ckpt_every", "sample_every", "warmup", "threads", "seed"):
+        for key in ("ckpt_every", "sample_every", "warmup", "threads", "seed", "workers"):
             check_count(getattr(self, key), f"train.{key}", 0)
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"unknown precision {self.precision!r}; allowed: fp32, bf16")

@@ -6,6 +6,12 @@ EMA, optimizer and RNG states in one safetensors file), CSV logs, periodic sampl
 optional TensorBoard scalars (``train.tensorboard``), and data-parallel training on torch.distributed (see
 :mod:`torchdiffusion.training.distributed` for the batch-sharding scheme; only rank 0 writes files).
 
+Data in memory (a :class:`~torchdiffusion.data.datasets.Dataset`) is indexed by a checkpointed generator; an image
+folder (:class:`~torchdiffusion.data.folder.ImageFolder`) is streamed by a ``DataLoader`` with ``train.workers``
+processes in an order that is a function of (``train.seed``, step) alone (:mod:`torchdiffusion.data.folder`), so
+both resume bit-exactly. A bad image in a folder stops the run with one line naming it; when that happens at a
+step boundary after progress, a checkpoint of the last whole step is written first.
+
 The run folder is never lost or silently wrong (docs/design.md section 6): one trainer holds it (``.lock``); SIGINT
 and SIGTERM finish the current step, save and stop; a folder that holds a model is overwritten only with
 ``force`` (which also starts a fresh log); temp files of killed writers are removed at start.
@@ -18,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import functools
 import io
 import math
 import os
@@ -32,6 +39,7 @@ from tqdm.auto import tqdm
 
 from torchdiffusion._files import FileError, FolderLock, atomic_write, cause, read_text, remove_stale_temps
 from torchdiffusion.data.datasets import Dataset
+from torchdiffusion.data.folder import BadImageError, ImageFolder, stream
 from torchdiffusion.training import distributed as dist_mod
 from torchdiffusion.training.checkpoint import (
     clear_run,
@@ -47,6 +55,20 @@ from torchdiffusion.training.settings import TrainSettings, ema_decay, ema_updat
 from torchdiffusion.training.signals import Interrupted, _deferred_signals, _signals_held
 
 LossFn = Callable[..., Tensor]
+
+
+def _worker_init(lock: tuple[int, int, int] | None, worker_id: int) -> None:
+    """In a data-loading worker: leave Ctrl-C to the trainer (which finishes the step, saves and stops the workers),
+    and close the forked copy of the run folder's lock (``lock``: its fd, device and inode), which must die with
+    the trainer: a kill -9 of the trainer frees the folder for the resume at once. (A worker that was not forked
+    has no such copy; the fd is closed only if it is that file.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if lock is not None:
+        fd, dev, ino = lock
+        with contextlib.suppress(OSError):
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                os.close(fd)
 Preview = Callable[[nn.Module, Path], Path]
 
 
@@ -99,6 +121,8 @@ class Trainer:
                 raise ValueError("train.tensorboard=true needs the tensorboard package (pip install tensorboard); "
                                  "the CSV log (log.csv) is written either way") from None
         self.data, self.conditional, self.preview = data, conditional, preview
+        self.streamed = isinstance(data, ImageFolder)
+        self._stream = None  # the DataLoader's batches while run() trains (streamed data)
         if conditional and data.y is None:
             raise ValueError(f"data.conditional=true but dataset {data.name!r} has no labels")
         self.net = net.to(self.device)
@@ -243,6 +267,8 @@ class Trainer:
     # --- one step ------------------------------------------------------------------------------------------
     def _batch(self) -> tuple[Tensor, Tensor | None]:
         """This rank's shard of the next global batch of ``train.batch`` examples (all of it for 1 process)."""
+        if self.streamed:
+            return self._streamed_batch()
         b, sh, g = int(self.settings.batch), self._shard, self.data_gen
         idx = torch.randint(0, len(self.data), (b,), generator=g)
         x = self.data.x[idx]
@@ -254,8 +280,29 @@ class Trainer:
             y = self.data.y[idx][sh].to(self.device)
         return x[sh].to(self.device), y
 
+    def _streamed_batch(self) -> tuple[Tensor, Tensor | None]:
+        """The next micro-batch of the image folder's stream, started at the current step (data.folder)."""
+        t = self.settings
+        if self._stream is None:
+            lock = None
+            if self.lock is not None and self.lock.fd is not None:
+                st = os.fstat(self.lock.fd)
+                lock = (self.lock.fd, st.st_dev, st.st_ino)
+            self._stream = stream(self.data, batch=int(t.batch), accum=int(t.accum), seed=int(t.seed),
+                                  start=self.step, shard=self._shard, flip=bool(t.flip), workers=int(t.workers),
+                                  worker_init=functools.partial(_worker_init, lock),
+                                  pin_memory=self.device.type == "cuda")
+        x, y = next(self._stream)
+        return x.to(self.device), (y.to(self.device) if self.conditional else None)
+
+    def _end_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.close()  # stops the workers
+            self._stream = None
+
     def train_step(self) -> tuple[float, float]:
         """One optimizer step (with accumulation); returns (loss, grad norm)."""
+        first = self._batch()  # before the step starts: a bad image here leaves a whole-step state
         self._in_step = True
         t = self.settings
         lr = lr_at(self.step, t)
@@ -265,7 +312,7 @@ class Trainer:
         total = 0.0
         accum = int(t.accum)
         for i in range(accum):
-            x0, y = self._batch()
+            x0, y = first if i == 0 else self._batch()
             # DDP all-reduces the gradients on the last micro-batch only
             with self.ddp.no_sync() if self.ddp is not None and i < accum - 1 else contextlib.nullcontext():
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
@@ -299,6 +346,7 @@ class Trainer:
         try:
             return self._run(stop_after)
         finally:
+            self._end_stream()
             torch.set_num_threads(threads)
             self.close()
 
@@ -317,6 +365,14 @@ class Trainer:
                 if interrupted():
                     signum = interrupted()
                     raise KeyboardInterrupt
+        except BadImageError as e:
+            bar.close()
+            if self._in_step or self.step == start or self.dist.enabled:
+                raise
+            self._end_stream()
+            self.save()  # the state after the last whole step: nothing is lost
+            raise BadImageError(f"{e}; checkpoint saved at step {self.step}; fix or remove the file (or set "
+                                "data.on_bad_image=skip) and run the same command to resume") from None
         except Exception:
             bar.close()  # the error message starts on a line of its own
             raise
