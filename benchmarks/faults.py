@@ -24,18 +24,25 @@ Results go to benchmarks/results/faults.md (written entirely by this script).
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
+import email.utils
 import hashlib
+import http.client
+import json
 import os
 import platform
 import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -357,6 +364,7 @@ def main() -> None:
         else:
             ro = None
         results = [run_probe(p) for p in probes(work, ring, digits, clf, disk, ro)]
+        results += studio_probes(work, ring)
         for p in results:
             print(f"{p.outcome:>20s} | {p.group:<13s} | {p.name}")
         events = signal_events(work, reference)
@@ -391,6 +399,207 @@ def write_results(results: list[Probe], events: list, disk: bool, ro: bool, seco
         lines.append(f"| {p.group} | {p.name} | {p.outcome} | {detail[:160]} |")
     RESULTS.write_text("\n".join(lines) + "\n")
     print(f"wrote {RESULTS}")
+
+
+# --- the studio server (issue 28): probes over raw sockets against `torchdiffusion studio` -----------------------
+# A separate block: ``studio_probes`` starts the real command on a copy of the ring run in a folder named outside
+# Latin-1, sends each request as a browser on another site, a DNS-rebinding page or a careless client would, and
+# classifies the answers like the CLI probes: a refusal must be one JSON line with the right status naming its cause
+# ("clean error"); a request that must work must work ("correct result"); no answer in time is a hang ("silent
+# wrong result", detail HANG); anything on the server's stderr is a traceback.
+STUDIO_NAME = "anneau-données-環"
+
+
+class _Studio:
+    """``torchdiffusion studio RUN --port 0`` in a fresh process, its stderr collected line by line."""
+
+    def __init__(self, run: Path, tmp: Path):
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.tmp = tmp
+        self.proc = subprocess.Popen([sys.executable, "-m", "torchdiffusion", "studio", str(run), "--port", "0"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**tf._env(), "TMPDIR": str(tmp)})
+        line = self.proc.stdout.readline()
+        m = re.fullmatch(r"serving http://127\.0\.0\.1:(\d+)/\n", line)
+        assert m, line + self.proc.stderr.read()
+        self.port = int(m.group(1))
+        self.err: list[str] = []
+        threading.Thread(target=lambda: self.err.extend(iter(self.proc.stderr.readline, "")), daemon=True).start()
+
+    def request(self, method: str, path: str, headers: dict | None = None, body: bytes | None = None, *,
+                host: str | None = None, length: str | None = None) -> bytes:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {host if host is not None else f'127.0.0.1:{self.port}'}"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        if length is not None or body is not None:
+            lines.append(f"Content-Length: {length if length is not None else len(body)}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
+
+    def post(self, settings: dict | None = None, **headers) -> bytes:
+        body = json.dumps(settings or {"sampler": "ddim", "grid": "", "steps": "2", "seed": "0", "n": "4"}).encode()
+        return self.request("POST", "/api/generate", {"Content-Type": "application/json",
+                                                      "Origin": f"http://127.0.0.1:{self.port}", **headers}, body)
+
+    def exchange(self, data: bytes, wait: float = 30.0) -> tuple[int | None, dict, bytes, float]:
+        """Send, read to the end: status (None: no status line), headers, body, seconds; raises on a reset or a
+        hang (TimeoutError)."""
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=wait) as sock:
+            sock.sendall(data)
+            chunks = []
+            while c := sock.recv(65536):
+                chunks.append(c)
+        raw = b"".join(chunks)
+        if not raw.startswith(b"HTTP/"):
+            return None, {}, raw, time.monotonic() - t0
+        head, _, body = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        return int(lines[0].split()[1]), dict(x.split(": ", 1) for x in lines[1:]), body, time.monotonic() - t0
+
+
+def _studio_refusal(st: _Studio, data: bytes, status: int, *names: str, within: float = 15.0) -> tuple[str, str]:
+    try:
+        code, _, body, seconds = st.exchange(data)
+    except TimeoutError:
+        return "silent wrong result", "HANG: no answer in 30 s"
+    except OSError as e:
+        return "silent wrong result", f"connection {type(e).__name__} instead of an answer"
+    lines = body.decode("utf-8", "replace").splitlines()
+    try:
+        msg = json.loads(lines[0])["message"] if len(lines) == 1 else None
+    except (ValueError, KeyError, TypeError):
+        msg = None
+    if code == 200:
+        return "silent wrong result", "accepted (200): " + (lines[-1][:100] if lines else "")
+    if msg is None:
+        return "unclear error", f"{code}: {body[:100]!r}"
+    if code != status or not all(n in msg for n in names) or seconds > within:
+        return "unclear error", f"{code} after {seconds:.1f} s: {msg}"
+    return "clean error", f"{code} after {seconds:.1f} s: {msg}"
+
+
+def _studio_messages(body: bytes) -> list[dict]:
+    return [json.loads(x) for x in body.decode().splitlines() if x.strip()]
+
+
+def studio_probes(work: Path, ring: Path) -> list[Probe]:
+    """The studio's security and robustness probes (issue 28); each a :class:`Probe` with its outcome set."""
+    run = work / STUDIO_NAME
+    shutil.copytree(ring, run)
+    st = _Studio(run, work / "studio_tmp")
+    out: list[Probe] = []
+    seen = 0
+
+    def add(name: str, outcome: tuple[str, str]) -> None:
+        """Record a probe; anything the server wrote to stderr meanwhile overrides its outcome."""
+        nonlocal seen
+        time.sleep(0.2)
+        new, seen = st.err[seen:], len(st.err)
+        if new:
+            kind = "traceback" if any("Traceback" in x for x in new) else "unclear error"
+            outcome = (kind, "server stderr: " + new[-1].strip()[:140])
+        out.append(Probe("studio", name, [], outcome=outcome[0], detail=outcome[1]))
+
+    evil = {"Origin": "http://evil.example"}
+    try:
+        code, _, body, _ = st.exchange(st.post())
+        ok = code == 200 and _studio_messages(body)[-1]["type"] == "done"
+        add("same-origin generate (control)", ("correct result" if ok else "silent wrong result", f"{code}"))
+        rid = _studio_messages(body)[-1].get("id", "r1") if ok else "r1"
+        add("cross-origin POST /api/generate (Origin: evil.example)", _studio_refusal(st, st.post(**evil), 403,
+                                                                                     "cross-origin"))
+        add("cross-site POST (Sec-Fetch-Site: cross-site, no Origin)",
+            _studio_refusal(st, st.post(**{"Sec-Fetch-Site": "cross-site"}).replace(
+                f"Origin: http://127.0.0.1:{st.port}\r\n".encode(), b""), 403, "another site"))
+        for ctype in ("text/plain", "application/x-www-form-urlencoded"):
+            add(f"POST with a {ctype} body", _studio_refusal(st, st.post().replace(
+                b"Content-Type: application/json", f"Content-Type: {ctype}".encode()), 415, "application/json"))
+        add("foreign Host: GET /api/info (Host: evil.example)",
+            _studio_refusal(st, st.request("GET", "/api/info", host="evil.example"), 403, "Host"))
+        for path in ("/api/info", f"/results/{rid}.png", "/"):
+            add(f"DNS rebinding: GET {path} (Host: evil.example:PORT)", _studio_refusal(
+                st, st.request("GET", path, host=f"evil.example:{st.port}"), 403, "Host"))
+        add("cross-origin GET /api/info (Origin: evil.example)",
+            _studio_refusal(st, st.request("GET", "/api/info", evil), 403, "cross-origin"))
+        add("cross-site GET of a result (Sec-Fetch-Site: cross-site)", _studio_refusal(
+            st, st.request("GET", f"/results/{rid}.npz", {"Sec-Fetch-Site": "cross-site"}), 403, "another site"))
+        add("CORS preflight OPTIONS /api/generate", _studio_refusal(st, st.request("OPTIONS", "/api/generate", {
+            **evil, "Access-Control-Request-Method": "POST"}), 501))
+        jhdr = {"Content-Type": "application/json"}
+        add("POST Content-Length: -1", _studio_refusal(st, st.request("POST", "/api/generate", jhdr, length="-1"),
+                                                       400, "Content-Length", within=2))
+        add("POST Content-Length: 10^9 (announced)", _studio_refusal(
+            st, st.request("POST", "/api/generate", jhdr, length=str(10**9)), 413, "bytes", within=2))
+        add("POST a 2 MB body", _studio_refusal(st, st.request("POST", "/api/generate", jhdr, b"{" + b" " * 2_000_000
+                                                               + b"}"), 413, "bytes", within=5))
+        add("POST 5000 nested brackets", _studio_refusal(st, st.request("POST", "/api/generate", jhdr,
+                                                                        b"[" * 5000 + b"]" * 5000), 400, "nested"))
+        add("POST a body shorter than announced (client waits)", _studio_refusal(
+            st, st.request("POST", "/api/generate", jhdr, length="100") + b"{}", 408, "did not arrive", within=15))
+        t0 = time.monotonic()  # a client dribbling its headers
+        try:
+            with socket.create_connection(("127.0.0.1", st.port), timeout=30) as sock:
+                sock.sendall(b"GET /api/info HTTP/1.1\r\n")
+                while time.monotonic() - t0 < 30:
+                    sock.sendall(b"X-Slow: 1\r\n")
+                    time.sleep(0.5)
+            res = ("silent wrong result", "HANG: a dribbling client held a thread for 30 s")
+        except OSError:
+            res = ("clean error", f"closed after {time.monotonic() - t0:.1f} s")
+        add("slow client dribbling headers", res)
+        for label, data in (("mid-POST", st.request("POST", "/api/generate", jhdr, length="500") + b'{"sa'),
+                            ("mid-stream", st.post({"sampler": "ddim", "grid": "", "steps": "400", "seed": "0",
+                                                    "n": "2000"}))):
+            with socket.create_connection(("127.0.0.1", st.port), timeout=30) as sock:
+                sock.sendall(data)
+                if label == "mid-stream":
+                    sock.recv(100)
+            time.sleep(0.5)
+            code, _, body, seconds = st.exchange(st.post())
+            ok = code == 200 and _studio_messages(body)[-1]["type"] == "done"
+            add(f"client disconnects {label}, then a generate", ("correct result" if ok else "silent wrong result",
+                                                                 f"next generate {code} in {seconds:.1f} s"))
+
+        def one(_):
+            conn = http.client.HTTPConnection("127.0.0.1", st.port, timeout=120)
+            try:
+                conn.request("POST", "/api/generate", body=json.dumps({"sampler": "ddim", "grid": "", "steps": "1",
+                                                                       "seed": "0", "n": "1"}),
+                             headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                return resp.status, _studio_messages(resp.read())[-1]["type"]
+            except OSError as e:
+                return None, type(e).__name__
+            finally:
+                conn.close()
+
+        with concurrent.futures.ThreadPoolExecutor(200) as pool:
+            answers = list(pool.map(one, range(200)))
+        resets = [a for a in answers if a[0] is None]
+        done = sum(a == (200, "done") for a in answers)
+        busy = sum(a == (503, "error") for a in answers)
+        add("200 concurrent generates", ("correct result" if not resets and done + busy == 200 else
+                                         "silent wrong result",
+                                         f"{done} done, {busy} busy (503, one line), {len(resets)} resets/failures"))
+        code, headers, png, _ = st.exchange(st.request("GET", f"/results/{rid}.png"))
+        cd = headers.get("Content-Disposition", "")
+        m = re.search(r"filename\*=([^;]+)", cd)
+        name = ""
+        if m is not None:
+            charset, _, value = email.utils.decode_rfc2231(m.group(1))
+            name = urllib.parse.unquote(value, encoding=charset or "utf-8")
+        ok = code == 200 and png.startswith(b"\x89PNG") and name == f"{STUDIO_NAME}-{rid}.png" and cd.isascii()
+        add(f"download from a run folder named {STUDIO_NAME!r}", ("correct result" if ok else "silent wrong result",
+                                                                  f"{code}: {cd[:120]}"))
+    finally:
+        st.proc.send_signal(signal.SIGTERM)
+        try:
+            st.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            st.proc.kill()
+    left = list(st.tmp.iterdir())
+    add("SIGTERM the studio", ("correct result" if st.proc.returncode == 0 and not left else "data loss",
+                               f"exit {st.proc.returncode}, temp folders left: {len(left)}"))
+    return out
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -240,12 +241,39 @@ def test_bad_values_show_an_error_and_the_page_keeps_working(open_page, tmp_path
     assert Image.open(tmp_path / "studio.png").size[0] == 1280
 
 
+def test_another_origin_cannot_start_or_read_anything_but_the_page_can(open_page, servers):
+    """In Chromium: a page of another origin (the ring studio) asks the digits studio for a job and its info, the
+    ways a browser lets it try (JSON with a preflight, a no-cors text/plain "simple request", a plain GET); nothing
+    starts and nothing is read; the digits page itself still generates (the other tests)."""
+    page = open_page("ring")
+    studio = servers["digits"].studio
+    before = studio._next_id
+    outcome = page.evaluate("""async (url) => {
+        const body = JSON.stringify({sampler: "ddim", grid: "", steps: "2", seed: "0", n: "2", class: "1"});
+        const out = [];
+        for (const init of [{method: "POST", headers: {"Content-Type": "application/json"}, body},
+                            {method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"}, body}]) {
+          try { const r = await fetch(url + "api/generate", init); out.push(r.type + " " + r.status); }
+          catch (e) { out.push("failed"); }
+        }
+        try { await (await fetch(url + "api/info")).json(); out.push("read"); } catch (e) { out.push("failed"); }
+        return out;
+    }""", servers["digits"].url)
+    assert outcome == ["failed", "opaque 0", "failed"], outcome
+    for _ in range(100):  # a job that started would hold the model until it stores its result
+        if not studio.lock.locked():
+            break
+        time.sleep(0.05)
+    assert studio._next_id == before
+
+
 def test_sampling_runs_off_the_request_thread_one_job_at_a_time(servers, monkeypatch):
     studio = servers["digits"].studio
     body = json.dumps({"sampler": "ddim", "grid": "", "steps": "3", "seed": "0", "n": "2", "class": "1"}).encode()
 
     def post() -> list[dict]:
-        req = urllib.request.Request(servers["digits"].url + "api/generate", data=body, method="POST")
+        req = urllib.request.Request(servers["digits"].url + "api/generate", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 return [json.loads(line) for line in resp]

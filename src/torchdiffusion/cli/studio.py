@@ -1,13 +1,16 @@
 """``torchdiffusion studio RUN [--host 127.0.0.1] [--port 0]``: a local web page to explore a trained run.
 
-The first line on stdout is ``serving http://HOST:PORT/``; Ctrl-C stops the server and the command returns 0.
+The first line on stdout is ``serving http://HOST:PORT/``; Ctrl-C or SIGTERM stops the server, removes its
+stored results and the command returns 0.
 The server binds the loopback address unless ``--host`` names another one (then it says so on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from torchdiffusion.cli.commands import command
 from torchdiffusion.studio import is_loopback, make_server
@@ -29,15 +32,23 @@ def _run(a) -> int:
         server = make_server(a.run, a.host, a.port, ema=not a.no_ema, device=a.device)
     except OSError as e:
         raise ValueError(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}") from None
-    print(f"serving {server.url}", flush=True)
-    if not is_loopback(a.host):
-        print(f"torchdiffusion: warning: listening on {a.host}, reachable from other machines", file=sys.stderr,
-              flush=True)
+
+    def stop(signum, frame) -> None:  # SIGTERM (a service manager, `kill`) stops like Ctrl-C, cleaning up
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
     try:
+        print(f"serving {server.url}", flush=True)
+        if not is_loopback(a.host):
+            print(f"torchdiffusion: warning: listening on {a.host}, reachable from other machines",
+                  file=sys.stderr, flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         print("stopped", flush=True)
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         server.server_close()
         server.studio.close()
     return 0

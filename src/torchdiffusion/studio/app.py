@@ -39,10 +39,15 @@ MAX_STEPS = 2000
 MAX_N_IMAGES, MAX_N_POINTS = 256, 5000
 FRAME_IMAGES, FRAME_POINTS, DATA_POINTS = 16, 1000, 2000
 KEEP_RESULTS = 32
+MAX_WAITING = 16  # requests queued for the model at once; more are refused at once (StudioBusyError)
 
 
 class StudioError(ValueError):
     """A bad request value or a busy model: shown to the user as one line."""
+
+
+class StudioBusyError(StudioError):
+    """The model is taken and the queue for it is full or did not move in time (HTTP 503)."""
 
 
 class JobCancelledError(Exception):
@@ -155,6 +160,8 @@ class Studio:
             self.density = toy_density(name_) if name_ in TOYS else None
             self.lim = max(1.0, round(float(self.data.abs().quantile(0.995)) * 1.15, 1))
         self.lock = threading.Lock()
+        self._queue = threading.Lock()
+        self.waiting = 0  # requests waiting for ``lock``
         self.tmp = tempfile.TemporaryDirectory(prefix="torchdiffusion-studio-")
         self.results: OrderedDict[str, dict] = OrderedDict()
         self._next_id = 0
@@ -350,11 +357,25 @@ class Studio:
         url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
         return {"png": url, "t": t, "sigma": sigma, "error": err}
 
+    def acquire(self) -> None:
+        """Take the model, waiting up to :data:`WAIT_SECONDS` in a queue of at most :data:`MAX_WAITING`
+        requests; a one-line :class:`StudioBusyError` otherwise (a burst of clients is answered, never hung)."""
+        with self._queue:
+            if self.waiting >= MAX_WAITING:
+                raise StudioBusyError(f"the model is busy and {self.waiting} requests are already waiting; "
+                                      "try again when they finish")
+            self.waiting += 1
+        try:
+            if not self.lock.acquire(timeout=WAIT_SECONDS):
+                raise StudioBusyError("the model is busy with another request; try again when it finishes")
+        finally:
+            with self._queue:
+                self.waiting -= 1
+
     def start(self, work: Callable[[Job], None]) -> Job:
         """Run ``work`` on a worker thread once the model is free (one job at a time); its messages end with
         ``done`` or one ``error`` line."""
-        if not self.lock.acquire(timeout=WAIT_SECONDS):
-            raise StudioError("the model is busy with another request; try again when it finishes")
+        self.acquire()
         job = Job()
 
         def main() -> None:
