@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import one_line_error
+from torchdiffusion.cli.main import main
 from torchdiffusion.data.datasets import load, split_dataset
 from torchdiffusion.data.folder import (
     ImageFolder,
@@ -154,3 +156,224 @@ def test_sixteen_bit_grey_keeps_its_bit_depth_and_alpha_goes_over_white(tmp_path
     assert (decode(tmp_path / "p.png", 8, 3) == np.array([10, 20, 30])[:, None, None]).all()
     Image.fromarray(np.full((8, 8), 77, dtype=np.uint8), "L").save(tmp_path / "l.png")
     assert (decode(tmp_path / "l.png", 8, 3) == 77).all()  # grey -> RGB repeats the channel
+
+
+# --- kill -9 and Ctrl-C with worker processes ----------------------------------------------------------------
+def _cli_sets(folder: Path, steps: int) -> list[str]:
+    return [x for s in [f"data.name={folder}", *TINY, f"train.steps={steps}", "train.ckpt_every=3",
+                        "train.workers=2"] for x in ("--set", s)]
+
+
+@pytest.mark.slow  # 3 training processes: ~20 s on an idle 2-core machine, ~65 s under the helpers' load
+def test_kill_9_twice_and_ctrl_c_resume_bit_identically_with_two_workers(tmp_path: Path) -> None:
+    """A real `torchdiffusion train` on an image folder with train.workers=2 is killed with SIGKILL at two seeded
+    steps and stopped once by Ctrl-C sent to its whole process group (the workers get it too, as from a
+    terminal); each time the same command resumes. The end state (weights, EMA, optimizer, RNG, log) equals an
+    uninterrupted run's without workers. (The kill -9 machinery is tests/test_faults.py's.)"""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    from test_faults import RUN_FILES, _env, assert_same, drive, log_steps, state, wait_for
+
+    folder = write_folder(tmp_path / "imgs", n=40)
+    steps = 24
+    ref = tmp_path / "reference"
+    argv_ref = ["train", "images", "--out", str(ref), *_cli_sets(folder, steps), "--set", "train.workers=0",
+                "--quiet"]
+    assert main(argv_ref) == 0
+    run = tmp_path / "run"
+    argv = ["train", "images", "--out", str(run), *_cli_sets(folder, steps), "--quiet"]
+    rng = random.Random(27)
+    k1, k2 = rng.randint(2, 8), rng.randint(14, 20)
+    p = drive("step", k1, argv)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-800:]
+    assert 0 < log_steps(run) <= k1
+    # Ctrl-C from a terminal reaches the trainer and its workers: the step finishes, a checkpoint is written
+    q = subprocess.Popen([sys.executable, "-m", "torchdiffusion", *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+    wait_for(lambda: log_steps(run) >= k1 + 2 or q.poll() is not None)
+    os.killpg(q.pid, signal.SIGINT)
+    _, err = q.communicate(timeout=120)
+    assert q.returncode == 128 + signal.SIGINT, err[-800:]
+    assert "checkpoint saved" in err and "Traceback" not in err
+    saved = load_tensors(run / "train_state.safetensors")[1]["step"]
+    assert saved < k2, "stopped too late for the second kill"
+    p = drive("step", k2, argv)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-800:]
+    assert main(argv) == 0
+    assert_same(state(run), state(ref))
+    assert {x.name for x in run.iterdir()} == RUN_FILES
+
+
+# --- bad input: one line, nothing lost ------------------------------------------------------------------------
+def _train_argv(folder: Path, out: Path, *sets: str) -> list[str]:
+    return ["train", "images", "--out", str(out),
+            *[x for s in [f"data.name={folder}", *TINY, "train.steps=4", *sets] for x in ("--set", s)], "--quiet"]
+
+
+def _bomb(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims ``width x height`` pixels (the data is a 1x1 image's): Pillow's bomb check
+    reads the size from the header."""
+    import struct
+    import zlib
+
+    Image.new("L", (1, 1)).save(path)
+    b = bytearray(path.read_bytes())
+    b[16:24] = struct.pack(">II", width, height)
+    b[29:33] = struct.pack(">I", zlib.crc32(bytes(b[12:29])))
+    path.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_images_are_one_line_naming_the_file(tmp_path: Path, capsys, workers: int) -> None:
+    """Corrupt, truncated, bomb-sized and float images stop training with one line naming the file (from the
+    loader's worker processes too); a folder without images is refused; nothing is written."""
+    folder = write_folder(tmp_path / "imgs", n=8)
+    good = (folder / "0003.png").read_bytes()
+    out = tmp_path / "run"
+    cases = {
+        "corrupt": (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png"), "corrupt or unreadable image"),
+        "truncated": (lambda p: p.write_bytes(good[: len(good) // 2]), "corrupt or unreadable image"),
+        "bomb warning": (lambda p: _bomb(p, 10_000, 10_000), "too large to decode safely"),
+        "bomb error": (lambda p: _bomb(p, 30_000, 30_000), "too large to decode safely"),
+        "float": (lambda p: Image.fromarray(np.zeros((8, 8), np.float32)).save(p.with_suffix(".tif")),
+                  "mode F"),
+    }
+    for what, (make, expected) in cases.items():
+        bad = folder / "0003.png"
+        if what == "float":
+            bad.unlink()
+            make(bad)
+            bad = bad.with_suffix(".tif")
+            rows = (folder / "metadata.jsonl").read_text().replace("0003.png", "0003.tif")
+            (folder / "metadata.jsonl").write_text(rows)
+        else:
+            make(bad)
+        msg = one_line_error(capsys, *_train_argv(folder, out, "train.batch=8", f"train.workers={workers}"))
+        assert expected in msg and str(bad) in msg, (what, msg)
+        assert not out.exists(), what  # refused at the first batch: no trace
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "readme.txt").write_text("no images")
+    msg = one_line_error(capsys, *_train_argv(tmp_path / "none", out))
+    assert "no images" in msg and str(tmp_path / "none") in msg and not out.exists()
+
+
+def test_a_bad_image_met_later_keeps_the_progress_and_skip_replaces_it(tmp_path: Path, capsys) -> None:
+    """A truncated image first drawn at step s > 0 stops the run with a checkpoint of step s; once the file is
+    repaired the same command ends bit-identical to a run on the good folder. With data.on_bad_image=skip the run
+    goes on, the file named once, its draws given to the next image in the folder's order."""
+    folder = write_folder(tmp_path / "imgs", n=16)
+    ref = tmp_path / "ref"
+    assert main(_train_argv(folder, ref, "train.steps=8", "train.ckpt_every=0")) == 0
+    seed, per = 0, 8
+    first = next(s for s in range(100) if 5 in step_indices(16, per, seed, s).tolist())
+    assert first > 0
+    bad = folder / "0005.png"
+    good = bad.read_bytes()
+    bad.write_bytes(good[: len(good) // 3])
+    run = tmp_path / "run"
+    msg = one_line_error(capsys, *_train_argv(folder, run, "train.steps=8", "train.ckpt_every=0"))
+    assert str(bad) in msg and f"checkpoint saved at step {first}" in msg and "on_bad_image=skip" in msg
+    assert load_tensors(run / "train_state.safetensors")[1]["step"] == first
+    bad.write_bytes(good)
+    assert main(_train_argv(folder, run, "train.steps=8", "train.ckpt_every=0")) == 0
+    a, b = _state(ref), _state(run)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    # skip: the run finishes; the file is named once; item 5 reads as item 6
+    bad.write_bytes(good[: len(good) // 3])
+    capsys.readouterr()
+    assert main(_train_argv(folder, tmp_path / "skip", "train.steps=8", "data.on_bad_image=skip")) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"skipped (data.on_bad_image=skip): corrupt or unreadable image {bad}") == 1, err
+    f = ImageFolder(folder, 8, on_bad_image="skip")
+    x5, y5, skipped = f.read(5)
+    x6, y6, _ = f.read(6)
+    assert np.array_equal(x5, x6) and y5 == y6 == 0 and len(skipped) == 1
+
+
+def _meta_case(tmp_path: Path, rows: list, raw: bytes | None = None) -> Path:
+    folder = write_folder(tmp_path / f"m{len(list(tmp_path.iterdir()))}", n=4, text=False)
+    (folder / "metadata.jsonl").write_bytes(raw if raw is not None else
+                                            "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return folder
+
+
+OK_ROW = {"file_name": "0000.png", "label": 0}
+
+
+@pytest.mark.parametrize("rows, sets, expected", [
+    ([OK_ROW, {"file_name": "gone.png", "label": 1}], [], "line 2: file_name 'gone.png' names a file that does not"),
+    ([OK_ROW, {"file_name": "../x.png", "label": 1}], [], "line 2: file_name '../x.png' must be a path inside"),
+    ([OK_ROW, {"file_name": "0001.png"}], [], "line 2: no label column 'label'"),
+    ([OK_ROW, {"file_name": "0001.png", "label": 5}], ["data.classes=3"],
+     "line 2: label 'label' is 5: outside the 3 declared classes (data.classes)"),
+    ([OK_ROW, {"file_name": "0001.png", "label": -1}], [], "line 2: label 'label' is -1: negative"),
+    ([OK_ROW, {"file_name": "0001.png", "label": 2.5}], [],
+     "line 2: label 'label' must be a whole number >= 0, got 2.5"),
+    ([OK_ROW, {"file_name": "0001.png", "label": float("nan")}], [], "must be a whole number >= 0, got nan"),
+    ([OK_ROW, {"file_name": "0001.png", "label": True}], [], "must be a whole number >= 0, got True"),
+    ([OK_ROW, {"file_name": "0001.png", "label": "cat"}], [], "must be a whole number >= 0, got 'cat'"),
+    ([OK_ROW, {"file_name": "0001.png", "label": 10**12}], [], "imply 1000000000001 classes for 2 examples"),
+    ([OK_ROW, {"file_name": "0001.png", "label": 1, "text": ""}], [], "line 2: empty caption"),
+    ([OK_ROW, {"file_name": "0001.png", "label": 1, "text": "  "}], [], "line 2: empty caption"),
+    ([OK_ROW, {"file_name": "0001.png", "label": 1, "text": "a\u0007bell"}], [],
+     "line 2: caption contains control characters"),
+    ([OK_ROW, {"file_name": "0001.png", "label": 1, "text": 7}], [], "line 2: caption 'text' must be a string"),
+    ([OK_ROW, ["not", "a", "dict"]], [], "line 2: not a JSON object (it holds a list)"),
+    ([], [], "lists no images"),
+])
+def test_bad_metadata_is_one_line_naming_the_row(tmp_path: Path, capsys, rows, sets, expected) -> None:
+    folder = _meta_case(tmp_path, rows)
+    msg = one_line_error(capsys, *_train_argv(folder, tmp_path / "run", *sets))
+    assert expected in msg and str(folder) in msg, msg  # (and the row, where one row is at fault)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b'{"file_name": "0000.png"}\n{"file_name": "0001.png", "text": "caf\xe9"}\n', "line 2: not UTF-8 (byte 0xe9"),
+    (b'{"file_name": "0000.png"}\n{"file_name": "0001.png", "text": "a\x07b"}\n',
+     "line 2: not a JSON object (a control character inside a string"),
+    (b'{"file_name": "0000.png"}\n{"file_name": "0001.png",\n', "line 2: not a JSON object"),
+])
+def test_undecodable_metadata_rows_are_named(tmp_path: Path, capsys, raw: bytes, expected: str) -> None:
+    folder = _meta_case(tmp_path, [], raw)
+    msg = one_line_error(capsys, *_train_argv(folder, tmp_path / "run"))
+    assert expected in msg and str(folder / "metadata.jsonl") in msg, msg
+
+
+def test_captions_without_labels_and_mixed_modes_load(tmp_path: Path) -> None:
+    """An uncaptioned row (key left out or null) is allowed; a folder of mixed modes (RGB, RGBA, L, P, 16-bit)
+    decodes every image to the same shape."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(folder / "rgb.png")
+    Image.fromarray(rng.integers(0, 256, (9, 9, 4), dtype=np.uint8), "RGBA").save(folder / "rgba.png")
+    Image.fromarray(rng.integers(0, 256, (9, 9), dtype=np.uint8), "L").save(folder / "l.png")
+    Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).convert("P").save(folder / "p.gif")
+    Image.fromarray(rng.integers(0, 65536, (9, 9), dtype=np.uint16)).save(folder / "g16.png")
+    rows = [{"file_name": "rgb.png", "text": "a photo"}, {"file_name": "rgba.png", "text": None},
+            {"file_name": "l.png"}, {"file_name": "p.gif"}, {"file_name": "g16.png", "text": "sixteen bits"}]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    f = ImageFolder(folder, 8, return_text=True)
+    assert f.y is None and f.num_classes is None
+    got = [f[i] for i in range(len(f))]
+    assert all(x.shape == (3, 8, 8) for x, _, _ in got)
+    assert [t for _, _, t in got] == ["a photo", "", "", "", "sixteen bits"]
+    assert [f.caption(i) for i in range(5)] == ["a photo", None, None, None, "sixteen bits"]
+
+
+@pytest.mark.parametrize("sets, expected", [
+    ("data.on_bad_image=ignore", "data.on_bad_image must be one of error, skip, got 'ignore'"),
+    ("train.workers=-1", "train.workers must be a whole number in [0, 256], got -1"),
+    ("train.workers=1.5", "train.workers must be a whole number in [0, 256], got 1.5"),
+    ("data.classes=0", "data.classes must be"),
+])
+def test_bad_new_config_values_are_one_line(tmp_path: Path, capsys, sets: str, expected: str) -> None:
+    folder = write_folder(tmp_path / "imgs", n=4)
+    msg = one_line_error(capsys, *_train_argv(folder, tmp_path / "run", sets))
+    assert expected in msg, msg
+    assert not (tmp_path / "run").exists()
