@@ -377,3 +377,41 @@ def test_bad_new_config_values_are_one_line(tmp_path: Path, capsys, sets: str, e
     msg = one_line_error(capsys, *_train_argv(folder, tmp_path / "run", sets))
     assert expected in msg, msg
     assert not (tmp_path / "run").exists()
+
+
+# --- memory ---------------------------------------------------------------------------------------------------
+def test_the_folder_holds_an_index_not_images(tmp_path: Path) -> None:
+    """After every image has been decoded, the folder object (what a worker process receives) still holds only
+    its index: file names, labels and captions, a few dozen bytes per image, nothing per pixel."""
+    import pickle
+
+    n = 300
+    folder = ImageFolder(write_folder(tmp_path / "f", n=n, size=(32, 32)), 32, return_text=True)
+    for _ in folder.batches(64):
+        pass
+    _ = [folder[i] for i in range(0, n, 7)]
+    names = sum(len(str(folder.path(i).relative_to(folder.root))) for i in range(n))
+    texts = sum(len(folder.caption(i)) for i in range(n))
+    size = len(pickle.dumps(folder))
+    assert size < names + texts + 40 * n + 4000, size  # a 32x32 RGB image alone is 3072 bytes
+    index = folder._names.nbytes + folder._name_off.nbytes + folder._labels.nbytes + folder._rows.nbytes
+    assert index == names + 8 * (n + 1) + 8 * n + 8 * n
+
+
+@pytest.mark.slow  # writes 101,000 PNGs (2-4 minutes) and measures two fresh processes
+def test_peak_memory_of_10_5_images_is_within_1_2x_of_10_3(tmp_path_factory) -> None:
+    import importlib
+    import sys
+
+    bench_dir = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench_dir)
+    try:
+        bench = importlib.import_module("folder_stream")
+    finally:
+        sys.path.remove(bench_dir)
+    root = tmp_path_factory.mktemp("rss")
+    small = bench.peak_rss(bench.write_pngs(root / "small", 1000), batches=50)
+    large = bench.peak_rss(bench.write_pngs(root / "large", 100_000), batches=50)
+    assert small["n"] == 1000 and large["n"] == 100_000
+    assert large["peak_rss"] <= 1.2 * small["peak_rss"], (small, large)
+    assert large["worker_peak_rss"] <= 1.2 * small["worker_peak_rss"], (small, large)
