@@ -79,11 +79,15 @@ def _draw(base, cfg: dict, model, n: int, cond, a, sampler: str, steps: int):
     """``n`` samples of ``model`` (``base`` or a guidance wrapper around it) through the run's Pipeline, with a
     progress bar: the same samples as ``torchdiffusion sample --seed``."""
     bar = StepBar("eval", a.quiet)
+    pipe = Pipeline(base, cfg, path=a.run)
     try:
-        return Pipeline(base, cfg).generate(model, n, cond=cond, sampler=sampler, steps=steps, grid=a.grid,
-                                            generator=torch.Generator().manual_seed(a.seed), callback=bar)
+        x = pipe.generate(model, n, cond=cond, sampler=sampler, steps=steps, grid=a.grid,
+                          generator=torch.Generator().manual_seed(a.seed), callback=bar)
     finally:
         bar.close()
+    if pipe.note and pipe.note.startswith("using "):
+        print(pipe.note)
+    return x
 
 
 def _run(a) -> int:
@@ -100,7 +104,7 @@ def _run(a) -> int:
     steps = a.steps if a.steps is not None else int(cfg["sample"]["steps"])
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
-    a.grid = a.grid or cfg["sample"].get("grid")
+    # a.grid None: a stored fit for this sampler and steps, else the run's own grid (the Pipeline decides)
     name = info.get("data_name") or cfg["data"]["name"]
     if a.guidance and not info.get("num_classes"):
         raise ValueError("--guidance needs a class-conditional run (trained with data.conditional=true)")

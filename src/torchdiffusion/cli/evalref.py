@@ -40,8 +40,8 @@ def eval_against_folder(a, model, cfg: dict, sampler: str, steps: int) -> dict:
     guided = CFG(model, a.guidance) if a.guidance else model
     bar = StepBar("eval", a.quiet)
     try:
-        sample_to_folder(Pipeline(model, cfg), guided, n, out, seed=a.seed, cond=cond, batch_size=a.batch_size,
-                         sampler=sampler, steps=steps, grid=a.grid, callback=bar)
+        sample_to_folder(Pipeline(model, cfg, path=a.run), guided, n, out, seed=a.seed, cond=cond,
+                         batch_size=a.batch_size, sampler=sampler, steps=steps, grid=a.grid, callback=bar)
     finally:
         bar.close()
     samples = read_png_folder(out, channels=int(ref.shape[1]))[:n]  # names sort as indices: 000000.png, ...

@@ -21,6 +21,7 @@ from torchdiffusion._files import cause, prepare_output
 from torchdiffusion._tensor import check_count, check_number
 from torchdiffusion.cli import eval as _eval  # noqa: F401  (torchdiffusion eval)
 from torchdiffusion.cli import export as _export  # noqa: F401  (torchdiffusion export-diffusers)
+from torchdiffusion.cli import fit as _fit  # noqa: F401  (torchdiffusion fit)
 from torchdiffusion.cli import likelihood as _likelihood  # noqa: F401  (torchdiffusion likelihood)
 from torchdiffusion.cli import makedata as _makedata  # noqa: F401  (torchdiffusion make-data)
 from torchdiffusion.cli import scorefield as _scorefield  # noqa: F401  (torchdiffusion scorefield)
@@ -131,12 +132,12 @@ def _sample_run(a) -> int:
     if a.out and is_folder_output(a.out):  # numbered PNGs: batched, resumable, sharded (issue 19)
         return sample_folder_command(a, model, cfg, _guided_model)
     out = check_sample_path(a.out if a.out else Path(a.run) / "samples.png")  # refuse before sampling
-    pipe = Pipeline(model, cfg)
+    pipe = Pipeline(model, cfg, path=a.run)
     info = cfg["run"]
     sampler = a.sampler or cfg["sample"]["sampler"]
     samplers.get(sampler)
     steps = a.steps if a.steps is not None else int(cfg["sample"]["steps"])
-    grid = a.grid or cfg["sample"].get("grid")
+    grid = a.grid  # None: a stored fit for this sampler and steps, else the run's grid (the Pipeline decides)
     if isinstance(grid, str) and grid.endswith(".json"):  # a fitted grid fixes the intervals (issue 16)
         grid, steps = grids.load(grid), a.steps
     opts = {}
@@ -161,6 +162,8 @@ def _sample_run(a) -> int:
                           **opts)
     finally:
         bar.close()
+    if pipe.note and pipe.note.startswith("using "):
+        print(pipe.note)
     frames = [to_images(f, info)[0] for f in frames]
     if info.get("latent"):
         info = {**info, "data_shape": info["latent"]["image_shape"], "value_range": info["latent"]["value_range"]}

@@ -42,9 +42,9 @@ def sample_folder_command(a, model, cfg: dict, guided_model: Callable) -> int:
     before = len([i for i in numbered_pngs(out) if i < a.n])
     bar = StepBar(f"sample (rank {rank})" if world > 1 else "sample", a.quiet or rank > 0)
     try:
-        written = sample_to_folder(Pipeline(model, cfg), guided, a.n, out, seed=a.seed, cond=cond,
+        written = sample_to_folder(Pipeline(model, cfg, path=a.run), guided, a.n, out, seed=a.seed, cond=cond,
                                    batch_size=a.batch_size, rank=rank, world=world, sampler=sampler, steps=steps,
-                                   grid=a.grid or cfg["sample"].get("grid"), callback=bar,
+                                   grid=a.grid, callback=bar,
                                    **sampler_options(a.opt))
     finally:
         bar.close()

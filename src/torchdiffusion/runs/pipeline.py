@@ -12,6 +12,7 @@ command line's ``sample --seed S`` equals ``generator=torch.Generator().manual_s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,11 +24,12 @@ from torchdiffusion._tensor import SampleGenerators, check_count
 from torchdiffusion.parameterization.denoiser import Denoiser
 from torchdiffusion.parameterization.guidance import CFG
 from torchdiffusion.processes import Process
+from torchdiffusion.runs import fits
 from torchdiffusion.runs.build import load_run, run_kind
 from torchdiffusion.runs.config import config_binding
 from torchdiffusion.runs.diffusers_io import is_diffusers_folder, load_diffusers_folder
 from torchdiffusion.runs.latent import to_images
-from torchdiffusion.samplers import sample
+from torchdiffusion.samplers import grids, sample
 from torchdiffusion.training.checkpoint import clear_run, model_files, save_json, save_tensors
 
 
@@ -45,11 +47,18 @@ def sample_seeds(n: int, generator: torch.Generator | None) -> list[int]:
     return torch.randint(0, 2**62, (n,), generator=generator).tolist()
 
 
-class Pipeline:
-    """A trained diffusion model (``model``: its :class:`Denoiser`), its ``process`` and its run ``config``."""
+log = logging.getLogger(__name__)
 
-    def __init__(self, model: Denoiser, config: dict):
+
+class Pipeline:
+    """A trained diffusion model (``model``: its :class:`Denoiser`), its ``process`` and its run ``config``;
+    ``path``: its run folder, where fitted grids are kept (:mod:`torchdiffusion.runs.fits`; None: no stored fits).
+    ``note`` says after each sampling call whether a stored fit was used (or why not)."""
+
+    def __init__(self, model: Denoiser, config: dict, *, path: str | Path | None = None):
         self.model, self.config = model, config
+        self.path = None if path is None else Path(path)
+        self.note: str | None = None
         self.process: Process = model.process
         info = config["run"]
         self.data_shape = tuple(info["data_shape"])
@@ -64,7 +73,7 @@ class Pipeline:
             return cls(*load_diffusers_folder(path, device))
         model, cfg = load_run(path, ema=ema, device=device)
         require_kind(cfg, path, ("diffusion", "latent"), "a Pipeline")
-        return cls(model, cfg)
+        return cls(model, cfg, path=path)
 
     def save_pretrained(self, path: str | Path, *, force: bool = False) -> Path:
         """Write a run folder that :meth:`from_pretrained` loads again (config, weights as model and EMA). A
@@ -148,6 +157,9 @@ class Pipeline:
         s = self.config.get("sample", {})
         sampler = sampler or s.get("sampler", "ddim")
         steps = steps if steps is not None or isinstance(grid, Tensor) else int(s.get("steps", 50))
+        self.note = None
+        if grid is None and model is self.model:  # a stored fit for this sampler and step count (issue 33)
+            grid, sampler_options = self.stored_fit(sampler, steps, sampler_options)
         grid = grid if grid is not None else s.get("grid")
         first = next(iter(self.model.net.parameters()), None) if hasattr(self.model.net, "parameters") else None
         device = first.device if first is not None else "cpu"
@@ -168,3 +180,41 @@ class Pipeline:
                              f"{x.numel()}): the weights or the options are broken")
         return to_images(x, self.config["run"])[0]
 
+    # --- fitted grids (issue 33; runs/fits.py) --------------------------------------------------------------------
+    def stored_fit(self, sampler: str, steps: int, options: dict) -> tuple[Tensor | None, dict]:
+        """The stored fit's grid for ``sampler`` at ``steps`` (None if none applies) and the sampler options to use
+        (the fit's, the caller's on top); sets :attr:`note` (logged: a fit left unused is a warning)."""
+        grid, fit_opts, self.note = fits.lookup(self.path, self.model, sampler, steps, options)
+        if self.note:
+            (log.info if grid is not None else log.warning)(self.note)
+        return grid, {**fit_opts, **options}
+
+    def fit(self, sampler: str | None = None, steps: int | None = None, *, n_pilot: int = 256,
+            max_runs: int = 30, seed: int = 0, choices: dict | None = None,
+            progress: Callable[[dict], None] | None = None, **options) -> dict:
+        """Fit a grid for ``sampler`` at ``steps`` NFE (defaults: the run's) to this model and store it in the run
+        folder (``RUN/fits/SAMPLER-STEPS.json``, :mod:`torchdiffusion.runs.fits`): from then on every sampling
+        call with that sampler and step count and no grid named uses it. The fit is
+        :func:`torchdiffusion.samplers.grids.optimize` on ``n_pilot`` pilot states drawn from ``seed`` (classes in
+        turn for a conditional model), at most ``max_runs`` sampling runs plus one reference solve, choosing
+        ``choices`` (default :data:`fits.AUTO_CHOICES`, e.g. unipc's order and final step) and falling back to the
+        best fixed grid when the fit's gain on the held-out pilot states is not significant. Returns the record
+        written, with ``path``."""
+        if self.path is None:
+            raise ValueError("Pipeline.fit stores the fit in the run folder: load the Pipeline with "
+                             "from_pretrained(RUN) (or pass path=)")
+        s = self.config.get("sample", {})
+        sampler = sampler or s.get("sampler", "ddim")
+        steps = int(s.get("steps", 50)) if steps is None else steps
+        check_count(n_pilot, "n_pilot")
+        choices = fits.default_choices(sampler) if choices is None else choices
+        first = next(iter(self.model.net.parameters()), None) if hasattr(self.model.net, "parameters") else None
+        device = first.device if first is not None else "cpu"
+        x_T = self.process.prior_sample((n_pilot, *self.data_shape), generator=torch.Generator().manual_seed(seed))
+        cond = fits.pilot_labels(n_pilot, self.num_classes)
+        grid, info = grids.optimize(self.model, sampler, steps, x_T=x_T.to(device),
+                                    cond=None if cond is None else cond.to(device), max_runs=max_runs,
+                                    choices=choices, progress=progress, return_info=True, **options)
+        path, rec = fits.save_fit(self.path, grid.cpu(), info, weights=fits.weights_hash(self.model),
+                                  pilot_seed=seed, choices=choices)
+        return {**rec, "path": str(path)}

@@ -186,30 +186,70 @@ def _combos(options: dict, choices: dict | None) -> list[dict]:
     return sorted(out, key=lambda o: o != {**o, **options})  # a combo that keeps the given options goes first
 
 
-def fit(model, sampler: str, steps: int, x_T: Tensor, *, cond=None, budget: float = 100.0,
-        reference: Tensor | None = None, rtol: float = 1e-6, atol: float = 1e-6,
+def paired_gain(err_a: Tensor, err_b: Tensor) -> tuple[float, float]:
+    """Mean and standard error of the per-state difference ``err_a - err_b`` of squared errors (a paired
+    comparison of two samplers on the same states: negative means ``a`` is better)."""
+    d = (err_a - err_b).to(torch.float64)
+    if len(d) < 2:
+        return float(d.mean()) if len(d) else math.nan, math.inf
+    return float(d.mean()), float(d.std(unbiased=True) / math.sqrt(len(d)))
+
+
+METHODS = ("fast", "search")
+
+
+def fit(model, sampler: str, steps: int, x_T: Tensor, *, cond=None, budget: float | None = 100.0,
+        max_runs: int | None = None, reference: Tensor | None = None, rtol: float = 1e-6, atol: float = 1e-6,
         starts: dict[str, Tensor] | None = None, delta: float = 0.5, min_delta: float = 0.03, knots: int = 4,
-        holdout: float = 1 / 3, choices: dict | None = None, **options) -> tuple[Tensor, dict]:
+        holdout: float = 1 / 3, choices: dict | None = None, method: str = "search", robust: bool = False,
+        z: float = 2.0, progress: Callable[[dict], None] | None = None, **options) -> tuple[Tensor, dict]:
     """Fit the grid (see the module docstring) on the pilot states ``x_T``; returns ``(grid, info)``.
 
     ``starts`` maps names to candidate starting grids (each with the number of intervals that ``steps`` buys);
     ``reference`` (optional) gives the target samples for ``x_T`` instead of :func:`end_state` (its cost is then
-    not counted). ``holdout``: the fraction of the pilot states kept for validation (the search sees only the
-    rest; the grid returned is the best on validation along the search path, so never worse there than the
-    start). ``choices`` (e.g. ``{"order": [2, 3], "final_step": ["denoise", "extrapolate"]}``): sampler options
-    chosen too, on the same pilot data. ``info`` holds ``cost_nfe`` (network calls spent, all on the pilot
-    batch), ``run_nfe`` (calls of one sampling run), ``cost_runs = cost_nfe / run_nfe``, ``reference_nfe``,
-    ``evals``, ``start`` (the chosen starting grid), ``options`` (the sampler options to sample with),
+    not counted). ``holdout``: the fraction of the pilot states kept for validation (never seen by the search).
+    ``choices`` (e.g. ``{"order": [2, 3], "final_step": ["denoise", "extrapolate"]}``): sampler options chosen
+    too, on the same pilot data.
+
+    Cost: ``budget`` caps every network call, the reference solve included, at ``budget`` sampling runs' worth;
+    ``max_runs`` (instead) caps the sampling runs of the pilot batch, the reference solve coming on top.
+
+    ``method``: ``"search"`` tries every start grid with every option combination first, then searches
+    (issue 16); ``"fast"`` orders the same work coarse to fine for small budgets: the start grids with the given
+    options, the other combinations on the best start only, the search, and the combinations again on the grid it
+    ends with (a reserve kept for them).
+
+    Selection: with ``robust=False`` the grid returned is the best on validation along the search path (never worse
+    there than the start). With ``robust=True`` the fit part alone chooses both the fitted candidate (the search's
+    best, options included) and the best fixed start grid (options included); validation then decides between
+    the two by a paired comparison of their per-state squared errors: the fitted grid is kept only when its mean
+    gain exceeds ``z`` standard errors, otherwise the best fixed grid is returned (``info["decision"]``).
+
+    ``progress`` (optional) is called after the reference solve and after every sampling run with ``calls`` (spent
+    so far) and ``max_calls`` (the cap).
+
+    ``info`` holds ``cost_nfe`` (network calls spent, all on the pilot batch), ``run_nfe`` (calls of one sampling
+    run), ``cost_runs = cost_nfe / run_nfe``, ``reference_nfe``, ``search_runs`` (sampling runs, reference
+    excluded), ``evals``, ``start`` (the chosen starting grid), ``options`` (the sampler options to sample with),
     ``start_rms`` / ``rms`` (fit-part RMS of the start and of the grid returned), ``start_val`` / ``val``
-    (validation RMS of the same two) and ``n_fit`` / ``n_val``.
+    (validation RMS of the same two), ``n_fit`` / ``n_val``, and with ``robust``: ``decision`` (``"fitted"`` or
+    ``"fixed"``), ``fixed`` (the best fixed grid's name), ``fitted_val`` and ``gain`` / ``gain_se`` (mean and
+    standard error of the paired difference in squared error, fitted minus fixed, on validation).
     """
     _check_sampler(sampler, options)
     for k in choices or {}:
         _check_sampler(sampler, {k: None})
+    if method not in METHODS:
+        raise ValueError(f"unknown fit method {method!r}; allowed: {', '.join(METHODS)}")
     spec = get_sampler(sampler)
     process = model.process
-    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= 1):
+    if max_runs is not None:
+        if not isinstance(max_runs, int) or isinstance(max_runs, bool) or max_runs < 2:
+            raise ValueError(f"max_runs must be an integer >= 2 (sampling runs of the pilot batch), got {max_runs!r}")
+    elif not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= 1):
         raise ValueError(f"budget must be a finite number >= 1 (sampling runs' worth of NFE), got {budget!r}")
+    if not (isinstance(z, (int, float)) and math.isfinite(z) and z >= 0):
+        raise ValueError(f"z must be a finite number >= 0 (standard errors), got {z!r}")
     if not starts:
         raise ValueError("grids.optimize needs at least one starting grid")
     fit_idx, val_idx = _split(int(x_T.shape[0]), holdout)
@@ -227,7 +267,7 @@ def fit(model, sampler: str, steps: int, x_T: Tensor, *, cond=None, budget: floa
     first_name, first = next(iter(starts.items()))
     x_first, run_nfe = run(first, 0)
     run_nfe = max(run_nfe, 1)
-    state = _Search(max_calls=int(math.floor(budget * run_nfe)), calls=run_nfe, evals=1)
+    state = _Search(max_calls=int(math.floor(budget * run_nfe)) if max_runs is None else 0, calls=run_nfe, evals=1)
     if spec.stochastic:  # e.g. ddim: deterministic with eta = 0 only; a second noise seed tells
         x_again, calls = run(first, 0, seed=1)
         state.calls += calls
@@ -238,61 +278,83 @@ def fit(model, sampler: str, steps: int, x_T: Tensor, *, cond=None, budget: floa
     if reference is None:
         reference, ref_nfe = end_state(model, x_T, cond, rtol=rtol, atol=atol)
         state.calls += ref_nfe
-        if state.calls + run_nfe > state.max_calls:
+        if max_runs is None and state.calls + run_nfe > state.max_calls:
             raise ValueError(f"grids.optimize: the budget of {budget:g} sampling runs ({state.max_calls} calls) "
                              f"does not cover the reference solve ({ref_nfe} calls) and one more run; raise budget "
                              "or pass reference=")
+    if max_runs is not None:
+        state.max_calls = ref_nfe + max_runs * run_nfe
+
+    def report() -> None:
+        if progress is not None:
+            progress({"calls": state.calls, "max_calls": state.max_calls})
+    report()
     if reference.shape != x_T.shape:
         raise ValueError(f"reference must have the shape of x_T {tuple(x_T.shape)}, got {tuple(reference.shape)}")
     ref = reference.to(torch.float64)
+    reserve = [0]  # calls kept back for the last stage of the fast method
 
-    def rms(x: Tensor) -> tuple[float, float]:
+    def errors(x: Tensor) -> Tensor:
         err = ((x.to(torch.float64) - ref) ** 2).reshape(len(x), -1).mean(1)
-        out = []
-        for idx in (fit_idx, val_idx):
-            v = float(err[idx].mean().sqrt()) if len(idx) else math.nan
-            out.append(v if math.isfinite(v) or not len(idx) else math.inf)
-        return out[0], out[1]
+        return torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
 
-    def evaluate(ts: Tensor, c: int) -> tuple[float, float]:
-        if state.calls + run_nfe > state.max_calls:
+    def rms(err: Tensor) -> tuple[float, float]:
+        return tuple(float(err[idx].mean().sqrt()) if len(idx) else math.nan for idx in (fit_idx, val_idx))
+
+    def evaluate(ts: Tensor, c: int) -> tuple[tuple[float, float], Tensor | None]:
+        if state.calls + run_nfe > state.max_calls - reserve[0]:
             raise _BudgetSpentError
         if not (ts[1:] < ts[:-1]).all():
-            return math.inf, math.inf
+            return (math.inf, math.inf), None
         try:
             x, calls = run(ts, c)
         except (ValueError, ZeroDivisionError, OverflowError):
-            return math.inf, math.inf
+            return (math.inf, math.inf), None
         state.calls += calls
         state.evals += 1
-        v = rms(x)
+        report()
+        err = errors(x)
+        v = rms(err)
         state.history.append(v[0])
-        return v
+        return v, err
 
     def val_key(v: tuple[float, float]) -> float:
         return v[1] if len(val_idx) else v[0]
 
-    # starting point: the best (start grid, option combination) on the fit part
-    scores = {(first_name, 0): rms(x_first)}
+    # the fixed grids: every start grid with every option combination ("search"), or coarse to fine ("fast")
+    err_first = errors(x_first)
+    scores = {(first_name, 0): (rms(err_first), err_first)}
     try:
-        for name, ts in starts.items():
-            for c in range(len(combos)):
-                if (name, c) not in scores:
-                    scores[(name, c)] = evaluate(ts, c)
+        if method == "search":
+            for name, ts in starts.items():
+                for c in range(len(combos)):
+                    if (name, c) not in scores:
+                        scores[(name, c)] = evaluate(ts, c)
+        else:
+            reserve[0] = (len(combos) - 1) * run_nfe
+            for name, ts in starts.items():
+                if (name, 0) not in scores:
+                    scores[(name, 0)] = evaluate(ts, 0)
+            top = min((k for k in scores), key=lambda k: scores[k][0][0])[0]
+            reserve[0] = 0
+            for c in range(1, len(combos)):
+                scores[(top, c)] = evaluate(starts[top], c)
     except _BudgetSpentError:
         pass
-    best_name, combo = min(scores, key=lambda k: (scores[k][0], k[1]))
+    best_name, combo = min(scores, key=lambda k: (scores[k][0][0], k[1]))
     best_ts = starts[best_name]
-    start_score = scores[(best_name, combo)]
-    path: list[tuple[tuple[float, float], Tensor, int]] = [(start_score, best_ts, combo)]  # accepted iterates
+    start_score, start_err = scores[(best_name, combo)]
+    # accepted iterates: (scores, grid, option combination, per-state squared errors)
+    path: list[tuple[tuple[float, float], Tensor, int, Tensor | None]] = [(start_score, best_ts, combo, start_err)]
     if n >= 2 and best_ts[0] == process.t_max:
         B = basis(n, knots)
         w = torch.linalg.lstsq(B, logits_from_grid(process, best_ts)[:, None]).solution[:, 0]
+        reserve[0] = (len(combos) - 1) * run_nfe if method == "fast" else 0
         try:
             ts = grid_from_logits(process, B @ w)  # the start as the parameterization sees it
-            v = evaluate(ts, combo)
+            v, err = evaluate(ts, combo)
             best, best_z = v, w
-            path.append((v, ts, combo))
+            path.append((v, ts, combo, err))
             d = delta
             while d >= min_delta:
                 improved = False
@@ -303,10 +365,10 @@ def fit(model, sampler: str, steps: int, x_T: Tensor, *, cond=None, budget: floa
                             cand = best_z.clone()
                             cand[j] += sign * d
                             ts = grid_from_logits(process, B @ cand)
-                            v = evaluate(ts, combo)
+                            v, err = evaluate(ts, combo)
                             if v[0] < best[0] * (1 - 1e-9):
                                 best, best_z, moved, improved = v, cand, True, True
-                                path.append((v, ts, combo))
+                                path.append((v, ts, combo, err))
                             else:
                                 break
                         if moved:
@@ -315,24 +377,41 @@ def fit(model, sampler: str, steps: int, x_T: Tensor, *, cond=None, budget: floa
                     d /= 2
         except _BudgetSpentError:
             pass
+        reserve[0] = 0
         # the other option combinations on the grid the search ended with
         last = path[-1][1]
         for c in range(len(combos)):
             if c != combo and len(path) > 1 and state.calls + run_nfe <= state.max_calls:
-                path.append((evaluate(last, c), last, c))
-    # keep the best on validation (early stopping); the start is a candidate, so never worse than it there
-    pick = min(range(len(path)), key=lambda i: (val_key(path[i][0]), i))
-    (fit_rms, val_rms), grid, c_best = path[pick]
+                v, err = evaluate(last, c)
+                path.append((v, last, c, err))
+    info_sel: dict = {}
+    if robust and len(val_idx):
+        # the fit part chooses the candidate and the fixed grid; validation only tests the one difference
+        cand = min(range(len(path)), key=lambda i: (path[i][0][0], -i))
+        (c_fit, c_val), c_grid, c_combo, c_err = path[cand]
+        gain, se = paired_gain(c_err[val_idx], start_err[val_idx]) if c_err is not None else (math.inf, math.inf)
+        keep = cand > 0 and math.isfinite(gain) and gain + z * se < 0
+        pick = cand if keep else 0
+        info_sel = {"decision": "fitted" if keep else "fixed", "fixed": best_name, "fixed_options": combos[combo],
+                    "fitted_rms": c_fit, "fitted_val": c_val, "fixed_val": start_score[1], "gain": gain,
+                    "gain_se": se, "z": float(z)}
+    else:
+        # the best on validation (early stopping); the start is a candidate, so never worse than it there
+        pick = min(range(len(path)), key=lambda i: (val_key(path[i][0]), i))
+    (fit_rms, val_rms), grid, c_best, _ = path[pick]
     chosen = dict(combos[c_best])
     info = {"sampler": sampler, "steps": steps, "intervals": n, "run_nfe": run_nfe, "cost_nfe": state.calls,
-            "cost_runs": state.calls / run_nfe, "budget_runs": float(budget), "reference_nfe": ref_nfe,
+            "cost_runs": state.calls / run_nfe, "search_runs": (state.calls - ref_nfe) / run_nfe,
+            "budget_runs": None if budget is None else float(budget), "max_runs": max_runs,
+            "reference_nfe": ref_nfe, "method": method, "robust": bool(robust),
             "evals": state.evals, "n_pilot": int(x_T.shape[0]), "n_fit": len(fit_idx), "n_val": len(val_idx),
             "start": best_name, "start_options": combos[combo],
-            "start_scores": {f"{k[0]}{combos[k[1]] if len(combos) > 1 else ''}": v[0] for k, v in scores.items()},
+            "start_scores": {f"{k[0]}{combos[k[1]] if len(combos) > 1 else ''}": v[0][0] for k, v in scores.items()},
             "start_rms": start_score[0], "start_val": start_score[1], "rms": fit_rms, "val": val_rms,
-            "options": chosen, "path": len(path), "picked": pick}
-    log.info("grids.optimize(%s, steps=%d): pilot RMS %.3e -> %.3e, validation %.3e -> %.3e (start %s, options %s); "
-             "cost = %.1f x one sampling run in NFE (%d network calls on %d pilot samples, reference %d, budget %.0f "
-             "runs)", sampler, steps, start_score[0], fit_rms, start_score[1], val_rms, best_name, chosen,
-             info["cost_runs"], state.calls, info["n_pilot"], ref_nfe, budget)
+            "options": chosen, "path": len(path), "picked": pick, **info_sel}
+    log.info("grids.optimize(%s, steps=%d, %s): pilot RMS %.3e -> %.3e, validation %.3e -> %.3e (start %s, options "
+             "%s%s); cost = %.1f x one sampling run in NFE (%d network calls on %d pilot samples, reference %d)",
+             sampler, steps, method, start_score[0], fit_rms, start_score[1], val_rms, best_name, chosen,
+             f", {info_sel['decision']}" if info_sel else "", info["cost_runs"], state.calls, info["n_pilot"],
+             ref_nfe)
     return grid, info

@@ -13,16 +13,18 @@ timesteps exactly as diffusers does, so samples can be compared with its schedul
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from torchdiffusion._files import read_text, write_json
+from torchdiffusion.parameterization.interop import process_from_diffusers
 from torchdiffusion.processes import Process, as_time, times_from_ve_sigmas
 from torchdiffusion.samplers import gridfit
 from torchdiffusion.samplers.registry import get as _get_sampler
@@ -218,26 +220,40 @@ def optimized(process: Process, n: int) -> Tensor:
 
 # --- grids fitted to a model (issue 16) ----------------------------------------------------------------------
 
+START_GRIDS = ("logsnr", "karras", "optimized", "trailing")  # starts of a fit, after the process's default grid
+
+
 def optimize(model, sampler: str, steps: int, x_T: Tensor | None = None, shape: tuple[int, ...] | None = None,
-             cond=None, budget: float = 300.0, *, n_pilot: int = 96, generator: torch.Generator | None = None,
+             cond=None, budget: float | None = None, *, max_runs: int | None = None, method: str = "fast",
+             robust: bool = True, z: float = 2.0, n_pilot: int = 256, generator: torch.Generator | None = None,
              reference: Tensor | None = None, rtol: float = 1e-6, atol: float = 1e-6, knots: int = 4,
-             holdout: float = 1 / 3, choices: dict | None = None, return_info: bool = False,
+             holdout: float = 1 / 3, choices: dict | None = None, starts: Sequence[str] | None = None,
+             progress: Callable[[dict], None] | None = None, return_info: bool = False,
              **options) -> Tensor | tuple[Tensor, dict]:
     """A grid fitted to ``model`` and ``sampler`` at ``steps`` network evaluations (method:
     :mod:`torchdiffusion.samplers.gridfit`): the interior times, as softmax increments in log-SNR, minimize the
     final RMS error of ``sampler`` against the PF-ODE's end state at noise 0 (:func:`gridfit.end_state`: dopri5 at
     ``rtol``/``atol``, Tweedie's x0_hat near ``t_min`` extrapolated to noise 0) over pilot trajectories, starting
-    from the best of the process's default grid, ``logsnr``, ``karras`` and ``optimized``. A fraction ``holdout``
-    of the pilot states is never seen by the search: the grid returned is the best on them along the search path
-    (never worse there than the starting grid). ``choices`` lets the fit choose sampler options too (e.g.
+    from the best of the process's default grid, ``logsnr``, ``karras``, ``optimized`` and ``trailing``. A
+    fraction ``holdout`` of the pilot states is never seen by the search. With ``robust=True`` (the default) the
+    fitted grid is returned only when it beats the best fixed start grid on those states by more than ``z``
+    standard errors of a paired comparison; otherwise that fixed grid is (``info["decision"]``). With
+    ``robust=False`` the grid returned is the best on them along the search path (issue 16's rule).
+    ``method="fast"`` (the default) orders the work coarse to fine for small budgets, ``"search"`` is issue 16's
+    order (:func:`gridfit.fit`). ``starts`` names the start grids (default: the
+    process's default grid and :data:`START_GRIDS`). ``choices`` lets the fit choose sampler options too (e.g.
     ``{"order": [2, 3], "final_step": ["denoise", "extrapolate"]}`` for unipc); sample with
     ``info["options"]`` then (``return_info=True``).
 
     Pilot states: ``x_T`` (the state at ``t_max``; draw it independently of any noise you will score), or else
     ``n_pilot`` draws of ``process.prior_sample((n_pilot, *shape))`` from ``generator`` (default seed 16). ``cond``
-    is the condition of the pilot batch. ``budget`` caps the total cost, reference solve included, at ``budget``
-    sampling runs' worth of network calls (``budget x run_nfe``); the cost spent is logged and, with
-    ``return_info=True``, returned with the grid as ``(grid, info)`` (see :func:`gridfit.fit`). ``knots``: the
+    is the condition of the pilot batch. Cost: ``max_runs`` caps the sampling runs of the pilot batch, the
+    reference solve coming on top (default 30 when ``budget`` is not given either); ``budget`` instead caps the
+    total, reference solve included, at ``budget`` sampling runs' worth of network calls (``budget x run_nfe``).
+    The cost spent is logged and, with ``return_info=True``, returned with the grid as ``(grid, info)`` (see
+    :func:`gridfit.fit`). The pilot's size does not change the cost in network calls (one call serves the whole
+    batch), only the seconds: a larger pilot makes the selection surer at the same cost. ``progress``: called with the
+    network calls spent (``calls``, ``max_calls``) as the fit goes. ``knots``: the
     number of smooth-profile coordinates searched (:func:`gridfit.basis`). ``options`` go to the sampler.
     Returns a strictly decreasing float64 tensor of times from ``t_max`` to ``t_zero`` that
     ``td.sample(model, x, sampler, grid=...)`` accepts.
@@ -259,10 +275,14 @@ def optimize(model, sampler: str, steps: int, x_T: Tensor | None = None, shape: 
     n = spec.intervals(steps, **iopts)
     if n < 1:
         raise ValueError(f"sampler {sampler!r} needs more than {steps} evaluation(s)")
-    starts: dict[str, Tensor] = {}
-    for name in dict.fromkeys([default_for(process), "logsnr", "karras", "optimized"]):
+    names_ = START_GRIDS if starts is None else list(starts)
+    for name in names_:
+        if name not in _GRIDS:
+            raise ValueError(f"unknown start grid {name!r}; allowed: {', '.join(names())}")
+    start_grids: dict[str, Tensor] = {}
+    for name in dict.fromkeys([default_for(process), *names_] if starts is None else names_):
         try:
-            starts[name] = get(name, process, n)
+            start_grids[name] = get(name, process, n)
         except ValueError:
             continue
     for combo in gridfit._combos(options, choices):
@@ -270,8 +290,12 @@ def optimize(model, sampler: str, steps: int, x_T: Tensor | None = None, shape: 
         if spec.intervals(steps, **c_opts) != n:
             raise ValueError(f"choices must keep the number of grid intervals of {sampler!r} at {steps} steps; "
                              f"{combo} changes it")
-    grid, info = gridfit.fit(model, sampler, steps, x_T, cond=cond, budget=budget, reference=reference, rtol=rtol,
-                             atol=atol, starts=starts, knots=knots, holdout=holdout, choices=choices, **options)
+    if budget is None and max_runs is None:
+        max_runs = 30
+    grid, info = gridfit.fit(model, sampler, steps, x_T, cond=cond, budget=budget, max_runs=max_runs,
+                             reference=reference, rtol=rtol, atol=atol, starts=start_grids, knots=knots,
+                             holdout=holdout,
+                             choices=choices, method=method, robust=robust, z=z, progress=progress, **options)
     grid = get(grid, process, 0)  # validated like any user grid
     return (grid, info) if return_info else grid
 
@@ -304,3 +328,113 @@ def load(path: str | Path) -> Tensor:
         raise ValueError(f"grid file {path}: the times must be at least 2 finite numbers, strictly decreasing "
                          "(from t_max down to the clean time t_zero)")
     return ts
+
+
+# --- handing a grid to diffusers (issue 33) --------------------------------------------------------------------
+
+def grid_of(fit_or_grid) -> Tensor:
+    """The times of a grid tensor, a fit record (a dict with ``"times"``, e.g. a file of ``RUN/fits/``) or a JSON
+    file of either (:func:`load`)."""
+    if isinstance(fit_or_grid, Tensor):
+        return as_time(fit_or_grid).detach().cpu().reshape(-1)
+    if isinstance(fit_or_grid, dict):
+        times = fit_or_grid.get("times")
+        if not isinstance(times, list):
+            raise ValueError("a fit record must hold a \"times\" list")
+        return torch.tensor([float(v) for v in times], dtype=torch.float64)
+    if isinstance(fit_or_grid, (str, Path)):
+        return load(fit_or_grid)
+    raise TypeError(f"expected a grid tensor, a fit record or a JSON file, got {type(fit_or_grid).__name__}")
+
+
+def _diffusers_walks(sch, ts: Tensor, sig: Tensor) -> bool:
+    """Whether scheduler ``sch`` (after ``set_timesteps``) walks the grid ``ts`` (VE noise levels ``sig``): its
+    ``sigmas`` (where it keeps them) are ours followed by 0, else its ``timesteps`` are ours."""
+    n = len(ts) - 1
+    got = getattr(sch, "sigmas", None)
+    if got is not None:
+        got = torch.as_tensor(got, dtype=torch.float64).reshape(-1).cpu()
+        return len(got) == n + 1 and float(got[-1]) == 0.0 and torch.allclose(got[:-1], sig, rtol=1e-4, atol=0)
+    steps = torch.as_tensor(sch.timesteps, dtype=torch.float64).reshape(-1).cpu()
+    return len(steps) == n and torch.allclose(steps, ts[:-1], rtol=0, atol=1e-3)
+
+
+def to_diffusers(fit_or_grid, scheduler, *, round_timesteps: bool = False) -> dict:
+    """The keyword arguments that make a diffusers ``scheduler`` walk our grid: ``scheduler.set_timesteps(**kw)``,
+    or ``pipe(..., **kw)`` for a diffusers pipeline built on that scheduler.
+
+    ``fit_or_grid``: a grid tensor, a fit record or its JSON file (:func:`grid_of`); its times are the process's of
+    the scheduler (:func:`~torchdiffusion.parameterization.interop.process_from_diffusers`: for DDPM-type schedulers
+    the training timestep). The first form the scheduler's ``set_timesteps`` accepts and honours (tried on a copy
+    and checked: its sigmas, or its timesteps, must be ours) is returned: ``{"sigmas": [...]}`` (VE noise levels
+    ``sigma/alpha`` of the grid's points followed by 0; e.g. ``EulerDiscreteScheduler``), else ``{"timesteps":
+    [...]}`` (training timesteps; fractional ones where the scheduler keeps them). Schedulers that take only
+    integer timesteps (e.g. ``DPMSolverMultistepScheduler``, ``DDPMScheduler``) need ``round_timesteps=True``
+    when the grid is fractional: diffusers then walks the grid rounded to integers (our samplers accept that grid
+    too: ``torch.tensor(kw["timesteps"] + [process.t_zero])``). A scheduler that takes neither (e.g.
+    ``DDIMScheduler``, which walks equal strides only, or ``UniPCMultistepScheduler`` outside flow matching) is a
+    one-line ValueError: use :func:`set_diffusers_grid` there, or a scheduler that takes ``sigmas=``.
+    """
+    process = process_from_diffusers(scheduler)
+    ts = get(grid_of(fit_or_grid), process, 0)
+    pts = ts[:-1]
+    params = inspect.signature(scheduler.set_timesteps).parameters
+    ints = pts.round()
+    candidates: list[tuple[dict, Tensor]] = []
+    if "sigmas" in params:
+        sig = (process.sigma(pts) / process.alpha(pts)).to(torch.float64)
+        candidates.append(({"sigmas": [float(s) for s in sig] + [0.0]}, ts))
+    if "timesteps" in params and process.discrete:
+        if torch.equal(ints, pts):
+            candidates.append(({"timesteps": [int(t) for t in ints]}, ts))
+        else:
+            candidates.append(({"timesteps": [float(t) for t in pts]}, ts))
+            if round_timesteps:
+                if len(torch.unique(ints)) != len(ints):
+                    raise ValueError(f"rounded to integer timesteps the grid repeats a point ({ints.tolist()}); "
+                                     "use a scheduler that takes sigmas= (e.g. EulerDiscreteScheduler)")
+                candidates.append(({"timesteps": [int(t) for t in ints]},
+                                   torch.cat([ints, ts[-1:]])))
+    name = type(scheduler).__name__
+    for kw, walked in candidates:
+        sch = copy.deepcopy(scheduler)
+        try:
+            sch.set_timesteps(**kw)
+        except (ValueError, TypeError, IndexError):
+            continue
+        sig_w = (process.sigma(walked[:-1]) / process.alpha(walked[:-1])).to(torch.float64)
+        if _diffusers_walks(sch, walked, sig_w):
+            return kw
+    hint = (" (its set_timesteps takes integer timesteps only: pass round_timesteps=True to walk the grid rounded)"
+            if "timesteps" in params and process.discrete and not round_timesteps else "")
+    other = "grids.set_diffusers_grid(scheduler, grid), or " if name in SETTABLE else ""
+    raise ValueError(f"{name} cannot be given this grid through set_timesteps{hint}; use {other}a scheduler that "
+                     "takes sigmas= (e.g. EulerDiscreteScheduler, whose Euler step on this grid is our ddim/euler)")
+
+
+SETTABLE = ("UniPCMultistepScheduler", "DPMSolverMultistepScheduler", "DEISMultistepScheduler",
+            "EulerDiscreteScheduler")  # their step() reads self.sigmas / self.timesteps by index
+
+
+def set_diffusers_grid(scheduler, fit_or_grid):
+    """Make ``scheduler`` walk our grid exactly and return it: through :func:`to_diffusers` where its
+    ``set_timesteps`` takes the grid, else (the schedulers in :data:`SETTABLE`) by ``set_timesteps(n)`` and then
+    replacing its ``timesteps`` (our fractional training timesteps) and ``sigmas`` (ours, then 0), which their
+    ``step`` reads by index. Others (e.g. ``DDIMScheduler``, whose step assumes equal strides) are refused."""
+    try:
+        scheduler.set_timesteps(**to_diffusers(fit_or_grid, scheduler))
+        return scheduler
+    except ValueError:
+        name = type(scheduler).__name__
+        if name not in SETTABLE:
+            raise ValueError(f"{name} cannot walk a given grid (its step assumes its own spacing); allowed: "
+                             f"{', '.join(SETTABLE)} or a scheduler whose set_timesteps takes sigmas=/timesteps="
+                             ) from None
+    process = process_from_diffusers(scheduler)
+    ts = get(grid_of(fit_or_grid), process, 0)
+    pts = ts[:-1]
+    scheduler.set_timesteps(len(pts))
+    sig = (process.sigma(pts) / process.alpha(pts)).to(torch.float64)
+    scheduler.timesteps = pts.clone()
+    scheduler.sigmas = torch.cat([sig, torch.zeros(1, dtype=torch.float64)])
+    return scheduler

@@ -142,7 +142,7 @@ class Studio:
     def __init__(self, pipe: Pipeline, name: str = "run"):
         self.name, self.denoiser, self.config = name, pipe.model, pipe.config
         self.counter = CountingModel(pipe.model)
-        self.pipe = Pipeline(self.counter, pipe.config)
+        self.pipe = Pipeline(self.counter, pipe.config, path=pipe.path)
         info = self.config["run"]
         self.info_run = info
         self.num_classes = info.get("num_classes") or None
