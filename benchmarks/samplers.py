@@ -602,7 +602,9 @@ def fit_grid(case: Case, nfe: int) -> tuple[torch.Tensor, dict, float]:
         tol = 1e-5 if digits else 1e-6
         case.pilot_ref, case.pilot_ref_nfe = td.samplers.gridfit.end_state(case.model(), pilot, rtol=tol, atol=tol)
         case.pilot_ref_s = time.time() - t0
-    kw = {"budget": DIGITS_BUDGET} if digits else {}
+    # issue 16's fit, as its results file reports it (issue 33 made a cheaper, robust fit the default: fit_cost.py)
+    kw = {"budget": DIGITS_BUDGET if digits else 300, "method": "search", "robust": False,
+          "starts": ("logsnr", "karras", "optimized")}
     ts, info = td.grids.optimize(case.model(), A_PRIORI_OURS, nfe, x_T=pilot, choices=CHOICES, return_info=True,
                                  reference=case.pilot_ref, **kw)
     return ts, info, time.time() - t0
