@@ -522,6 +522,8 @@ def studio_probes(work: Path, ring: Path) -> list[Probe]:
             _studio_refusal(st, st.request("GET", "/api/info", evil), 403, "cross-origin"))
         add("cross-site GET of a result (Sec-Fetch-Site: cross-site)", _studio_refusal(
             st, st.request("GET", f"/results/{rid}.npz", {"Sec-Fetch-Site": "cross-site"}), 403, "another site"))
+        add("cross-origin POST /api/stop (Origin: evil.example)", _studio_refusal(st, st.request(
+            "POST", "/api/stop", {"Content-Type": "application/json", **evil}, b"{}"), 403, "cross-origin"))
         add("CORS preflight OPTIONS /api/generate", _studio_refusal(st, st.request("OPTIONS", "/api/generate", {
             **evil, "Access-Control-Request-Method": "POST"}), 501))
         jhdr = {"Content-Type": "application/json"}

@@ -328,3 +328,191 @@ def test_command_refuses_what_it_cannot_serve(runs, capsys, tmp_path):
     assert capsys.readouterr().err.count("\n") == 1
     assert main(["studio", str(runs / "ring"), "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+# --- everyday use (issue 29) ---------------------------------------------------------------------------------
+def visible_images_loaded(page) -> bool:
+    """No broken-image box: every image that is shown has loaded a picture."""
+    return page.evaluate("[...document.images].filter(i => i.offsetParent !== null)"
+                         ".every(i => i.complete && i.naturalWidth > 0)")
+
+
+def test_no_broken_image_and_2d_panels_say_what_is_data(open_page):
+    page = open_page("digits")
+    assert visible_images_loaded(page)
+    assert not tid(page, "result").is_visible() and tid(page, "result-empty").is_visible()
+    assert not tid(page, "xt").is_visible() and not tid(page, "x0").is_visible()
+    generate(page, steps=3, n=4)
+    assert tid(page, "result").is_visible() and not tid(page, "result-empty").is_visible()
+    assert tid(page, "xt").is_visible() and visible_images_loaded(page)
+    page = open_page("ring")  # the data is drawn for reference only once there are samples, and labelled
+    page.wait_for_function("document.querySelector('[data-testid=scorefield]').naturalWidth > 0", timeout=20000)
+    assert visible_images_loaded(page)
+    assert not tid(page, "xt").is_visible() and not tid(page, "legend").is_visible()
+    generate(page, steps=3, n=50)
+    assert tid(page, "xt").is_visible() and tid(page, "xt").evaluate("e => e.tagName") == "CANVAS"
+    legend = tid(page, "legend").inner_text()
+    assert "training data" in legend and "samples" in legend
+    assert visible_images_loaded(page)
+
+
+def test_class_empty_means_unconditional_as_the_hint_says(open_page, runs, servers, tmp_path):
+    page = open_page("digits")  # trained with label dropout (loss.p_uncond = 0.1): an unconditional model exists
+    assert tid(page, "class").input_value() == ""
+    assert "class empty: unconditional" in tid(page, "class-hint").inner_text()
+    status = generate(page, sampler="ddim", steps=4, seed=5, n=6)
+    assert "unconditional" in status, status
+    pipe = td.Pipeline.from_pretrained(runs / "digits")
+    x = pipe(6, sampler="ddim", steps=4, generator=torch.Generator().manual_seed(5))
+    expected = save_samples(x, tmp_path / "u.png", value_range=tuple(pipe.config["run"]["value_range"]))
+    np.testing.assert_array_equal(shown(page), pixels(expected.read_bytes()))
+    # the same weights said to be trained without label dropout: a class is needed, the page says so
+    cfg = json.loads(json.dumps(pipe.config))
+    cfg["loss"]["p_uncond"] = 0.0
+    studio = Studio(td.Pipeline(pipe.model, cfg), name="no-uncond")
+    assert studio.defaults().klass == 0
+    with pytest.raises(studio_app.StudioError, match="no unconditional model"):
+        studio.parse({"sampler": "ddim", "steps": "2", "seed": "0", "n": "2", "class": ""})
+    server = StudioServer(studio, "127.0.0.1", 0)
+    server.start_background()
+    servers["no-uncond"] = server  # stopped with the others
+    page = open_page("no-uncond")
+    assert tid(page, "class").input_value() == "0"
+    assert "a class is needed" in tid(page, "class-hint").inner_text()
+    status = generate(page, steps=2, n=2, **{"class": ""})
+    assert "error:" in status and "no unconditional model" in status, status
+
+
+def test_class2_only_with_an_anagram(open_page):
+    page = open_page("digits")
+    assert not tid(page, "class2").is_visible()
+    tid(page, "view").select_option("rot180")
+    assert tid(page, "class2").is_visible()
+    tid(page, "view").select_option("")
+    assert not tid(page, "class2").is_visible()
+
+
+def test_grid_default_names_its_grid(open_page, runs):
+    page = open_page("digits")
+    pipe = td.Pipeline.from_pretrained(runs / "digits")
+    name = pipe.config["sample"].get("grid") or td.samplers.grids.default_for(pipe.model.process)
+    first = tid(page, "grid").evaluate("e => e.options[0].text")
+    assert first == f"default ({name})" and tid(page, "grid").input_value() == ""
+    assert tid(page, "grid-b").evaluate("e => e.options[0].text") == first
+    assert f"grid default ({name})" in generate(page, steps=2, n=2)
+
+
+def test_compare_shows_both_reverse_processes(open_page):
+    page = open_page("digits")
+    tid(page, "steps").fill("5")
+    tid(page, "sampler-b").select_option("ddpm")
+    tid(page, "steps-b").fill("5")
+    before = runs_done(page)
+    tid(page, "compare").click()
+    settle(page, before)
+    srcs = {}
+    for which in ("a", "b"):
+        assert tid(page, f"step-{which}").inner_text().startswith("step 5")
+        for view in ("xt", "x0"):
+            loc = tid(page, f"{view}-{which}")
+            assert loc.is_visible() and loc.get_attribute("src").startswith("data:image/png")
+            srcs[view, which] = loc.get_attribute("src")
+    assert srcs["xt", "a"] != srcs["xt", "b"]  # ddim and ddpm end in different samples
+    assert visible_images_loaded(page)
+
+
+def test_sampler_options_come_from_the_registry_and_are_used(open_page, runs, tmp_path):
+    offered = studio_app.sampler_options()
+    assert set(offered) == set(td.samplers.names())
+    assert {o["name"] for o in offered["ddim"]} >= {"eta"} and not any(o["name"] == "eta" for o in offered["ddpm"])
+    for name, opts in offered.items():  # each offered option, at its default, is one td.sample accepts
+        td.samplers.check_options(name, td.samplers.get(name).fn, {o["name"]: o["default"] for o in opts})
+    page = open_page("digits")
+    tid(page, "sampler").select_option("ddim")
+    assert tid(page, "eta").is_visible() and tid(page, "eta").input_value() == "0"
+    for other in ("ddpm", "dpmpp_2m"):  # shown only where the chosen sampler has it
+        tid(page, "sampler").select_option(other)
+        assert tid(page, "eta").count() == 0
+    tid(page, "sampler").select_option("dpmpp_2m_sde")
+    assert tid(page, "eta").input_value() == "1"  # that sampler's own default
+    tid(page, "sampler").select_option("ddim")
+    tid(page, "eta").fill("1")
+    status = generate(page, steps=5, seed=1, n=8, **{"class": 3})
+    assert "ddim eta=1," in status, status
+    pipe = td.Pipeline.from_pretrained(runs / "digits")
+    x = pipe(8, sampler="ddim", steps=5, class_labels=3, eta=1.0, generator=torch.Generator().manual_seed(1))
+    expected = save_samples(x, tmp_path / "eta.png", value_range=tuple(pipe.config["run"]["value_range"]))
+    with_eta = shown(page)
+    np.testing.assert_array_equal(with_eta, pixels(expected.read_bytes()))
+    tid(page, "eta").fill("0")
+    generate(page)
+    assert not np.array_equal(shown(page), with_eta)
+    # compare: B has its own options (ddim eta 0 against ddim eta 1 from the same noise)
+    tid(page, "sampler-b").select_option("ddim")
+    tid(page, "steps-b").fill("5")
+    tid(page, "eta-b").fill("1")
+    before = runs_done(page)
+    tid(page, "compare").click()
+    settle(page, before)
+    assert "eta=1" in page.locator("#compare-b-label").inner_text()
+    assert float(tid(page, "rms").inner_text()) > 0
+    studio = Studio.from_run(runs / "digits")
+    with pytest.raises(studio_app.StudioError, match="has no option 'eta'"):
+        studio.parse({"sampler": "ddpm", "steps": "2", "seed": "0", "n": "2", "opt_eta": "1"})
+    with pytest.raises(studio_app.StudioError, match="eta must be a number"):
+        studio.parse({"sampler": "ddim", "steps": "2", "seed": "0", "n": "2", "opt_eta": "x"})
+
+
+def test_all_classes_grid_has_one_row_per_class(open_page, runs, tmp_path):
+    page = open_page("digits")
+    for key, v in {"steps": 3, "seed": 2, "n": 2, "guidance": 0}.items():
+        tid(page, key).fill(str(v))
+    before = runs_done(page)
+    tid(page, "all-classes").click()
+    status = settle(page, before)
+    assert "all 10 classes" in status and "10 classes × 2 samples" in status, status
+    pipe = td.Pipeline.from_pretrained(runs / "digits")
+    labels = torch.arange(10).repeat_interleave(2)
+    x = pipe(20, sampler="ddim", steps=3, class_labels=labels, generator=torch.Generator().manual_seed(2))
+    expected = save_samples(x, tmp_path / "all.png", nrow=2, value_range=tuple(pipe.config["run"]["value_range"]))
+    np.testing.assert_array_equal(shown(page), pixels(expected.read_bytes()))
+    assert tid(page, "all-classes").count() == 1
+    assert open_page("ring").get_by_test_id("all-classes").count() == 0  # unconditional runs: no such grid
+
+
+def test_history_shows_earlier_generations_again(open_page):
+    page = open_page("digits")
+    generate(page, steps=3, seed=1, n=4)
+    first = shown(page)
+    generate(page, seed=2)
+    second = shown(page)
+    items = tid(page, "history-item")
+    assert items.count() == 2 and "seed 2" in items.nth(0).get_attribute("title")
+    assert "seed 1" in items.nth(1).get_attribute("title")
+    before = runs_done(page)
+    items.nth(1).click()
+    status = settle(page, before)
+    assert status.startswith("shown again") and "seed 1" in status
+    np.testing.assert_array_equal(shown(page), first)
+    assert tid(page, "seed").input_value() == "1"  # its settings are back in the form
+    np.testing.assert_array_equal(pixels(fetch(page, items.nth(0).locator("img").evaluate("e => e.src"))), second)
+
+
+def test_stop_cancels_a_running_job(open_page, servers):
+    page = open_page("digits")
+    studio = servers["digits"].studio
+    assert tid(page, "stop").is_disabled()
+    for key, v in {"steps": 2000, "n": 256, "seed": 0}.items():
+        tid(page, key).fill(str(v))
+    before = runs_done(page)
+    tid(page, "generate").click()
+    page.wait_for_function("document.querySelector('[data-testid=step]').textContent.startsWith('step')",
+                           timeout=20000)
+    tid(page, "stop").click()
+    status = settle(page, before)
+    m = re.fullmatch(r"stopped after step (\d+)", status)
+    assert m and int(m.group(1)) < 2000, status
+    assert tid(page, "status").get_attribute("data-state") == "stopped"
+    assert not studio.lock.locked() and tid(page, "stop").is_disabled()
+    assert tid(page, "history-item").count() == 0  # nothing was stored
+    assert "NFE 2" in generate(page, steps=2, n=2)  # and the page keeps working

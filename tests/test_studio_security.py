@@ -141,6 +141,34 @@ def test_cross_origin_posts_are_refused_before_any_work(server, headers, words):
     assert server.studio._next_id == before
 
 
+def test_stop_follows_the_same_rules(server):
+    """POST /api/stop: another site can neither stop a job nor send a simple request; the page can."""
+    body = b'{"job": null}'
+    for hdrs, code in (({"Content-Type": "application/json", "Origin": "http://evil.example"}, 403),
+                       ({"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}, 403),
+                       ({"Content-Type": "text/plain", "Origin": origin(server)}, 415)):
+        status, _, answer = exchange(server, request(server, "POST", "/api/stop", headers=hdrs, body=body))
+        refused(status, answer, code)
+    status, _, answer = exchange(server, request(server, "POST", "/api/stop", headers={
+        "Content-Type": "application/json", "Origin": origin(server), "Sec-Fetch-Site": "same-origin"}, body=body))
+    assert status == 200 and json.loads(answer) == {"type": "idle", "job": None}
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:  # a running job: stopped
+        s.sendall(post(server, {**SETTINGS, "steps": "2000", "n": "2000"}))
+        head = b""
+        while b"\n" not in head.partition(b"\r\n\r\n")[2]:
+            head += s.recv(4096)
+        job = json.loads(head.partition(b"\r\n\r\n")[2].splitlines()[0])
+        assert job["type"] == "started"
+        status, _, answer = exchange(server, request(server, "POST", "/api/stop", headers={
+            "Content-Type": "application/json"}, body=json.dumps({"job": job["job"]}).encode()))
+        assert status == 200 and json.loads(answer) == {"type": "stopping", "job": job["job"]}
+        rest = head
+        while c := s.recv(65536):
+            rest += c
+    last = messages(rest.partition(b"\r\n\r\n")[2])[-1]
+    assert last["type"] == "stopped" and last["step"] < 2000, last
+
+
 @pytest.mark.parametrize("ctype", ["text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
                                    "multipart/form-data; boundary=x", None])
 def test_only_json_bodies_are_accepted(server, ctype):

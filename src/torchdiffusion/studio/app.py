@@ -9,7 +9,9 @@ value is a one-line error (:class:`StudioError`).
 from __future__ import annotations
 
 import base64
+import inspect
 import io
+import itertools
 import math
 import queue
 import tempfile
@@ -51,7 +53,7 @@ class StudioBusyError(StudioError):
 
 
 class JobCancelledError(Exception):
-    """The browser went away while its job was running."""
+    """The job was stopped (the Stop button) or the browser went away while it was running."""
 
 
 # --- settings ------------------------------------------------------------------------------------------------
@@ -66,6 +68,15 @@ def _int(value, name: str, lo: int, hi: int) -> int:
     return v
 
 
+def _flag(value, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "1", "0"):
+        raise StudioError(f"{name} must be true or false, got {text!r}")
+    return text in ("true", "1")
+
+
 def _float(value, name: str) -> float:
     text = str(value).strip()
     try:
@@ -77,10 +88,31 @@ def _float(value, name: str) -> float:
     return v
 
 
+def sampler_options() -> dict[str, list[dict]]:
+    """The options the page offers for each registered sampler: its keyword-only arguments (as
+    :func:`torchdiffusion.samplers.check_options` reads them) whose defaults are numbers or flags, with their
+    defaults and kinds (``float``, ``int``, ``bool``)."""
+    out = {}
+    for name in samplers.names():
+        params = inspect.signature(samplers.get(name).fn).parameters
+        opts = []
+        for key, p in params.items():
+            if p.kind != p.KEYWORD_ONLY or key in ("generator", "callback"):
+                continue
+            d = p.default
+            kind = "bool" if isinstance(d, bool) else "int" if isinstance(d, int) else \
+                "float" if isinstance(d, float) else None
+            if kind is not None:
+                opts.append({"name": key, "default": d, "type": kind})
+        out[name] = opts
+    return out
+
+
 @dataclass(frozen=True)
 class Settings:
     """One request's sampling settings, checked (``grid`` ``None`` = the run's own; ``klass`` ``None`` =
-    unconditional; ``view`` ``None`` = no anagram)."""
+    unconditional; ``view`` ``None`` = no anagram; ``options`` the sampler's options that differ from its defaults;
+    ``all_classes``: ``n`` samples of every class, one row per class)."""
 
     sampler: str
     grid: str | None
@@ -91,10 +123,15 @@ class Settings:
     guidance: float = 0.0
     view: str | None = None
     class2: int | None = None
+    options: tuple[tuple[str, object], ...] = ()
+    all_classes: bool = False
 
-    def label(self) -> str:
-        """A short description (``ddim, grid logsnr, 10 steps``)."""
-        return f"{self.sampler}, grid {self.grid or 'default'}, {self.steps} steps"
+    def label(self, default_grid: str = "") -> str:
+        """A short description (``ddim eta=1, grid default (logsnr), 10 steps``)."""
+        opts = "".join(f" {k}={'true' if v is True else 'false' if v is False else f'{v:g}'}"
+                       for k, v in self.options)
+        grid = self.grid or (f"default ({default_grid})" if default_grid else "default")
+        return f"{self.sampler}{opts}, grid {grid}, {self.steps} steps"
 
 
 # --- the model and its jobs ----------------------------------------------------------------------------------
@@ -111,11 +148,17 @@ class CountingModel:
 
 
 class Job:
-    """Messages from a worker thread to the request that started it (``None`` ends the stream)."""
+    """Messages from a worker thread to the request that started it (``None`` ends the stream). ``cancelled``
+    stops the work at its next step: set by :meth:`Studio.stop` (``stopped``) or when the browser went away."""
+
+    _ids = itertools.count(1)
 
     def __init__(self):
+        self.id = f"j{next(Job._ids)}"
         self.messages: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
+        self.stopped = False
+        self.step = 0  # the last step reached
 
     def put(self, msg: dict) -> None:
         """Send one message to the browser (or stop the work if the browser went away)."""
@@ -159,9 +202,13 @@ class Studio:
             name_ = self.config["data"].get("name")
             self.density = toy_density(name_) if name_ in TOYS else None
             self.lim = max(1.0, round(float(self.data.abs().quantile(0.995)) * 1.15, 1))
+        self.default_grid = self.config.get("sample", {}).get("grid") or grids.default_for(self.denoiser.process)
+        # classifier-free guidance training (label dropout) is what makes the unconditional model exist
+        self.unconditional = bool(self.num_classes) and float(self.config.get("loss", {}).get("p_uncond", 0) or 0) > 0
         self.lock = threading.Lock()
         self._queue = threading.Lock()
         self.waiting = 0  # requests waiting for ``lock``
+        self.current: Job | None = None  # the job holding the model
         self.tmp = tempfile.TemporaryDirectory(prefix="torchdiffusion-studio-")
         self.results: OrderedDict[str, dict] = OrderedDict()
         self._next_id = 0
@@ -182,7 +229,8 @@ class Studio:
         n = int(s.get("n", 64)) if self.is_image else 1000
         return Settings(sampler=s.get("sampler", "ddim"), grid=s.get("grid"), steps=int(s.get("steps", 50)),
                         seed=0, n=min(n, MAX_N_IMAGES if self.is_image else MAX_N_POINTS),
-                        klass=0 if self.num_classes else None, guidance=float(s.get("guidance", 0.0) or 0.0))
+                        klass=0 if self.num_classes and not self.unconditional else None,
+                        guidance=float(s.get("guidance", 0.0) or 0.0))
 
     def info(self) -> dict:
         """The page's description of the run."""
@@ -191,8 +239,10 @@ class Studio:
         out = {"name": self.name, "kind": "latent" if self.latent else "diffusion",
                "process": self.denoiser.process.name, "data": str(self.config["data"].get("name")),
                "data_shape": list(self.image_shape), "image": self.is_image, "two_d": self.is_2d,
-               "num_classes": self.num_classes, "samplers": samplers.names(), "grids": grids.names(),
-               "views": views, "max_n": MAX_N_IMAGES if self.is_image else MAX_N_POINTS, "max_steps": MAX_STEPS,
+               "num_classes": self.num_classes, "unconditional": self.unconditional,
+               "samplers": samplers.names(), "sampler_options": sampler_options(), "grids": grids.names(),
+               "default_grid": self.default_grid, "views": views, "keep_results": KEEP_RESULTS,
+               "max_n": MAX_N_IMAGES if self.is_image else MAX_N_POINTS, "max_steps": MAX_STEPS,
                "defaults": {"sampler": d.sampler, "grid": d.grid or "", "steps": d.steps, "seed": d.seed, "n": d.n,
                             "class": d.klass, "guidance": d.guidance}}
         if self.is_2d:
@@ -215,18 +265,32 @@ class Studio:
         sampler = str(get("sampler")).strip()
         if sampler not in samplers.names():
             raise StudioError(f"unknown sampler {sampler!r}; allowed: {', '.join(samplers.names())}")
+        options = self.parse_options(sampler, {k.removeprefix(prefix + "opt_"): v for k, v in body.items()
+                                               if k.startswith(prefix + "opt_")})
         grid = str(get("grid")).strip() or None
         if grid is not None and grid not in grids.names():
             raise StudioError(f"unknown grid {grid!r}; allowed: {', '.join(grids.names())}")
         steps = _int(get("steps"), "steps", 1, MAX_STEPS)
         seed = _int(get("seed"), "seed", 0, 2**63 - 1)
-        n = _int(get("n"), "n", 1, MAX_N_IMAGES if self.is_image else MAX_N_POINTS)
+        max_n = MAX_N_IMAGES if self.is_image else MAX_N_POINTS
+        all_classes = _flag(body.get("all_classes", False), "all_classes")
+        if all_classes:
+            if not self.num_classes:
+                raise StudioError("an all-classes grid needs a class-conditional run")
+            max_n = max(1, max_n // self.num_classes)
+        n = _int(get("n"), "samples per class" if all_classes else "n", 1, max_n)
         klass = guidance = view = class2 = None
         if self.num_classes:
             text = str(get("class")).strip()
             klass = None if text == "" else _int(text, "class", 0, self.num_classes - 1)
             guidance = _float(get("guidance", "0") or "0", "guidance")
-            if guidance and klass is None:
+            if klass is None and not all_classes and not self.unconditional:
+                raise StudioError("this run has no unconditional model (trained with loss.p_uncond = 0): "
+                                  f"choose a class in 0..{self.num_classes - 1}")
+            if guidance and not self.unconditional:
+                raise StudioError("guidance needs the unconditional model, and this run was trained without one "
+                                  "(loss.p_uncond = 0)")
+            if guidance and klass is None and not all_classes:
                 raise StudioError("guidance needs a class")
             view = str(get("view")).strip() or None
             if view is not None:
@@ -234,10 +298,33 @@ class Studio:
                     raise StudioError("anagram views need a class-conditional image run in pixel space")
                 if view not in G.VIEWS or view == "identity":
                     raise StudioError(f"unknown view {view!r}; allowed: {', '.join(self.info()['views'])}")
+                if all_classes:
+                    raise StudioError("an all-classes grid and an anagram view do not mix: choose view none")
                 if klass is None:
                     raise StudioError("an anagram view needs a class (and a second class for the view)")
                 class2 = _int(get("class2"), "class 2", 0, self.num_classes - 1)
-        return Settings(sampler, grid, steps, seed, n, klass, guidance or 0.0, view, class2)
+        if all_classes:
+            klass = None
+        return Settings(sampler, grid, steps, seed, n, klass, guidance or 0.0, view, class2, options, all_classes)
+
+    def parse_options(self, sampler: str, values: dict) -> tuple[tuple[str, object], ...]:
+        """The sampler options of a request (``opt_NAME`` keys, strings as typed; empty = the default), checked
+        against :func:`sampler_options`; those equal to their defaults are left out."""
+        offered = {o["name"]: o for o in sampler_options()[sampler]}
+        bad = sorted(set(values) - set(offered))
+        if bad:
+            raise StudioError(f"sampler {sampler!r} has no option {bad[0]!r}; allowed: "
+                              f"{', '.join(offered) or 'none'}")
+        out = []
+        for name, o in offered.items():
+            v = values.get(name)
+            if v is None or str(v).strip() == "":
+                continue
+            v = (_flag(v, name) if o["type"] == "bool" else _int(v, name, 0, 1000) if o["type"] == "int"
+                 else _float(v, name))
+            if v != o["default"]:
+                out.append((name, v))
+        return tuple(out)
 
     # --- sampling -------------------------------------------------------------------------------------------
     def sample(self, s: Settings, callback: Callable[[dict], None] | None = None) -> tuple[Tensor, int, float]:
@@ -245,15 +332,20 @@ class Studio:
         gen = torch.Generator().manual_seed(s.seed)
         self.counter.calls = 0
         t0 = time.perf_counter()
-        if s.view is None:
+        opts = dict(s.options)
+        if s.all_classes:  # one row of s.n samples per class
+            labels = torch.arange(self.num_classes).repeat_interleave(s.n)
+            x = self.pipe(len(labels), sampler=s.sampler, steps=s.steps, grid=s.grid, class_labels=labels,
+                          guidance=s.guidance, generator=gen, callback=callback, **opts)
+        elif s.view is None:
             x = self.pipe(s.n, sampler=s.sampler, steps=s.steps, grid=s.grid, class_labels=s.klass,
-                          guidance=s.guidance, generator=gen, callback=callback)
+                          guidance=s.guidance, generator=gen, callback=callback, **opts)
         else:  # a visual anagram: looks like class as it is, like class2 under the view
             model = G.CFG(self.counter, s.guidance) if s.guidance else self.counter
             model = G.MultiView(model, ["identity", s.view], conds=[s.klass, s.class2],
                                 shape=tuple(self.info_run["data_shape"]))
             x = self.pipe.generate(model, s.n, sampler=s.sampler, steps=s.steps, grid=s.grid, generator=gen,
-                                   callback=callback)
+                                   callback=callback, **opts)
         return x, self.counter.calls, time.perf_counter() - t0
 
     def picture_title(self, s: Settings) -> str:
@@ -269,6 +361,8 @@ class Studio:
         if s.view is not None:  # each sample as it is and under the view, side by side
             pairs = torch.stack([x, G.get_view(s.view).forward(x)], 1).flatten(0, 1)
             save_samples(pairs, png, nrow=2 * min(len(x), 8), value_range=self.value_range)
+        elif s.all_classes and self.is_image:
+            save_samples(x, png, nrow=s.n, value_range=self.value_range)
         else:
             save_samples(x, png, data=self.data, value_range=self.value_range, title=self.picture_title(s))
         save_samples(x, folder / f"{rid}.npz")
@@ -310,6 +404,7 @@ class Studio:
                     job.put({"type": "step", "which": which, **last["d"], **self.frame(last["raw"])})
                 return
             msg = {"i": int(d.get("i", 0)) + 1, "t": float(d["t"]) if "t" in d else None}
+            job.step = msg["i"]
             now = time.perf_counter()
             if now - last["time"] >= FRAME_SECONDS:
                 last["time"], last["sent"] = now, True
@@ -327,7 +422,8 @@ class Studio:
         cb(None)
         rid = self.store(x, s)
         job.put({"type": "done", "id": rid, "png": f"/results/{rid}.png", "npz": f"/results/{rid}.npz",
-                 "nfe": nfe, "seconds": round(seconds, 3), "label": s.label(), "n": len(x)})
+                 "nfe": nfe, "seconds": round(seconds, 3), "label": s.label(self.default_grid), "n": len(x),
+                 "rows": self.num_classes if s.all_classes else None})
 
     def run_compare(self, a: Settings, b: Settings, job: Job) -> None:
         """The Compare job: both settings from the same noise (same seed), and the RMS difference."""
@@ -338,7 +434,7 @@ class Studio:
             cb(None)
             rid = self.store(x, s)
             out[which] = {"x": x, "id": rid, "png": f"/results/{rid}.png", "npz": f"/results/{rid}.npz", "nfe": nfe,
-                          "seconds": round(seconds, 3), "label": s.label()}
+                          "seconds": round(seconds, 3), "label": s.label(self.default_grid)}
         rms = float((out["a"].pop("x") - out["b"].pop("x")).double().pow(2).mean().sqrt())
         job.put({"type": "done", "a": out["a"], "b": out["b"], "rms": rms})
 
@@ -372,23 +468,37 @@ class Studio:
             with self._queue:
                 self.waiting -= 1
 
+    def stop(self, job_id: str | None = None) -> str | None:
+        """Stop the running job (``job_id``: only if it is that one) at its next step; its id, or ``None`` when
+        there was nothing to stop."""
+        job = self.current
+        if job is None or (job_id is not None and job.id != job_id):
+            return None
+        job.stopped = True
+        job.cancelled.set()
+        return job.id
+
     def start(self, work: Callable[[Job], None]) -> Job:
         """Run ``work`` on a worker thread once the model is free (one job at a time); its messages end with
         ``done`` or one ``error`` line."""
         self.acquire()
         job = Job()
+        self.current = job
+        job.messages.put({"type": "started", "job": job.id})
 
         def main() -> None:
             final = None
             try:
                 work(job)
             except JobCancelledError:
-                pass
+                if job.stopped:
+                    final = {"type": "stopped", "message": f"stopped after step {job.step}", "step": job.step}
             except (ValueError, TypeError, RuntimeError, KeyError) as e:
                 final = {"type": "error", "message": _one_line(e)}
             except Exception as e:  # noqa: BLE001  (shown to the user, the server keeps serving)
                 final = {"type": "error", "message": f"{type(e).__name__}: {_one_line(e)}"}
             finally:
+                self.current = None
                 self.lock.release()  # before the last message: the page's next request finds the model free
                 if final is not None:
                     job.messages.put(final)

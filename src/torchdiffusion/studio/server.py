@@ -4,10 +4,12 @@ Routes (all answers are JSON unless said otherwise):
 
 ``GET /``                      the page (``page.html``, plain HTML and JS)
 ``GET /api/info``              the run: samplers, grids, defaults, classes, views, 2-D data points
-``POST /api/generate``         NDJSON stream: ``step`` lines (x_t and the x0 prediction) while sampling, then
-                               ``done`` (result id, NFE, seconds) or ``error``
+``POST /api/generate``         NDJSON stream: ``started`` (the job id), ``step`` lines (x_t and the x0
+                               prediction) while sampling, then ``done`` (result id, NFE, seconds), ``stopped`` or
+                               ``error``; ``all_classes: true`` samples ``n`` of every class, one row per class
 ``POST /api/compare``          NDJSON stream: two settings from the same noise, then ``done`` with both results
                                and their RMS difference
+``POST /api/stop``             stop the running job (``{"job": ID}``: only that one) at its next step
 ``GET /api/scorefield?sigma=`` 2-D runs: the learned (and exact, where the data has an oracle) score field as a PNG
                                data URL, with ``t`` and the density-weighted relative error
 ``GET /results/ID.png|.npz``   a stored result, written by :func:`torchdiffusion.evaluation.viz.save_samples`
@@ -343,17 +345,22 @@ class Handler(BaseHTTPRequestHandler):
         path = urlparse(self.path).path
         try:
             self._check(path)
-            if path not in ("/api/generate", "/api/compare"):
+            if path not in ("/api/generate", "/api/compare", "/api/stop"):
                 self.unread = True
                 raise RefusedError(HTTPStatus.NOT_FOUND, f"no route {path}")
             body = self._body()
+            if path == "/api/stop":
+                job_id = body.get("job")
+                stopped = studio.stop(None if job_id in (None, "") else str(job_id))
+                self._json({"type": "stopping" if stopped else "idle", "job": stopped})
+                return
             if path == "/api/generate":
                 s = studio.parse(body)
                 job = studio.start(lambda job: studio.run_generate(s, job))
             else:
                 a = studio.parse(body)
                 b = replace(a, **{k: v for k, v in vars(studio.parse(body, prefix="b_")).items()
-                                  if k in ("sampler", "grid", "steps")})
+                                  if k in ("sampler", "grid", "steps", "options")})
                 job = studio.start(lambda job: studio.run_compare(a, b, job))
         except OSError:  # the client went away mid-request
             self.close_connection = True
