@@ -28,7 +28,7 @@ TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]{8})\.tm
 # The files a run folder owns (docs/design.md section 6): only the run layer writes them (``run_file=True``); a
 # user-named output that names one of them inside a run folder is refused (:func:`refuse_run_file`).
 RUN_FOLDER_FILES = ("config.json", "model.safetensors", "ema.safetensors", "train_state.safetensors", "log.csv",
-                    ".lock")
+                    ".lock", "tokenizer.json")
 # a folder holding any of these is a run folder (``.lock`` exists from the trainer's first moment on)
 RUN_FOLDER_MARKERS = ("model.safetensors", "ema.safetensors", "train_state.safetensors", ".lock")
 

@@ -36,6 +36,7 @@ from torchdiffusion.runs.demo import run_demo
 from torchdiffusion.runs.latent import dataset_from_config, sample_autoencoder_run, to_images
 from torchdiffusion.runs.pipeline import Pipeline, require_kind
 from torchdiffusion.runs.sample_folder import is_folder_output
+from torchdiffusion.runs.text import load_tokenizer
 from torchdiffusion.runs.train import maybe_distributed_train
 from torchdiffusion.samplers import grids
 
@@ -84,6 +85,9 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output .png or .npz (default RUN/samples.png)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--class", dest="klass", type=int, default=None, help="class label for conditional models")
+    p.add_argument("--prompt", default=None, help="text prompt for text-conditioned runs (\"\" = unconditional)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="with --guidance: replaces the unconditional half, (1+w) eps(x,prompt) - w eps(x,negative)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale w: (1+w) eps(x,c) - w eps(x) (0 = plain conditional)")
     p.add_argument("--classifier", default=None, metavar="RUN",
@@ -186,6 +190,12 @@ def _guided_model(a, model, info: dict):
     """The model to sample from and its ``cond`` for ``--class``, ``--guidance`` (CFG), ``--classifier``
     (classifier guidance) and ``--anagram`` (multi-view denoising); misuse is a one-line ValueError."""
     ncls = info.get("num_classes")
+    prompt, negative = getattr(a, "prompt", None), getattr(a, "negative_prompt", None)
+    if prompt is not None or negative is not None:  # text prompts (issue 30): the Pipeline's rules
+        if a.klass is not None or a.classifier or a.anagram:
+            raise ValueError("--prompt / --negative-prompt exclude --class, --classifier and --anagram")
+        pipe = Pipeline(model, {"run": info}, tokenizer=load_tokenizer(a.run, {"run": info}))
+        return pipe.conditioned(a.n, prompt=prompt, negative_prompt=negative, guidance=a.guidance or 0.0)
     if a.class2 is not None and not a.anagram:
         raise ValueError("--class2 needs --anagram VIEW")
     if a.classifier_scale is not None and not a.classifier:

@@ -35,16 +35,25 @@ class Dataset:
     num_classes: int | None = None
     name: str = "data"
     meta: dict = field(default_factory=dict)
+    captions: list[str | None] | None = None
 
     def __post_init__(self):
         if not torch.isfinite(self.x).all():
             raise ValueError(f"dataset {self.name!r} contains NaN or Inf values")
         if len(self.x) == 0:
             raise ValueError(f"dataset {self.name!r} is empty")
+        if self.captions is not None and len(self.captions) != len(self.x):
+            raise ValueError(f"dataset {self.name!r}: {len(self.captions)} captions for {len(self.x)} examples")
         if self.y is not None:
             if len(self.y) != len(self.x):
                 raise ValueError(f"dataset {self.name!r}: {len(self.y)} labels for {len(self.x)} examples")
-            self.num_classes = check_labels(self.y, self.num_classes, f"dataset {self.name!r}")
+            if self.y.ndim == 2:  # condition sequences (token ids of captions: with_targets), not class labels
+                if self.y.is_floating_point() or self.y.is_complex() or self.y.dtype == torch.bool:
+                    raise ValueError(f"dataset {self.name!r}: condition sequences must be integers, got "
+                                     f"{self.y.dtype}")
+                self.num_classes = None
+            else:
+                self.num_classes = check_labels(self.y, self.num_classes, f"dataset {self.name!r}")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -247,14 +256,38 @@ def examples(ds: Dataset | ImageFolder, n: int | None = None, workers: int = 0) 
     """The first ``n`` examples (all by default) of a data set as an in-memory :class:`Dataset`: a slice of one
     already in memory, or decoded from a streamed image folder."""
     if not isinstance(ds, ImageFolder):
-        return ds if n is None or n >= len(ds) else dataclasses.replace(
-            ds, x=ds.x[:n], y=None if ds.y is None else ds.y[:n])
+        return ds if n is None or n >= len(ds) else _rows(ds, torch.arange(n))
     xs, ys = [], []
     for x, y in ds.batches(256, n, workers=workers):
         xs.append(x)
         ys.append(y)
+    caps = captions(ds)
     return Dataset(torch.cat(xs), torch.cat(ys) if ds.labelled else None, levels=ds.levels, name=ds.name,
-                   num_classes=ds.num_classes, meta=dict(ds.meta))
+                   num_classes=ds.num_classes, meta=dict(ds.meta), captions=caps and caps[:sum(map(len, xs))])
+
+
+def _rows(ds: Dataset, idx: Tensor) -> Dataset:
+    """The examples ``idx`` of an in-memory data set (labels and captions along)."""
+    caps = None if ds.captions is None else [ds.captions[i] for i in idx.tolist()]
+    return dataclasses.replace(ds, x=ds.x[idx], y=None if ds.y is None else ds.y[idx], captions=caps)
+
+
+def captions(ds: Dataset | ImageFolder) -> list[str | None] | None:
+    """The caption of every example (the ``text`` column of an image folder's ``metadata.jsonl``; None for an
+    uncaptioned one), or None when the data set has no captions."""
+    if isinstance(ds, ImageFolder):
+        return None if ds._texts is None else [ds.caption(i) for i in range(len(ds))]
+    return None if ds.captions is None else list(ds.captions)
+
+
+def with_targets(ds: Dataset | ImageFolder, targets: Tensor) -> Dataset | ImageFolder:
+    """``ds`` with ``targets`` ``(N, L)`` (integer condition sequences, e.g. the token ids of its captions) in place
+    of its labels: the ``y`` that training batches carry as ``cond``."""
+    if targets.ndim != 2 or len(targets) != len(ds):
+        raise ValueError(f"targets must have shape ({len(ds)}, L), got {tuple(targets.shape)}")
+    if isinstance(ds, ImageFolder):
+        return ds.with_targets(targets.numpy())
+    return dataclasses.replace(ds, y=targets.long(), num_classes=None)
 
 
 def load(name: str, **kw) -> Dataset | ImageFolder:
@@ -272,9 +305,12 @@ def load(name: str, **kw) -> Dataset | ImageFolder:
     elif Path(name).is_dir():  # streamed (data.folder): its labels are checked as it is indexed
         return ImageFolder(Path(name), int(kw.get("size", 32)), int(kw.get("channels", 3)),
                            label_key=kw.get("label_key"), num_classes=classes,
-                           on_bad_image=kw.get("on_bad_image") or "error")
+                           on_bad_image=kw.get("on_bad_image") or "error", exclude=kw.get("exclude"))
     else:
         raise ValueError(f"unknown data {name!r}: use a toy ({', '.join(TOYS)}), 'digits', a .npz file or an "
+                         "image folder")
+    if kw.get("exclude"):
+        raise ValueError(f"data.exclude matches the columns of an image folder's metadata.jsonl; {name!r} is not an "
                          "image folder")
     if classes is not None and ds.y is not None:  # a declared class count (data.classes): labels checked against it
         ds = dataclasses.replace(ds, num_classes=classes)
@@ -296,5 +332,5 @@ def split_dataset(ds: Dataset | ImageFolder, holdout: float,
     def part(idx: Tensor) -> Dataset | ImageFolder:
         if isinstance(ds, ImageFolder):
             return ds.subset(idx.numpy())
-        return dataclasses.replace(ds, x=ds.x[idx], y=None if ds.y is None else ds.y[idx])
+        return _rows(ds, idx)
     return part(perm[: len(ds) - n_test]), part(perm[len(ds) - n_test:])

@@ -176,10 +176,32 @@ def _has_control(s: str) -> bool:
     return any(unicodedata.category(c) == "Cc" for c in s)
 
 
-def _read_metadata(root: Path, label_key: str | None,
-                   num_classes: int | None) -> tuple[list[str], list[int] | None, list[str | None] | None, str | None]:
-    """Rows of ``root/metadata.jsonl``: (file names, labels or None, captions or None, the label column used)."""
+def check_exclude(exclude) -> list[dict]:
+    """``data.exclude``: a list of non-empty objects ``{column: value}`` (a ``metadata.jsonl`` row matches one when
+    every column named there holds exactly that value); None means none."""
+    exclude = [] if exclude is None else exclude
+    if not isinstance(exclude, (list, tuple)) or not all(
+            isinstance(e, dict) and e and all(isinstance(k, str) and isinstance(v, (str, int, float, bool))
+                                              for k, v in e.items()) for e in exclude):
+        raise ValueError('data.exclude must be a list of objects {column: value} (e.g. [{"shape": "triangle", '
+                         f'"color": "blue"}}]), each naming at least one column, got {exclude!r}')
+    return [dict(e) for e in exclude]
+
+
+def excluded(row: dict, exclude: list[dict]) -> bool:
+    """Whether a ``metadata.jsonl`` row matches one of the ``data.exclude`` patterns (:func:`check_exclude`)."""
+    return any(all(k in row and row[k] == v and type(row[k]) is type(v) for k, v in e.items()) for e in exclude)
+
+
+def _read_metadata(root: Path, label_key: str | None, num_classes: int | None,
+                   exclude: list[dict] | None = None
+                   ) -> tuple[list[str], list[int] | None, list[str | None] | None, str | None, int]:
+    """Rows of ``root/metadata.jsonl``: (file names, labels or None, captions or None, the label column used, the
+    number of rows left out by ``exclude``)."""
     path = root / METADATA
+    exclude = exclude or []
+    n_excluded = 0
+    columns: set[str] = set()
     names: list[str] = []
     labels: list[int] = []
     texts: list[str | None] = []
@@ -207,6 +229,11 @@ def _read_metadata(root: Path, label_key: str | None,
                 raise ValueError(f"{where}: not a JSON object ({why}, column {e.colno})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: not a JSON object (it holds a {type(row).__name__})")
+            if exclude:
+                columns.update(row)
+                if excluded(row, exclude):
+                    n_excluded += 1
+                    continue
             name = row.get("file_name")
             if not isinstance(name, str) or not name.strip():
                 raise ValueError(f"{where}: needs a 'file_name' (a path relative to {root}), got {name!r}")
@@ -236,9 +263,13 @@ def _read_metadata(root: Path, label_key: str | None,
                     raise ValueError(f"{where}: caption contains control characters ({t[:40]!r})")
                 seen_text = True
             texts.append(t)
+    unknown = sorted({k for e in exclude for k in e} - columns)
+    if unknown:
+        raise ValueError(f"data.exclude names column(s) {', '.join(map(repr, unknown))} that no row of {path} has")
     if not names:
-        raise ValueError(f"{path} lists no images (one JSON object per line with a 'file_name')")
-    return names, (labels if key is not None else None), (texts if seen_text else None), key
+        why = f" (data.exclude left out all {n_excluded} rows)" if n_excluded else ""
+        raise ValueError(f"{path} lists no images (one JSON object per line with a 'file_name'){why}")
+    return names, (labels if key is not None else None), (texts if seen_text else None), key, n_excluded
 
 
 def _check_label(v, num_classes: int | None, what: str) -> int:
@@ -270,7 +301,8 @@ class ImageFolder(torch.utils.data.Dataset):
     is_image = True
 
     def __init__(self, root: str | Path, size: int = 32, channels: int = 3, *, label_key: str | None = None,
-                 num_classes: int | None = None, on_bad_image: str = "error", return_text: bool = False):
+                 num_classes: int | None = None, on_bad_image: str = "error", return_text: bool = False,
+                 exclude: list[dict] | None = None):
         root = Path(root)
         if not root.is_dir():
             raise ValueError(f"image folder not found: {root}")
@@ -286,10 +318,14 @@ class ImageFolder(torch.utils.data.Dataset):
         self.name = root.name
         classes: list[str] = []
         texts = None
+        exclude = check_exclude(exclude)
+        n_excluded = 0
         if (root / METADATA).is_file():
-            names, labels, texts, key = _read_metadata(root, label_key, num_classes)
+            names, labels, texts, key, n_excluded = _read_metadata(root, label_key, num_classes, exclude)
             source = f"{METADATA} column {key!r}" if labels is not None else None
         else:
+            if exclude:
+                raise ValueError(f"data.exclude matches {METADATA} columns, but {root} has no {METADATA}")
             if label_key is not None:
                 raise ValueError(f"data.label_key={label_key!r} names a {METADATA} column, but {root} has no "
                                  f"{METADATA}")
@@ -321,7 +357,7 @@ class ImageFolder(torch.utils.data.Dataset):
         else:
             self._text_set = self._texts = self._text_off = None
         self._rows = np.arange(n, dtype=np.int64)  # item i -> row of the index (a subset selects rows)
-        self.meta = {"classes": classes, "labels": source, "root": str(root)}
+        self.meta = {"classes": classes, "labels": source, "root": str(root), "excluded": n_excluded}
         self._y: Tensor | None = None
 
     # --- the index --------------------------------------------------------------------------------------
@@ -345,9 +381,23 @@ class ImageFolder(torch.utils.data.Dataset):
         """The file of item ``i``."""
         return self.root / _unpack(self._names, self._name_off, int(self._rows[i]))
 
-    def label(self, i: int) -> int:
-        """The label of item ``i`` (``-1`` without labels)."""
-        return int(self._labels[self._rows[i]])
+    def label(self, i: int) -> int | np.ndarray:
+        """The label of item ``i`` (``-1`` without labels; its row of targets after :meth:`with_targets`)."""
+        v = self._labels[self._rows[i]]
+        return int(v) if v.ndim == 0 else v
+
+    def with_targets(self, targets: np.ndarray) -> ImageFolder:
+        """This folder with ``targets`` ``(len(self), L)`` int64 (e.g. the token ids of its captions) as the ``y``
+        of its items in place of labels (``y`` is then ``(N, L)``, ``num_classes`` None), sharing the index."""
+        targets = np.asarray(targets, dtype=np.int64)
+        if targets.ndim != 2 or len(targets) != len(self):
+            raise ValueError(f"targets must have shape ({len(self)}, L), got {targets.shape}")
+        out = object.__new__(ImageFolder)
+        out.__dict__.update(self.__dict__)
+        full = np.zeros((len(self._labels), targets.shape[1]), dtype=np.int64)
+        full[self._rows] = targets
+        out._labels, out._y, out.labelled, out.num_classes = full, None, True, None
+        return out
 
     def caption(self, i: int) -> str | None:
         """The caption of item ``i`` (the ``text`` column of ``metadata.jsonl``), or None."""
@@ -484,7 +534,8 @@ def _collate(items: list):
     for it in items:
         if isinstance(it, BadImageError):
             return it
-    return (torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items], dtype=torch.long),
+    y = torch.as_tensor(np.asarray([it[1] for it in items]), dtype=torch.long)  # labels, or rows of targets
+    return (torch.stack([it[0] for it in items]), y,
             sorted({s for it in items for s in it[2]}))
 
 

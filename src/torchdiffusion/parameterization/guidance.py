@@ -21,17 +21,31 @@ class CFG:
 
     ``w = 0`` is the plain conditional model; the notes' ``gamma`` (000) and ``lambda`` (004) equal ``1 + w``.
     Both predictions come from one batched network call.
+
+    The condition is anything the model takes as ``cond`` with a batch dimension: class labels ``(B,)`` or token ids
+    ``(B, L)``; the null condition is ``cond`` filled with ``-1`` (the null class; for text, all padding: the empty
+    prompt). With ``negative=True`` the unconditional branch is a given condition instead (a negative prompt):
+    ``cond`` then holds pairs along dimension 1, ``cond[:, 0]`` the condition and ``cond[:, 1]`` the negative one,
+    so that ``eps_g = (1 + w) eps(x, c) - w eps(x, c_neg)``.
     """
 
-    def __init__(self, model, w: float):
+    def __init__(self, model, w: float, *, negative: bool = False):
         self.model, self.w, self.process = model, check_number(w, "guidance scale w"), model.process
+        self.negative = bool(negative)
 
     def predict(self, x: Tensor, t, cond=None) -> tuple[Tensor, Tensor]:
         if cond is None:
             raise ValueError("classifier-free guidance needs a class condition")
         n = x.shape[0]
         c, tt = _labels(cond, n, x.device), _batch_time(t, n)
-        x0, eps = self.model.predict(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([c, torch.full_like(c, -1)]))
+        if self.negative:
+            if c.ndim < 2 or c.shape[1] != 2:
+                raise ValueError(f"CFG(negative=True) needs cond of shape (B, 2, ...) (condition, negative), got "
+                                 f"{tuple(c.shape)}")
+            c, u = c[:, 0], c[:, 1]
+        else:
+            u = torch.full_like(c, -1)
+        x0, eps = self.model.predict(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([c, u]))
         w = self.w
         return (1 + w) * x0[:n] - w * x0[n:], (1 + w) * eps[:n] - w * eps[n:]
 

@@ -51,7 +51,7 @@ def build_net(mcfg: dict, data_shape: tuple[int, ...], process: Process, num_cla
     name = mcfg.get("net", "mlp")
     if name not in NETS:
         raise ValueError(f"unknown net {name!r}; allowed: {', '.join(NETS)}")
-    if augment_dim and name != "unet":
+    if augment_dim and name not in ("unet", "unet_text"):
         raise ValueError(f"data.augment needs model.net=unet (its labels enter the U-Net's embedding), got {name!r}")
     ts = mcfg.get("time_scale") or default_time_scale(process, mcfg.get("precond", "none"))
     if name == "mlp":
@@ -90,6 +90,21 @@ def build_net(mcfg: dict, data_shape: tuple[int, ...], process: Process, num_cla
                           channel_mult=tuple(mcfg["channel_mult"]), num_res_blocks=int(mcfg["num_res_blocks"]),
                           attn_resolutions=tuple(mcfg["attn_resolutions"]), dropout=float(mcfg["dropout"]),
                           time_scale=ts, groups=min(32, ch), num_heads=int(mcfg.get("num_heads", 1)))
+    if name == "unet_text":  # text prompts: a transformer text encoder + cross-attention (nets/text.py, issue 30)
+        if len(data_shape) != 3:
+            raise ValueError(f"net 'unet_text' needs image (or latent) data (C, H, W), got examples of shape "
+                             f"{data_shape}")
+        if num_classes:
+            raise ValueError("net 'unet_text' is conditioned on captions, not class labels: set "
+                             "data.conditional=false")
+        C, H, _ = data_shape
+        ch = int(mcfg["channels"])
+        return NETS[name](int(mcfg["text_vocab"]), int(mcfg["text_length"]), text_dim=int(mcfg["text_dim"]),
+                          text_layers=int(mcfg["text_layers"]), text_heads=int(mcfg["text_heads"]), in_channels=C,
+                          image_size=H, channels=ch, channel_mult=tuple(mcfg["channel_mult"]),
+                          num_res_blocks=int(mcfg["num_res_blocks"]), attn_resolutions=tuple(mcfg["attn_resolutions"]),
+                          dropout=float(mcfg["dropout"]), time_scale=ts, groups=min(32, ch),
+                          num_heads=int(mcfg.get("num_heads", 1)), augment_dim=augment_dim)
     if name == "classifier":  # p_phi(y | x_t, t) for classifier guidance (nets/classifier.py)
         if len(data_shape) != 3 or not num_classes:
             raise ValueError("net 'classifier' needs labelled image data: data.conditional=true and (C, H, W) "

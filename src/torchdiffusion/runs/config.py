@@ -16,13 +16,13 @@ from pathlib import Path
 
 from torchdiffusion import samplers
 from torchdiffusion._files import read_json
-from torchdiffusion.data.folder import ON_BAD_IMAGE
+from torchdiffusion.data.folder import ON_BAD_IMAGE, check_exclude
 from torchdiffusion.samplers import grids
 
 DEFAULTS: dict[str, dict] = {
     "data": {"name": "ring", "n": 10000, "seed": 0, "size": 8, "channels": 3, "key": None, "label_key": None,
              "flip": False, "augment": 0.0, "conditional": False, "holdout": 0.1,
-             "autoencoder": None, "classes": None, "on_bad_image": "error"},
+             "autoencoder": None, "classes": None, "on_bad_image": "error", "exclude": []},
     "process": {"name": "ddpm", "betas": "linear", "T": 1000, "beta_start": None, "beta_end": None,
                 "rescale_zero_snr": False, "beta_min": 0.1, "beta_max": 20.0, "sigma_min": None,
                 "sigma_max": None, "t_min": None, "gamma_min": -10.0, "gamma_max": 6.0, "schedule_hidden": 32},
@@ -31,7 +31,8 @@ DEFAULTS: dict[str, dict] = {
               "channels": 32, "channel_mult": [1, 2], "num_res_blocks": 2, "attn_resolutions": [8],
               "dropout": 0.0, "num_heads": 1, "dim": None,
               "latent_channels": 4, "latent_dim": None, "decoder_var": "fixed", "decoder_std": 0.1, "cond_tokens": 4,
-              "fourier_features": [], "dequantizer": False},
+              "fourier_features": [], "dequantizer": False,
+              "text_vocab": 256, "text_length": 24, "text_dim": 64, "text_layers": 2, "text_heads": 4},
     "loss": {"name": "dsm", "weighting": "native", "min_snr_gamma": 5.0, "p_uncond": 0.1, "lambda_vlb": 0.001,
              "ncsn_levels": 10, "ssm_projections": 1, "ssm_dist": "gaussian", "ssm_variance_reduced": True,
              "beta": 1.0, "likelihood": "gaussian", "levels": None, "dae_sigma": 0.2, "vae_samples": 1,
@@ -230,6 +231,8 @@ RANGES: dict[str, Range] = {
     "model.num_res_blocks": _count(), "model.dropout": _PROB, "model.num_heads": _count(),
     "model.dim": _count(null="the data's"), "model.latent_channels": _count(),
     "model.latent_dim": _count(null="a spatial latent"), "model.decoder_std": _POSITIVE, "model.cond_tokens": _count(),
+    "model.text_vocab": _count(3), "model.text_length": _count(), "model.text_dim": _count(),
+    "model.text_layers": _count(), "model.text_heads": _count(),
     "loss.min_snr_gamma": _POSITIVE, "loss.p_uncond": _PROB, "loss.lambda_vlb": Range(0.0),
     "loss.ncsn_levels": _count(), "loss.ssm_projections": _count(), "loss.beta": Range(0.0),
     "loss.levels": _count(2, null="the data's"), "loss.dae_sigma": Range(0.0), "loss.vae_samples": _count(),
@@ -290,6 +293,8 @@ def check_values(cfg: dict) -> dict:
         if not (isinstance(v, list) and (v or may_be_empty) and all(_whole(m) and m >= low for m in v)):
             need = "a list" if may_be_empty else "a non-empty list"
             raise ValueError(f"{key} must be {need} of whole numbers >= {low}, got {v!r}")
+    if "exclude" in cfg.get("data", {}):
+        check_exclude(cfg["data"]["exclude"])
     for key, allowed in CHOICES.items():
         v = _get(cfg, key)
         if v is not None and v not in allowed:

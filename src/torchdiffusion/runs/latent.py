@@ -70,14 +70,15 @@ def scale_factor(z: Tensor) -> float:
     return 1.0 / s
 
 
-def load_latents(run: str | Path | None, *, holdout: float = 0.0) -> data_mod.Dataset:
-    """The autoencoder run's own data, encoded and scaled: a :class:`Dataset` of ``c E(x)`` (labels kept).
+def load_latents(run: str | Path | None, *, holdout: float = 0.0, exclude: list | None = None) -> data_mod.Dataset:
+    """The autoencoder run's own data, encoded and scaled: a :class:`Dataset` of ``c E(x)`` (labels and captions
+    kept), less the rows that the latent run's ``data.exclude`` (``exclude``) leaves out.
 
     ``c`` is computed on the training split (the same deterministic split the trainer uses with
     ``data.holdout = holdout``); ``meta["latent"]`` holds what decoding needs.
     """
     net, ae_cfg = load_autoencoder(run)
-    d = ae_cfg["data"]
+    d = {**ae_cfg["data"], **({"exclude": exclude} if exclude else {})}
     images = data_mod.load(d["name"], **{k: v for k, v in d.items() if k not in ("name", "autoencoder")})
     if isinstance(images, ImageFolder):  # streamed: decoded and encoded a batch at a time
         z = torch.cat([encode(net, x) for x, _ in images.batches(512)]) if len(images) else torch.zeros(0)
@@ -90,7 +91,8 @@ def load_latents(run: str | Path | None, *, holdout: float = 0.0) -> data_mod.Da
             "image_shape": list(images.shape),
             "value_range": list(images.value_range), "levels": images.levels, "data_name": images.name}
     return data_mod.Dataset(z * c, images.y, num_classes=images.num_classes, name=f"latent:{images.name}",
-                            meta={"latent": info, "classes": images.meta.get("classes", [])})
+                            meta={"latent": info, "classes": images.meta.get("classes", [])},
+                            captions=data_mod.captions(images))
 
 
 def weights_sha256(run: str | Path) -> str:
@@ -173,5 +175,6 @@ def dataset_from_config(dcfg: dict) -> data_mod.Dataset:
     """The whole dataset of a run's ``data`` section: the latents of ``data.autoencoder=RUN`` (or name ``latent``),
     otherwise :func:`torchdiffusion.data.datasets.load` (the split into train / held-out is the caller's)."""
     if dcfg.get("autoencoder") or dcfg.get("name") == "latent":
-        return load_latents(dcfg.get("autoencoder"), holdout=float(dcfg.get("holdout") or 0.0))
+        return load_latents(dcfg.get("autoencoder"), holdout=float(dcfg.get("holdout") or 0.0),
+                            exclude=dcfg.get("exclude"))
     return data_mod.load(dcfg["name"], **{k: v for k, v in dcfg.items() if k not in ("name", "autoencoder")})

@@ -29,6 +29,7 @@ from torchdiffusion.runs.build import load_run, run_kind
 from torchdiffusion.runs.config import config_binding
 from torchdiffusion.runs.diffusers_io import is_diffusers_folder, load_diffusers_folder
 from torchdiffusion.runs.latent import to_images
+from torchdiffusion.runs.text import load_tokenizer
 from torchdiffusion.samplers import grids, sample
 from torchdiffusion.training.checkpoint import clear_run, model_files, save_json, save_tensors
 
@@ -55,7 +56,7 @@ class Pipeline:
     ``path``: its run folder, where fitted grids are kept (:mod:`torchdiffusion.runs.fits`; None: no stored fits).
     ``note`` says after each sampling call whether a stored fit was used (or why not)."""
 
-    def __init__(self, model: Denoiser, config: dict, *, path: str | Path | None = None):
+    def __init__(self, model: Denoiser, config: dict, *, path: str | Path | None = None, tokenizer=None):
         self.model, self.config = model, config
         self.path = None if path is None else Path(path)
         self.note: str | None = None
@@ -63,6 +64,7 @@ class Pipeline:
         info = config["run"]
         self.data_shape = tuple(info["data_shape"])
         self.num_classes = info.get("num_classes")
+        self.tokenizer = tokenizer  # a text run's CaptionTokenizer (its tokenizer.json), else None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> Pipeline:
@@ -73,7 +75,7 @@ class Pipeline:
             return cls(*load_diffusers_folder(path, device))
         model, cfg = load_run(path, ema=ema, device=device)
         require_kind(cfg, path, ("diffusion", "latent"), "a Pipeline")
-        return cls(model, cfg, path=path)
+        return cls(model, cfg, path=path, tokenizer=load_tokenizer(path, cfg))
 
     def save_pretrained(self, path: str | Path, *, force: bool = False) -> Path:
         """Write a run folder that :meth:`from_pretrained` loads again (config, weights as model and EMA). A
@@ -99,6 +101,8 @@ class Pipeline:
                                                         **config_binding(self.config)}
             for name in ("model.safetensors", "ema.safetensors"):
                 save_tensors(state, path / name, meta)
+            if self.tokenizer is not None:
+                self.tokenizer.save(path / "tokenizer.json")
             save_json(self.config, path / "config.json")
         return path
 
@@ -125,24 +129,65 @@ class Pipeline:
                              f"{int(y[(y < 0) | (y >= k)][0])}")
         return y
 
+    def prompts(self, prompt: str | Sequence[str] | None, n: int, what: str = "prompt") -> Tensor | None:
+        """``prompt`` (one string for every sample, or ``n`` strings) as token ids ``(n, L)``: a text run's
+        tokenizer (unknown words -> ``[UNK]``; a prompt over its ``max_length`` is truncated with a warning; the
+        empty prompt ``""`` is the unconditional model)."""
+        if prompt is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError(f"{what} given, but this run has no text encoder (it is not text-conditioned; train "
+                             "one with preset shapes32_text or latent_shapes32_text)")
+        texts = [prompt] * n if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+        if texts is None or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"{what} must be a string or a list of {n} strings, got {prompt!r}"[:200])
+        if len(texts) != n:
+            raise ValueError(f"{what} must be one string or {n} strings (one per sample), got {len(texts)}")
+        return torch.from_numpy(self.tokenizer.encode(texts))
+
     def __call__(self, n: int = 1, sampler: str | None = None, steps: int | None = None,
                  grid: str | Tensor | None = None,
                  class_labels: int | Sequence[int] | Tensor | None = None, guidance: float = 0.0,
                  generator: torch.Generator | None = None, batch_size: int | None = None,
-                 callback: Callable[[dict], None] | None = None, **sampler_options) -> Tensor:
+                 callback: Callable[[dict], None] | None = None, *, prompt: str | Sequence[str] | None = None,
+                 negative_prompt: str | Sequence[str] | None = None, **sampler_options) -> Tensor:
         """``n`` samples in the data's own range and shape (a latent run decodes); defaults from the run's
-        ``sample`` section; ``guidance`` is the classifier-free scale ``w`` (needs ``class_labels``)."""
+        ``sample`` section; ``guidance`` is the classifier-free scale ``w`` (needs ``class_labels``, or a
+        ``prompt`` for a text run). ``prompt``: one string or ``n`` strings (text runs; ``""`` or None = the
+        unconditional model); ``negative_prompt`` (one or ``n`` strings) replaces the unconditional branch of
+        guidance: ``(1 + w) eps(x, prompt) - w eps(x, negative_prompt)``."""
+        model, y = self.conditioned(n, class_labels=class_labels, prompt=prompt, negative_prompt=negative_prompt,
+                                    guidance=guidance)
+        return self.generate(model, n, cond=y, sampler=sampler, steps=steps, grid=grid, generator=generator,
+                             batch_size=batch_size, callback=callback, **sampler_options)
+
+    def conditioned(self, n: int, *, class_labels: int | Sequence[int] | Tensor | None = None,
+                    prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
+                    guidance: float = 0.0):
+        """``(model, cond)`` for :meth:`generate`: the run's model, wrapped in :class:`CFG` when ``guidance`` is
+        not 0, and the condition of the ``n`` samples (labels, token ids, or (prompt, negative) pairs of token ids
+        for a negative prompt); arguments as in :meth:`__call__`, misuse a one-line ``ValueError``."""
         guidance = float(guidance)
         if not torch.isfinite(torch.tensor(guidance)):
             raise ValueError(f"guidance must be a finite number, got {guidance}")
-        y = self.labels(class_labels, int(n)) if isinstance(n, int) and n >= 1 else None
+        ok_n = isinstance(n, int) and n >= 1
+        if self.tokenizer is not None and class_labels is not None:
+            raise ValueError("this run is conditioned on text: give prompt=..., not class_labels")
+        y = self.labels(class_labels, int(n)) if ok_n else None
+        tokens = self.prompts(prompt, int(n)) if ok_n else None
+        negative = self.prompts(negative_prompt, int(n), "negative_prompt") if ok_n else None
+        if negative is not None and not guidance:
+            raise ValueError("negative_prompt needs guidance > 0 (it replaces the unconditional half of "
+                             "classifier-free guidance)")
+        if tokens is not None:
+            y = tokens if negative is None else torch.stack([tokens, negative], 1)
         model = self.model
         if guidance:
             if y is None:
-                raise ValueError("guidance needs class_labels and a class-conditional model")
-            model = CFG(model, guidance)
-        return self.generate(model, n, cond=y, sampler=sampler, steps=steps, grid=grid, generator=generator,
-                             batch_size=batch_size, callback=callback, **sampler_options)
+                raise ValueError("guidance needs class_labels and a class-conditional model (or a prompt and a "
+                                 "text-conditioned model)")
+            model = CFG(model, guidance, negative=negative is not None)
+        return model, y
 
     def generate(self, model, n: int, *, cond: Tensor | None = None, sampler: str | None = None,
                  steps: int | None = None, grid: str | Tensor | None = None, generator: torch.Generator | None = None,

@@ -20,6 +20,7 @@ from torchdiffusion.runs.config import config_binding, with_defaults
 from torchdiffusion.runs.generate import generate_to_file
 from torchdiffusion.runs.latent import dataset_from_config, write_autoencoder_samples
 from torchdiffusion.runs.losses import get_loss
+from torchdiffusion.runs.text import is_text_run, load_tokenizer, text_info, tokenize_data
 from torchdiffusion.training.checkpoint import load_json
 from torchdiffusion.training.distributed import barrier, init_from_env
 from torchdiffusion.training.trainer import Preview, Trainer, TrainSettings
@@ -30,7 +31,20 @@ RESUMABLE_DATA_KEYS = ("on_bad_image",)  # may change between a run and its resu
 
 def train_dataset(cfg: dict) -> Dataset:
     """The training split of a run's data (``data.holdout`` stays unseen)."""
-    return split_dataset(dataset_from_config(cfg["data"]), float(cfg["data"].get("holdout", 0.0)))[0]
+    return training_data(cfg)[0]
+
+
+def training_data(cfg: dict, dataset: Dataset | None = None, tokenizer=None) -> tuple[Dataset, object]:
+    """The training split of a run's data (``dataset`` given: all of it is for training) and, for a text run, the
+    tokenizer (``tokenizer``, or one trained on the training captions) whose token ids are the data's ``y``
+    (:mod:`torchdiffusion.runs.text`); None otherwise."""
+    holdout = 0.0 if dataset is not None else float(cfg["data"].get("holdout", 0.0))
+    full = dataset if dataset is not None else dataset_from_config(cfg["data"])
+    if is_text_run(cfg):
+        full, tokenizer = tokenize_data({**cfg, "data": {**cfg["data"], "holdout": holdout}}, full, tokenizer)
+    else:
+        tokenizer = None
+    return split_dataset(full, holdout)[0], tokenizer
 
 
 def loss_closure(model: RunModel, cfg: dict, data: Dataset | None = None):
@@ -73,11 +87,13 @@ class AugmentLabelled(nn.Module):
 
 
 def drop_labels(y: Tensor | None, p: float, generator: torch.Generator | None = None) -> Tensor | None:
-    """Each label replaced by the null class ``-1`` with probability ``p`` (T-CFG-2)."""
+    """Each label replaced by the null class ``-1`` with probability ``p`` (T-CFG-2); a condition sequence
+    ``(B, L)`` (the token ids of a caption) is replaced whole by ``-1`` s, which the text encoder reads as the empty
+    prompt (:mod:`torchdiffusion.nets.text`)."""
     if y is None or p <= 0:
         return y
     drop = torch.rand(y.shape[0], generator=generator).to(y.device) < p
-    return y.masked_fill(drop, -1)
+    return y.masked_fill(drop.reshape(-1, *[1] * (y.ndim - 1)), -1)
 
 
 def run_info(cfg: dict, data: Dataset) -> dict:
@@ -108,11 +124,8 @@ def build_trainer(cfg: dict, out: str | Path, *, dataset: Dataset | None = None,
     another run (or a model without a training state) is refused unless ``force``, which starts afresh."""
     out = Path(out)
     settings = TrainSettings.from_dict({**cfg["train"], "flip": bool(cfg["data"].get("flip", False))})
-    data = dataset if dataset is not None else train_dataset(cfg)
-    conditional = bool(cfg["data"].get("conditional"))
-    if conditional and data.y is None:
-        raise ValueError(f"data.conditional=true but dataset {data.name!r} has no labels")
-    if resume and not force and (out / "train_state.safetensors").is_file():
+    resuming = resume and not force and (out / "train_state.safetensors").is_file()
+    if resuming:
         saved = with_defaults(load_json(out / "config.json"))
         def same(k: str) -> bool:
             a, b = dict(saved.get(k) or {}), dict(cfg.get(k) or {})
@@ -124,12 +137,19 @@ def build_trainer(cfg: dict, out: str | Path, *, dataset: Dataset | None = None,
         if diff:
             raise ValueError(f"{out} holds a run with a different {'/'.join(diff)} config; use another --out, or "
                              "--force to overwrite that run")
+    # a resumed text run keeps the token ids its weights were trained with (its tokenizer.json)
+    data, tokenizer = training_data(cfg, dataset, load_tokenizer(out, saved) if resuming else None)
+    conditional = bool(cfg["data"].get("conditional")) or tokenizer is not None  # captions: cond = token ids
+    if conditional and data.y is None:
+        raise ValueError(f"data.conditional=true but dataset {data.name!r} has no labels")
     torch.manual_seed(int(settings.seed))  # the initial weights follow train.seed
     model = build_model(cfg, data.shape, data.num_classes if conditional else None)
-    config = {**cfg, "run": run_info(cfg, data)}
+    config = {**cfg, "run": {**run_info(cfg, data), **text_info(tokenizer)}}
     tr = Trainer(net_of(model), loss_closure(model, cfg, data), data, settings, out, config=config,
                  preview=previewer(config, model, data), conditional=conditional, progress=progress, resume=resume,
                  force=force, weights_meta=config_binding(config))
+    if tokenizer is not None:  # written once the trainer holds the folder (and has cleared it with force)
+        tokenizer.save(out / "tokenizer.json")
     tr.model = model  # the parameterization around the trained net (for callers; the trainer never reads it)
     return tr
 

@@ -39,7 +39,7 @@ def clear_run(folder: str | Path, *, config: bool = True) -> None:
     trainer's preview grids and TensorBoard events, and ``config.json`` with ``config``; other files stay."""
     folder = Path(folder)
     try:
-        for name in (*RUN_FILES, "log.csv", *(("config.json",) if config else ())):
+        for name in (*RUN_FILES, "log.csv", "tokenizer.json", *(("config.json",) if config else ())):
             if (folder / name).exists():
                 (folder / name).unlink()
         for p in (folder / "samples").glob("step_*.png"):
