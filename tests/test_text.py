@@ -306,3 +306,35 @@ def test_bad_captions_are_one_line_naming_the_row(tmp_path, bad, why):
 def test_text_run_needs_captions(tmp_path):
     with pytest.raises(ValueError, match="conditioned on captions, but the data"):
         train_dataset(config.resolve(None, ["data.name=digits", *TINY]))
+
+
+def test_text_presets_hold_out_combinations_that_exist_in_the_shapes_data():
+    from torchdiffusion.data.shapes import ATTRIBUTES
+    for name in ("shapes32_text", "latent_shapes32_text"):
+        cfg = config.resolve(name)
+        assert cfg["model"]["net"] == "unet_text" and cfg["loss"]["p_uncond"] > 0
+        assert cfg["data"]["exclude"] == config.TEXT_HOLDOUT and not cfg["data"]["flip"]  # a flip swaps left/right
+        assert not cfg["data"]["conditional"]
+    for pattern in config.TEXT_HOLDOUT:
+        assert all(v in ATTRIBUTES[k] for k, v in pattern.items())
+
+
+def test_latent_text_run_vae_then_latent_unet_with_prompts(shapes, tmp_path):
+    vae = tmp_path / "vae"
+    train(config.resolve("vae_images", [f"data.name={shapes / 'train'}", "data.size=16", "model.channels=8",
+                                        "model.channel_mult=[1,2]", "train.steps=2", "train.batch=8",
+                                        "train.ckpt_every=0", "train.threads=1"]), vae, progress=False)
+    run = tmp_path / "latent"
+    tiny = [s for s in TINY if not s.startswith(("data.size", "model.attn_resolutions"))]
+    cfg = config.resolve("latent_shapes32_text", [f"data.autoencoder={vae}", *tiny, "model.attn_resolutions=[4]"])
+    data = train_dataset(cfg)
+    n_match = sum(map(_matches, _rows(shapes / "train").values()))
+    kept = 200 - n_match  # latents of the kept rows, less data.holdout = 0.1 of them; token ids as y
+    assert len(data) == kept - round(0.1 * kept) and data.y.shape == (len(data), 16)
+    assert not any("blue triangle" in c for c in captions(data))
+    train(cfg, run, progress=False)
+    assert (run / "tokenizer.json").is_file()
+    pipe = td.Pipeline.from_pretrained(run)
+    x = pipe(n=2, prompt=["a red star", "a green circle"], guidance=2.0, negative_prompt="a square",
+             generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()  # decoded images, not 8x8x4 latents
