@@ -402,6 +402,25 @@ def test_grid_default_names_its_grid(open_page, runs):
     assert f"grid default ({name})" in generate(page, steps=2, n=2)
 
 
+def test_grid_default_names_a_stored_fit_where_one_applies(open_page, runs, servers, tmp_path):
+    run = tmp_path / "fitted"  # a copy: the other tests' run keeps no fits
+    shutil.copytree(runs / "digits", run)
+    td.Pipeline.from_pretrained(run).fit("ddim", 3, n_pilot=16, max_runs=3)
+    server = StudioServer(Studio.from_run(run), "127.0.0.1", 0)
+    server.start_background()
+    servers["fitted"] = server
+    page = open_page("fitted")
+    tid(page, "sampler").select_option("ddim")
+    tid(page, "steps").fill("3")
+    assert tid(page, "grid").evaluate("e => e.options[0].text") == "default (fitted: fits/ddim-3.json)"
+    status = generate(page, n=2)
+    assert "grid default (fitted: fits/ddim-3.json)" in status and "using" in status, status
+    tid(page, "steps").fill("4")  # no fit for 4 steps: the run's own grid
+    own = td.samplers.grids.default_for(server.studio.denoiser.process)
+    assert tid(page, "grid").evaluate("e => e.options[0].text") == f"default ({own})"
+    assert f"grid default ({own})" in generate(page, n=2)
+
+
 def test_compare_shows_both_reverse_processes(open_page):
     page = open_page("digits")
     tid(page, "steps").fill("5")

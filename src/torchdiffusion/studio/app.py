@@ -127,7 +127,8 @@ class Settings:
     all_classes: bool = False
 
     def label(self, default_grid: str = "") -> str:
-        """A short description (``ddim eta=1, grid default (logsnr), 10 steps``)."""
+        """A short description (``ddim eta=1, grid default (logsnr), 10 steps``); ``default_grid`` names what
+        "default" was."""
         opts = "".join(f" {k}={'true' if v is True else 'false' if v is False else f'{v:g}'}"
                        for k, v in self.options)
         grid = self.grid or (f"default ({default_grid})" if default_grid else "default")
@@ -241,7 +242,7 @@ class Studio:
                "data_shape": list(self.image_shape), "image": self.is_image, "two_d": self.is_2d,
                "num_classes": self.num_classes, "unconditional": self.unconditional,
                "samplers": samplers.names(), "sampler_options": sampler_options(), "grids": grids.names(),
-               "default_grid": self.default_grid, "views": views, "keep_results": KEEP_RESULTS,
+               "default_grid": self.default_grid, "fits": self.fits(), "views": views, "keep_results": KEEP_RESULTS,
                "max_n": MAX_N_IMAGES if self.is_image else MAX_N_POINTS, "max_steps": MAX_STEPS,
                "defaults": {"sampler": d.sampler, "grid": d.grid or "", "steps": d.steps, "seed": d.seed, "n": d.n,
                             "class": d.klass, "guidance": d.guidance}}
@@ -348,6 +349,20 @@ class Studio:
                                    callback=callback, **opts)
         return x, self.counter.calls, time.perf_counter() - t0
 
+    def grid_used(self, s: Settings) -> str:
+        """What the default grid was for the last sampling call of ``s``: a stored fit of the run folder
+        (``RUN/fits/SAMPLER-STEPS.json``, used by the Pipeline when one matches) or the run's own grid."""
+        note = self.pipe.note or ""
+        if s.grid is None and note.startswith("using"):
+            return f"fitted: fits/{s.sampler}-{s.steps}.json"
+        return self.default_grid
+
+    def fits(self) -> list[str]:
+        """The stored fits of the run folder, as ``SAMPLER-STEPS`` (the Pipeline uses one when the sampler and
+        steps match and no grid is named)."""
+        folder = None if self.pipe.path is None else self.pipe.path / "fits"
+        return sorted(p.stem for p in folder.glob("*.json")) if folder is not None and folder.is_dir() else []
+
     def picture_title(self, s: Settings) -> str:
         """The title of a 2-D scatter (as the ``sample`` command writes it)."""
         return f"{s.sampler}, {s.steps} NFE"
@@ -420,10 +435,11 @@ class Studio:
         cb = self.stepper(job)
         x, nfe, seconds = self.sample(s, cb)
         cb(None)
+        grid, note = self.grid_used(s), self.pipe.note
         rid = self.store(x, s)
         job.put({"type": "done", "id": rid, "png": f"/results/{rid}.png", "npz": f"/results/{rid}.npz",
-                 "nfe": nfe, "seconds": round(seconds, 3), "label": s.label(self.default_grid), "n": len(x),
-                 "rows": self.num_classes if s.all_classes else None})
+                 "nfe": nfe, "seconds": round(seconds, 3), "label": s.label(grid), "n": len(x),
+                 "rows": self.num_classes if s.all_classes else None, "note": note})
 
     def run_compare(self, a: Settings, b: Settings, job: Job) -> None:
         """The Compare job: both settings from the same noise (same seed), and the RMS difference."""
@@ -432,9 +448,10 @@ class Studio:
             cb = self.stepper(job, which)
             x, nfe, seconds = self.sample(s, cb)
             cb(None)
+            grid, note = self.grid_used(s), self.pipe.note
             rid = self.store(x, s)
             out[which] = {"x": x, "id": rid, "png": f"/results/{rid}.png", "npz": f"/results/{rid}.npz", "nfe": nfe,
-                          "seconds": round(seconds, 3), "label": s.label(self.default_grid)}
+                          "seconds": round(seconds, 3), "label": s.label(grid), "note": note}
         rms = float((out["a"].pop("x") - out["b"].pop("x")).double().pow(2).mean().sqrt())
         job.put({"type": "done", "a": out["a"], "b": out["b"], "rms": rms})
 
