@@ -36,8 +36,8 @@ def runs(tmp_path_factory):
 def test_deterministic_by_generator_and_batch_size_independent(runs, sampler):
     pipe = td.Pipeline.from_pretrained(runs / "ring")
     a = pipe(n=7, sampler=sampler, steps=6, generator=gen(1))
-    b = pipe(n=7, sampler=sampler, steps=6, generator=gen(1), batch_size=3)
-    c = pipe(n=7, sampler=sampler, steps=6, generator=gen(1), batch_size=1)
+    b = pipe(n=7, sampler=sampler, steps=6, generator=gen(1), max_batch=3)
+    c = pipe(n=7, sampler=sampler, steps=6, generator=gen(1), max_batch=1)
     assert a.shape == (7, 2)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # float32 kernels differ by batch size
     torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)  # float32 kernels differ by batch size

@@ -267,3 +267,14 @@ class FolderLock:
 
     def __del__(self) -> None:
         self.release()
+
+
+def package_version() -> str:
+    """The installed package's version (``0.1.0+source`` when run from a source tree that is not installed); needs
+    no torch, so that ``torchdiffusion --version`` answers at once."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torchdiffusion")
+    except PackageNotFoundError:
+        return "0.1.0+source"

@@ -95,8 +95,10 @@ class SampleGenerators:
     sample's randomness does not depend on which batch it is drawn in (the Pipeline's batch-size invariance).
     Samplers accept it wherever they accept a generator (:func:`torchdiffusion.samplers.common.noise_like`)."""
 
-    def __init__(self, seeds: list[int]):
-        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    def __init__(self, seeds: list[int] | None = None, *, generators: list[torch.Generator] | None = None):
+        """One generator per seed, or the given ``generators`` themselves (one per sample, used as they are)."""
+        self.generators = list(generators) if generators is not None else \
+            [torch.Generator().manual_seed(int(s)) for s in seeds or []]
 
     def __len__(self) -> int:
         return len(self.generators)

@@ -42,7 +42,10 @@ DEFAULTS: dict[str, dict] = {
               "accum": 1, "seed": 0, "ckpt_every": 1000, "log_every": 50, "sample_every": 0,
               "device": "auto", "precision": "fp32", "compile": False, "threads": 0, "tensorboard": False,
               "workers": 0},
-    "sample": {"sampler": "ddim", "steps": 50, "grid": None, "n": 64, "guidance": 0.0},
+    # sample.threads: torch threads while sampling (Pipeline, CLI, studio); 1 is fastest for these small nets on a
+    # shared machine (benchmarks/results/sample_threads.md: ddim 50 steps, 1000 ring samples 7.5 s at 1 thread,
+    # 62.8 s at 2); 0 = torch's default
+    "sample": {"sampler": "ddim", "steps": 50, "grid": None, "n": 64, "guidance": 0.0, "threads": 1},
 }
 
 PRESETS: dict[str, dict] = {
@@ -241,7 +244,7 @@ RANGES: dict[str, Range] = {
     "train.clip": Range(0.0, lo_open=True, null="no clipping"), "train.accum": _count(), "train.seed": _count(0),
     "train.ckpt_every": _count(0), "train.log_every": _count(), "train.sample_every": _count(0),
     "train.threads": _count(0), "train.workers": _count(0, MAX_WORKERS),
-    "sample.steps": _count(), "sample.n": _count(), "sample.guidance": Range(),
+    "sample.steps": _count(), "sample.n": _count(), "sample.guidance": Range(), "sample.threads": _count(0),
 }
 # pairs of keys where the first must lie below (or, with "<=", not above) the second when both are given
 ORDERED = (("process.beta_start", "<", "process.beta_end"), ("process.beta_min", "<=", "process.beta_max"),
@@ -405,7 +408,7 @@ PRESETS.update({
                                              "conditional": False, "flip": True},
                                     "model": {"channels": 64, "channel_mult": [1, 2, 2], "attn_resolutions": [8]},
                                     "train": {"steps": 20000, "batch": 64, "lr": 2e-4, "threads": 0},
-                                    "sample": {"n": 64}}, strict=False),
+                                    "sample": {"n": 64, "threads": 0}}, strict=False),
 })
 
 

@@ -1,26 +1,38 @@
 """The front door for Python users (docs/design.md section 5): load any diffusion run folder and sample it.
 
-    pipe = td.Pipeline.from_pretrained("runs/digits")
+    pipe = td.Pipeline.from_pretrained("runs/digits")       # a run folder, a diffusers folder or a Hub id
     x = pipe(n=64, sampler="unipc", steps=10, class_labels=3, guidance=0.5,
              generator=torch.Generator().manual_seed(0))
 
 Every sample has its own noise: ``generator`` first draws one seed per sample (in sample order), and each
 sample's ``x_T`` and every noise the sampler draws for it come from that sample's generator
-(:class:`torchdiffusion._tensor.SampleGenerators`). So results do not depend on ``batch_size``, and the
-command line's ``sample --seed S`` equals ``generator=torch.Generator().manual_seed(S)``.
+(:class:`torchdiffusion._tensor.SampleGenerators`). So results do not depend on ``max_batch``, and the
+command line's ``sample --seed S`` equals ``generator=torch.Generator().manual_seed(S)``. A list of generators
+(diffusers' "one per image") is used as the samples' own generators, which is the noise diffusers draws from
+such a list: the same images through a diffusers pipeline of an exported run.
+
+diffusers' argument names have their diffusers meaning (:data:`DIFFUSERS_NAMES`; ``batch_size`` is the number
+of images, ``guidance_scale`` is ``1 + guidance``); the names we do not have are refused with one line that
+names ours (:data:`DIFFUSERS_REFUSED`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from torchdiffusion._files import FileError, FolderLock, check_writable
-from torchdiffusion._tensor import SampleGenerators, check_count
+from torchdiffusion._tensor import SampleGenerators, check_count, check_number, resolve_device
 from torchdiffusion.parameterization.denoiser import Denoiser
 from torchdiffusion.parameterization.guidance import CFG
 from torchdiffusion.processes import Process
@@ -30,8 +42,28 @@ from torchdiffusion.runs.config import config_binding
 from torchdiffusion.runs.diffusers_io import is_diffusers_folder, load_diffusers_folder
 from torchdiffusion.runs.latent import to_images
 from torchdiffusion.runs.text import load_tokenizer
-from torchdiffusion.samplers import grids, sample
+from torchdiffusion.samplers import StopSampling, grids, plan, progress_bar, reporter, sample
 from torchdiffusion.training.checkpoint import clear_run, model_files, save_json, save_tensors
+
+OUTPUT_TYPES = ("pt", "np", "pil")
+# diffusers' call arguments that we take with their diffusers meaning (-> our name)
+DIFFUSERS_NAMES = {"prompt": "prompt (text runs)", "negative_prompt": "negative_prompt (text runs)",
+                   "batch_size": "n", "num_inference_steps": "steps", "guidance_scale": "guidance + 1",
+                   "num_images_per_prompt": "n per class label", "generator": "generator",
+                   "output_type": "output_type", "return_dict": "return_dict",
+                   "callback_on_step_end": "callback_on_step_end", "eta": "eta (ddim)"}
+# diffusers' names with no counterpart here: refused with one line naming ours
+DIFFUSERS_REFUSED = {
+    "latents": "td.sample(pipe.model, x_T, ...) to start from your own noise",
+    "height": "nothing: the run's data shape is fixed by the trained model",
+    "width": "nothing: the run's data shape is fixed by the trained model",
+    "timesteps": "grid= (a grid name, or a decreasing tensor of times ending at the clean time)",
+    "sigmas": "grid= (a grid name, or a decreasing tensor of times ending at the clean time)",
+    "callback_steps": "callback_on_step_end (called after every step) or callback",
+    "callback_on_step_end_tensor_inputs": None,  # accepted (below)
+    "use_clipped_model_output": "nothing: x0 is never clipped (pass False or leave it out)",
+    "cross_attention_kwargs": "nothing: these runs have no cross-attention inputs",
+}
 
 
 def require_kind(cfg: dict, path: str | Path, allowed: Sequence[str], what: str) -> str:
@@ -49,38 +81,100 @@ def sample_seeds(n: int, generator: torch.Generator | None) -> list[int]:
 
 
 log = logging.getLogger(__name__)
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def resolve_pretrained(path: str | Path, *, revision: str | None = None, local_files_only: bool | None = None,
+                       cache_dir: str | Path | None = None, token: str | bool | None = None) -> Path:
+    """A local folder as it is; otherwise a Hugging Face Hub id ``org/name`` through ``huggingface_hub``'s
+    ``snapshot_download`` (its cache, ``revision``, and offline mode: ``HF_HUB_OFFLINE=1`` or
+    ``local_files_only=True`` read the cache only). Anything else is a one-line error."""
+    p = Path(path)
+    if p.exists() or not (isinstance(path, str) and _REPO_ID.match(path) and not path.endswith((".json", "/"))):
+        if not p.exists():
+            raise ValueError(f"run folder not found: {path} (nor a Hugging Face Hub id org/name)")
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:
+        raise ValueError(f"{path} is not a local folder; to read it as a Hugging Face Hub id install "
+                         "huggingface_hub (pip install 'torchdiffusion[hub]')") from None
+    try:
+        return Path(snapshot_download(path, revision=revision, local_files_only=bool(local_files_only),
+                                      cache_dir=None if cache_dir is None else str(cache_dir), token=token))
+    except LocalEntryNotFoundError:
+        raise ValueError(f"{path} is not a local folder and not in the Hugging Face cache"
+                         f"{'' if revision is None else f' at revision {revision}'} (offline: HF_HUB_OFFLINE or "
+                         "local_files_only); download it once online, or give a folder") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a local folder, and the Hub said: {str(e).strip().splitlines()[0]}") \
+            from None
+
+
+@dataclass
+class PipelineOutput:
+    """What a call with ``output_type`` (or ``return_dict``) returns, shaped like diffusers' ``ImagePipelineOutput``:
+    ``images`` (``output[0]`` too), plus the ``class_labels`` each sample was drawn for (None if none)."""
+
+    images: Any
+    class_labels: Tensor | None = None
+
+    def __getitem__(self, i):
+        return (self.images,)[i] if isinstance(i, int | slice) else getattr(self, i)
 
 
 class Pipeline:
-    """A trained diffusion model (``model``: its :class:`Denoiser`), its ``process`` and its run ``config``;
-    ``path``: its run folder, where fitted grids are kept (:mod:`torchdiffusion.runs.fits`; None: no stored fits).
-    ``note`` says after each sampling call whether a stored fit was used (or why not)."""
+    """A trained diffusion model (``model``: its :class:`Denoiser`), its ``process`` and its run ``config``.
 
-    def __init__(self, model: Denoiser, config: dict, *, path: str | Path | None = None, tokenizer=None):
+    ``threads``: torch's intra-op threads while sampling (None: the run's ``sample.threads``, default 1; 0
+    leaves torch's setting), restored afterwards. :meth:`set_progress_bar_config` configures the tqdm bar as in
+    diffusers; setting ``pipe._interrupt = True`` (e.g. in a ``callback_on_step_end``) stops sampling early.
+    ``path``: its run folder, where fitted grids are kept (:mod:`torchdiffusion.runs.fits`; None: no stored fits).
+    ``note`` says after each sampling call whether a stored fit was used (or why not).
+    """
+
+    def __init__(self, model: Denoiser, config: dict, *, threads: int | None = None, path: str | Path | None = None,
+                 tokenizer=None):
         self.model, self.config = model, config
+        self.tokenizer = tokenizer  # a text run's CaptionTokenizer (its tokenizer.json), else None
         self.path = None if path is None else Path(path)
         self.note: str | None = None
         self.process: Process = model.process
         info = config["run"]
         self.data_shape = tuple(info["data_shape"])
         self.num_classes = info.get("num_classes")
-        self.tokenizer = tokenizer  # a text run's CaptionTokenizer (its tokenizer.json), else None
+        self.threads = threads
+        self._progress_config: dict = {}
+        self._interrupt = False
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> Pipeline:
-        """Load a run folder (EMA weights by default), or a local diffusers folder (``UNet2DModel`` + scheduler,
-        :func:`~torchdiffusion.runs.diffusers_io.load_diffusers_folder`); autoencoder and classifier runs are
-        refused."""
+    def from_pretrained(cls, path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu",
+                        torch_dtype: torch.dtype | None = None, revision: str | None = None,
+                        local_files_only: bool | None = None, cache_dir: str | Path | None = None,
+                        token: str | bool | None = None, threads: int | None = None, **kwargs) -> Pipeline:
+        """Load a run folder (EMA weights by default), a local diffusers folder (``UNet2DModel`` + scheduler,
+        :func:`~torchdiffusion.runs.diffusers_io.load_diffusers_folder`) or a Hugging Face Hub id ``org/name``
+        holding either (:func:`resolve_pretrained`: its cache, ``revision``, offline with ``HF_HUB_OFFLINE=1``
+        or ``local_files_only``); autoencoder and classifier runs are refused. ``torch_dtype`` as in diffusers
+        (= ``.to(torch_dtype)``)."""
+        if kwargs:
+            raise TypeError(f"from_pretrained got unexpected argument(s) {', '.join(map(repr, sorted(kwargs)))}; "
+                            "allowed: ema, device, torch_dtype, revision, local_files_only, cache_dir, token, threads")
+        path = resolve_pretrained(path, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir,
+                                  token=token)
         if is_diffusers_folder(path):
-            return cls(*load_diffusers_folder(path, device))
-        model, cfg = load_run(path, ema=ema, device=device)
-        require_kind(cfg, path, ("diffusion", "latent"), "a Pipeline")
-        return cls(model, cfg, path=path, tokenizer=load_tokenizer(path, cfg))
+            pipe = cls(*load_diffusers_folder(path, device), threads=threads)
+        else:
+            model, cfg = load_run(path, ema=ema, device=device)
+            require_kind(cfg, path, ("diffusion", "latent"), "a Pipeline")
+            pipe = cls(model, cfg, threads=threads, path=path, tokenizer=load_tokenizer(path, cfg))
+        return pipe.to(dtype=torch_dtype) if torch_dtype is not None else pipe
 
     def save_pretrained(self, path: str | Path, *, force: bool = False) -> Path:
-        """Write a run folder that :meth:`from_pretrained` loads again (config, weights as model and EMA). A
-        folder that already holds a model is refused unless ``force``, which replaces the old run whole (its
-        training state, log and previews are deleted, so nothing of it is resumed); a diffusers folder, or a
+        """Write a run folder that :meth:`from_pretrained` loads again (config, weights as model and EMA, in
+        float32). A folder that already holds a model is refused unless ``force``, which replaces the old run whole
+        (its training state, log and previews are deleted, so nothing of it is resumed); a diffusers folder, or a
         folder a trainer holds, is refused."""
         if self.config["run"].get("diffusers"):
             raise ValueError(f"this Pipeline reads the diffusers folder {self.config['run']['diffusers']}; copy that "
@@ -97,14 +191,61 @@ class Pipeline:
             # the old run goes whole (training state, log, previews): a later `train` must not resume its
             # optimizer over these weights; the weights come before config.json, bound to it by their metadata
             clear_run(path, config=False)
-            state, meta = self.model.net.state_dict(), {"saved_by": "Pipeline.save_pretrained",
-                                                        **config_binding(self.config)}
+            state = {k: v.float() if v.is_floating_point() else v for k, v in self.model.net.state_dict().items()}
+            meta = {"saved_by": "Pipeline.save_pretrained", **config_binding(self.config)}
             for name in ("model.safetensors", "ema.safetensors"):
                 save_tensors(state, path / name, meta)
             if self.tokenizer is not None:
                 self.tokenizer.save(path / "tokenizer.json")
             save_json(self.config, path / "config.json")
         return path
+
+    # --- device, dtype, progress, threads ----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        first = next(iter(self.model.net.parameters()), None) if hasattr(self.model.net, "parameters") else None
+        return first.device if first is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        first = next(iter(self.model.net.parameters()), None) if hasattr(self.model.net, "parameters") else None
+        return first.dtype if first is not None else torch.float32
+
+    def to(self, *args, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
+        """Move the network to a device and/or dtype, as diffusers' ``pipe.to("cuda")``, ``pipe.to(torch.float16)``
+        or ``pipe.to("cuda", torch.float16)``; returns the pipeline. With a dtype other than float32 the network
+        runs under ``torch.autocast`` while the sampler's arithmetic stays in float32."""
+        for a in args:
+            if isinstance(a, torch.dtype):
+                dtype = a
+            elif isinstance(a, str | torch.device):
+                device = a
+            else:
+                raise TypeError(f"Pipeline.to takes a device and/or a dtype, got {type(a).__name__}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating point dtype (float32, float16, bfloat16), got {dtype}")
+        if device is not None:
+            device = resolve_device(device)
+        if hasattr(self.model.net, "to"):
+            self.model.net.to(device=device, dtype=dtype)
+        return self
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Options for the tqdm bar of every later call (diffusers' method): e.g. ``disable=True``, ``desc``,
+        ``leave``. ``progress=`` on a call overrides ``disable`` for that call."""
+        self._progress_config = dict(kwargs)
+
+    @property
+    def interrupt(self) -> bool:
+        """True once sampling was asked to stop (``pipe._interrupt = True``, as in diffusers)."""
+        return self._interrupt
+
+    def _threads(self, threads: int | None) -> contextlib.AbstractContextManager:
+        n = threads if threads is not None else self.threads
+        if n is None:
+            n = int(self.config.get("sample", {}).get("threads", 1) or 0)
+        check_count(n, "threads", 0)
+        return _num_threads(n)
 
     # --- sampling --------------------------------------------------------------------------------------------
     def labels(self, class_labels: int | Sequence[int] | Tensor | None, n: int) -> Tensor | None:
@@ -145,22 +286,6 @@ class Pipeline:
             raise ValueError(f"{what} must be one string or {n} strings (one per sample), got {len(texts)}")
         return torch.from_numpy(self.tokenizer.encode(texts))
 
-    def __call__(self, n: int = 1, sampler: str | None = None, steps: int | None = None,
-                 grid: str | Tensor | None = None,
-                 class_labels: int | Sequence[int] | Tensor | None = None, guidance: float = 0.0,
-                 generator: torch.Generator | None = None, batch_size: int | None = None,
-                 callback: Callable[[dict], None] | None = None, *, prompt: str | Sequence[str] | None = None,
-                 negative_prompt: str | Sequence[str] | None = None, **sampler_options) -> Tensor:
-        """``n`` samples in the data's own range and shape (a latent run decodes); defaults from the run's
-        ``sample`` section; ``guidance`` is the classifier-free scale ``w`` (needs ``class_labels``, or a
-        ``prompt`` for a text run). ``prompt``: one string or ``n`` strings (text runs; ``""`` or None = the
-        unconditional model); ``negative_prompt`` (one or ``n`` strings) replaces the unconditional branch of
-        guidance: ``(1 + w) eps(x, prompt) - w eps(x, negative_prompt)``."""
-        model, y = self.conditioned(n, class_labels=class_labels, prompt=prompt, negative_prompt=negative_prompt,
-                                    guidance=guidance)
-        return self.generate(model, n, cond=y, sampler=sampler, steps=steps, grid=grid, generator=generator,
-                             batch_size=batch_size, callback=callback, **sampler_options)
-
     def conditioned(self, n: int, *, class_labels: int | Sequence[int] | Tensor | None = None,
                     prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
                     guidance: float = 0.0):
@@ -189,16 +314,147 @@ class Pipeline:
             model = CFG(model, guidance, negative=negative is not None)
         return model, y
 
+    def __call__(self, n: int | None = None, sampler: str | None = None, steps: int | None = None,
+                 grid: str | Tensor | None = None,
+                 class_labels: int | Sequence[int] | Tensor | None = None, guidance: float | None = None,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                 batch_size: int | None = None, *, max_batch: int | None = None, output_type: str | None = None,
+                 return_dict: bool | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, num_images_per_prompt: int | None = None,
+                 callback: Callable[[dict], dict | None] | None = None,
+                 callback_on_step_end: Callable | None = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+                 progress: bool | None = None, threads: int | None = None,
+                 prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
+                 **sampler_options):
+        """Samples in the data's own range and shape (a latent run decodes); defaults from the run's ``sample``
+        section.
+
+        - How many: ``n`` or ``batch_size`` (diffusers' name: the number of images, not a chunk); a sequence of
+          ``class_labels`` (or a list of prompts) alone gives one sample per entry; ``num_images_per_prompt``
+          repeats each (or multiplies ``n``); no count at all is 1. Counts that disagree are an error.
+          ``max_batch`` bounds how many are sampled at once (results do not depend on it).
+        - ``guidance`` is the classifier-free ``w`` of ``(1 + w) eps(x, c) - w eps(x)`` (needs ``class_labels``);
+          diffusers' ``guidance_scale`` is ``1 + w`` (at most 1: no guidance, as in diffusers). Text runs take
+          ``prompt`` (one string or one per sample; ``""`` = unconditional) and ``negative_prompt``, which
+          replaces the unconditional branch: ``(1 + w) eps(x, prompt) - w eps(x, negative_prompt)``.
+          ``num_inference_steps`` is ``steps``.
+        - Output: without ``output_type`` a tensor ``(n, C, H, W)`` or ``(n, d)`` in the data's range (images
+          clamped to it; other data raw). With ``output_type`` (or ``return_dict``) a :class:`PipelineOutput` as
+          diffusers returns (``return_dict=False``: the tuple ``(images,)``), whose ``images`` are diffusers'
+          ``"pt"`` (NCHW tensor in [0, 1]), ``"np"`` (NHWC float array in [0, 1]) or ``"pil"`` (a list of PIL
+          images; the default when only ``return_dict`` is given); non-image data stay raw (``pil`` refused).
+        - ``callback(d)`` after every step (:func:`torchdiffusion.samplers.sample`); ``callback_on_step_end(pipe,
+          step_index, timestep, callback_kwargs) -> dict`` as diffusers calls it, with ``callback_kwargs``
+          holding ``latents`` (the state; return a changed one to walk on from it) and ``x0`` (the prediction).
+          Setting ``pipe._interrupt = True`` stops: every sample is returned at the state it reached (samples of
+          batches not yet started at their initial noise), as diffusers returns the latents it has.
+        - ``progress``: the tqdm bar (None: :meth:`set_progress_bar_config`, else shown on a terminal or in a
+          notebook); ``threads``: see the class doc. Other keywords are the sampler's options (e.g. ``eta``).
+        """
+        for k in sampler_options:
+            if k in DIFFUSERS_REFUSED and DIFFUSERS_REFUSED[k] is not None:
+                if k == "use_clipped_model_output" and not sampler_options[k]:
+                    continue
+                raise ValueError(f"{k!r} is diffusers' argument; this Pipeline has no such input: use "
+                                 f"{DIFFUSERS_REFUSED[k]}")
+        sampler_options = {k: v for k, v in sampler_options.items() if k != "use_clipped_model_output"}
+        steps = _same("steps", steps, "num_inference_steps", num_inference_steps)
+        if guidance_scale is not None:
+            gs = check_number(guidance_scale, "guidance_scale")
+            guidance = _same("guidance", guidance, "guidance_scale - 1", max(gs - 1.0, 0.0))
+        guidance = 0.0 if guidance is None else check_number(guidance, "guidance")
+        per = class_labels if class_labels is not None else (prompt if isinstance(prompt, list | tuple) else None)
+        count = _count(n, batch_size, per, num_images_per_prompt, "class_labels" if class_labels is not None else
+                       "prompt")
+        if num_images_per_prompt is not None:  # each label or prompt repeated, in order (diffusers' layout)
+            m = int(num_images_per_prompt)
+            if class_labels is not None and not _is_scalar(class_labels):
+                class_labels = torch.as_tensor(class_labels).flatten().repeat_interleave(m)
+            prompt, negative_prompt = ([t for t in p for _ in range(m)] if isinstance(p, list | tuple) else p
+                                       for p in (prompt, negative_prompt))
+        model, y = self.conditioned(count, class_labels=class_labels, prompt=prompt, negative_prompt=negative_prompt,
+                                    guidance=guidance)
+        if output_type is not None and output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)} (or None: our tensor in the "
+                             f"data's range), got {output_type!r}")
+        step_cb = callback
+        if callback_on_step_end is not None:
+            step_cb = self._step_end(callback, callback_on_step_end, tuple(callback_on_step_end_tensor_inputs))
+        seeds = gens = None
+        if isinstance(generator, list | tuple):
+            gens = list(generator)
+            if len(gens) != count:
+                raise ValueError(f"generator is a list of {len(gens)}; a list needs one generator per sample "
+                                 f"({count}), as in diffusers")
+            generator = None
+        x = self.generate(model, count, cond=y, sampler=sampler, steps=steps, grid=grid, generator=generator,
+                          max_batch=max_batch, callback=step_cb, generators=gens, seeds=seeds, progress=progress,
+                          threads=threads, **sampler_options)
+        if output_type is None and return_dict is None:
+            return x
+        images = self.postprocess(x, output_type or "pil")
+        out = PipelineOutput(images, y)
+        return out if return_dict is None or return_dict else (images,)
+
+    def _step_end(self, callback, on_step_end: Callable, inputs: tuple[str, ...]) -> Callable[[dict], dict | None]:
+        """Our sampler callback around diffusers' ``callback_on_step_end(pipe, i, t, callback_kwargs)``."""
+        allowed = ("latents", "x0")
+        bad = [k for k in inputs if k not in allowed]
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may hold {', '.join(allowed)}; got {bad}")
+
+        def cb(d: dict) -> dict | None:
+            out = callback(d) if callback is not None else None
+            kwargs = {k: (d["x"] if k == "latents" else d.get("x0")) for k in inputs}
+            ret = on_step_end(self, d["i"], d["t"], kwargs)
+            if isinstance(ret, dict) and ret.get("latents") is not None:
+                return {"x": ret["latents"]}
+            return out
+        return cb
+
+    def postprocess(self, x: Tensor, output_type: str = "pt"):
+        """``x`` (our tensor in the data's range) as diffusers' ``output_type``: images to [0, 1] (``pt``: NCHW
+        tensor, ``np``: NHWC float32 array, ``pil``: a list of PIL images); other data raw (``pil`` refused)."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        image = x.ndim == 4
+        if not image:
+            if output_type == "pil":
+                raise ValueError(f"output_type='pil' needs image data; this run's samples are vectors of shape "
+                                 f"{tuple(x.shape[1:])} (use 'np' or 'pt')")
+            return x.numpy() if output_type == "np" else x
+        lo, hi = self.value_range
+        x01 = ((x.float() - lo) / (hi - lo)).clamp(0, 1)
+        if output_type == "pt":
+            return x01
+        arr = x01.permute(0, 2, 3, 1).numpy()
+        if output_type == "np":
+            return arr
+        from PIL import Image
+
+        u8 = (arr * 255).round().astype(np.uint8)
+        return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in u8]
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """The range of the samples this pipeline returns (the decoded images' for a latent run)."""
+        info = self.config["run"]
+        lat = info.get("latent")
+        return tuple(map(float, (lat or info).get("value_range", (-1.0, 1.0))))
+
     def generate(self, model, n: int, *, cond: Tensor | None = None, sampler: str | None = None,
                  steps: int | None = None, grid: str | Tensor | None = None, generator: torch.Generator | None = None,
-                 batch_size: int | None = None, callback: Callable[[dict], None] | None = None,
-                 seeds: Sequence[int] | None = None, **sampler_options) -> Tensor:
+                 max_batch: int | None = None, callback: Callable[[dict], dict | None] | None = None,
+                 seeds: Sequence[int] | None = None, generators: Sequence[torch.Generator] | None = None,
+                 progress: bool | None = None, threads: int | None = None, **sampler_options) -> Tensor:
         """Sample any model over this run's process and data (e.g. a guidance wrapper around ``self.model``)
-        with per-sample noise (module doc), in batches of ``batch_size``; decoded to images for latent runs.
-        ``seeds`` (``n`` per-sample seeds, e.g. a subset of :func:`sample_seeds`) replaces ``generator``."""
+        with per-sample noise (module doc), at most ``max_batch`` at a time; decoded to images for latent runs,
+        images clamped to the data range. ``seeds`` (``n`` per-sample seeds, e.g. a subset of
+        :func:`sample_seeds`) or ``generators`` (``n`` generators, used as they are) replace ``generator``."""
         check_count(n, "n")
-        if batch_size is not None:
-            check_count(batch_size, "batch_size")
+        if max_batch is not None:
+            check_count(max_batch, "max_batch")
         s = self.config.get("sample", {})
         sampler = sampler or s.get("sampler", "ddim")
         steps = steps if steps is not None or isinstance(grid, Tensor) else int(s.get("steps", 50))
@@ -206,24 +462,51 @@ class Pipeline:
         if grid is None and model is self.model:  # a stored fit for this sampler and step count (issue 33)
             grid, sampler_options = self.stored_fit(sampler, steps, sampler_options)
         grid = grid if grid is not None else s.get("grid")
-        first = next(iter(self.model.net.parameters()), None) if hasattr(self.model.net, "parameters") else None
-        device = first.device if first is not None else "cpu"
-        seeds = sample_seeds(n, generator) if seeds is None else [int(v) for v in seeds]
-        if len(seeds) != n:
-            raise ValueError(f"seeds must hold n = {n} per-sample seeds, got {len(seeds)}")
+        p = plan(self.process, sampler, steps, grid, **sampler_options)  # checks everything before any work
+        device = self.device
+        if generators is None:
+            seeds = sample_seeds(n, generator) if seeds is None else [int(v) for v in seeds]
+            if len(seeds) != n:
+                raise ValueError(f"seeds must hold n = {n} per-sample seeds, got {len(seeds)}")
+        elif len(generators) != n:
+            raise ValueError(f"generators must hold n = {n} generators, got {len(generators)}")
+        chunk = max_batch or n
+        config = dict(self._progress_config)
+        if progress is not None:
+            config["disable"] = not progress
+        bar = progress_bar(p.emits * math.ceil(n / chunk), progress, **{"desc": sampler, **config})
+        report, last = reporter(callback, bar)
+        self._interrupt = False
+
+        def step(d: dict) -> dict | None:
+            report(d)
+            if self._interrupt:
+                raise StopSampling
+        dtype = self.dtype
+        amp = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
         out = []
-        for lo in range(0, n, batch_size or n):
-            gens = SampleGenerators(seeds[lo: lo + (batch_size or n)])
-            x_T = gens.randn((len(gens), *self.data_shape), dtype=torch.float32) * self.process.prior_std()
-            c = None if cond is None else cond[lo: lo + len(gens)].to(device)
-            x = sample(model, x_T.to(device), sampler, steps, grid=grid, generator=gens, cond=c,
-                       callback=callback, **sampler_options)
-            out.append(x.cpu())
+        try:
+            with self._threads(threads), amp:
+                for lo in range(0, n, chunk):
+                    gens = SampleGenerators(seeds[lo: lo + chunk]) if generators is None else \
+                        SampleGenerators(generators=generators[lo: lo + chunk])
+                    x_T = gens.randn((len(gens), *self.data_shape), dtype=torch.float32) * self.process.prior_std()
+                    if self._interrupt:  # a batch not started: its initial noise
+                        out.append(x_T)
+                        continue
+                    c = None if cond is None else cond[lo: lo + len(gens)].to(device)
+                    last.clear()
+                    x = sample(model, x_T.to(device), sampler, steps, grid=grid, generator=gens, cond=c,
+                               callback=step, progress=False, **sampler_options)
+                    out.append(x.float().cpu())
+        finally:
+            bar.close()
         x = torch.cat(out)
         if not torch.isfinite(x).all():
             raise ValueError(f"sampling produced non-finite values ({int((~torch.isfinite(x)).sum())} of "
                              f"{x.numel()}): the weights or the options are broken")
-        return to_images(x, self.config["run"])[0]
+        x = to_images(x, self.config["run"])[0]
+        return x.clamp(*self.value_range) if x.ndim == 4 else x
 
     # --- fitted grids (issue 33; runs/fits.py) --------------------------------------------------------------------
     def stored_fit(self, sampler: str, steps: int, options: dict) -> tuple[Tensor | None, dict]:
@@ -253,8 +536,7 @@ class Pipeline:
         steps = int(s.get("steps", 50)) if steps is None else steps
         check_count(n_pilot, "n_pilot")
         choices = fits.default_choices(sampler) if choices is None else choices
-        first = next(iter(self.model.net.parameters()), None) if hasattr(self.model.net, "parameters") else None
-        device = first.device if first is not None else "cpu"
+        device = self.device
         x_T = self.process.prior_sample((n_pilot, *self.data_shape), generator=torch.Generator().manual_seed(seed))
         cond = fits.pilot_labels(n_pilot, self.num_classes)
         grid, info = grids.optimize(self.model, sampler, steps, x_T=x_T.to(device),
@@ -263,3 +545,54 @@ class Pipeline:
         path, rec = fits.save_fit(self.path, grid.cpu(), info, weights=fits.weights_hash(self.model),
                                   pilot_seed=seed, choices=choices)
         return {**rec, "path": str(path)}
+
+
+@contextlib.contextmanager
+def _num_threads(n: int):
+    """torch's intra-op threads set to ``n`` (0: unchanged) inside the block, restored after."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _same(name: str, value, other_name: str, other):
+    """``value`` or ``other`` (the same setting under diffusers' name); both given and different is an error."""
+    if other is None:
+        return value
+    if value is not None and value != other:
+        raise ValueError(f"{name}={value!r} and {other_name.split(' ')[0]} (= {name} {other!r}) disagree; give one")
+    return other
+
+
+def _is_scalar(labels) -> bool:
+    return isinstance(labels, int) or (isinstance(labels, Tensor) and labels.ndim == 0)
+
+
+def _count(n: int | None, batch_size: int | None, per, per_label: int | None, what: str = "class_labels") -> int:
+    """The number of samples a call asks for (see :meth:`Pipeline.__call__`): ``per`` is the class labels or
+    prompts when they are a sequence (one sample each, times ``per_label``); or a one-line error."""
+    for name, v in (("n", n), ("batch_size", batch_size), ("num_images_per_prompt", per_label)):
+        if v is not None:
+            check_count(v, name)
+    if n is not None and batch_size is not None and n != batch_size:
+        raise ValueError(f"n={n} and batch_size={batch_size} disagree: both are the number of samples (batch_size "
+                         "as in diffusers); give one (max_batch bounds how many are sampled at once)")
+    count = n if n is not None else batch_size
+    m = per_label or 1
+    if per is not None and not _is_scalar(per) and not isinstance(per, str):
+        try:
+            k = len(per) if isinstance(per, list | tuple) else len(torch.as_tensor(per).flatten())
+        except TypeError:
+            raise ValueError(f"{what} must be one value or a sequence, got {per!r}"[:200]) from None
+        total = k * m
+        if count is not None and count != total:
+            if m == 1:
+                raise ValueError(f"{what} must be one {'int' if what == 'class_labels' else 'string'} or {count} "
+                                 f"{'labels' if what == 'class_labels' else 'strings'}, got {total}")
+            raise ValueError(f"{k} {what} x {m} each = {total} samples, but n/batch_size asks for {count}")
+        return total
+    return (count or 1) * m

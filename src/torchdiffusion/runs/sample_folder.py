@@ -60,7 +60,7 @@ def sample_to_folder(pipe: Pipeline, model, n: int, out: str | Path, *, seed: in
     for lo in range(0, len(todo), step):
         idx = todo[lo: lo + step]
         c = None if cond is None else cond[idx]
-        x = pipe.generate(model, len(idx), cond=c, seeds=[seeds[i] for i in idx], batch_size=None, **generate_kw)
+        x = pipe.generate(model, len(idx), cond=c, seeds=[seeds[i] for i in idx], **generate_kw)
         for i, img in zip(idx, to_uint8_chw(x, vr)):
             written.append(write_png(img, out / png_name(i)))
         if on_batch is not None:

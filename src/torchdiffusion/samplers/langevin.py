@@ -61,7 +61,8 @@ def _prepare(steps: int | None, n_levels: int, options: dict) -> dict:
     return options
 
 
-@register("annealed_langevin", intervals=_levels, stochastic=True, prepare=_prepare)
+@register("annealed_langevin", intervals=_levels, stochastic=True, prepare=_prepare,
+          emits=lambda n, options: n * int(options["n_steps_each"]))
 def annealed_langevin(model, x: Tensor, ts: Tensor, *, generator=None, callback=None,
                       levels: int | None = None, n_steps_each: int | None = None, eps: float | None = None,
                       snr: float | None = None, final_denoise: bool = True) -> Tensor:

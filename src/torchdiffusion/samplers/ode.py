@@ -50,7 +50,7 @@ def _any_steps(steps: int, **_) -> int:
     return max(int(steps), 2)
 
 
-@register("ode", intervals=_any_steps)
+@register("ode", intervals=_any_steps, emits=lambda n, options: 2)
 def ode(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, method: str = "dopri5",
         rtol: float = 1e-5, atol: float = 1e-5, t_end: float | None = None) -> Tensor:
     """Adaptive PF-ODE solve with ``torchdiffeq.odeint`` (default ``dopri5``) from ``ts[0]`` down to ``t_end``,
