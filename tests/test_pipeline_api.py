@@ -135,7 +135,9 @@ def test_diffusers_argument_names_mean_what_they_mean_there(digits):
         digits(n=1, class_labels=1, steps=3, num_inference_steps=4)
     with pytest.raises(ValueError, match="guidance=0.2 and guidance_scale"):
         digits(n=1, class_labels=1, guidance=0.2, guidance_scale=3.0)
-    for name, ours in (("prompt", "class_labels"), ("latents", "td.sample"), ("height", "data shape"),
+    with pytest.raises(ValueError, match="prompt given, but this run has no text encoder"):
+        digits(n=1, prompt="a 3")  # diffusers' name, our meaning: text runs take prompts
+    for name, ours in (("latents", "td.sample"), ("height", "data shape"),
                        ("timesteps", "grid="), ("callback_steps", "callback_on_step_end")):
         with pytest.raises(ValueError, match=f"'{name}' is diffusers' argument.*{ours}") as e:
             digits(n=1, **{name: 1})

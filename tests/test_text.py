@@ -243,9 +243,9 @@ def test_text_run_trains_and_samples_from_prompts(text_run, shapes):
                           atol=1e-6)
     neg = pipe(n=2, prompt="a red star", guidance=3.0, negative_prompt=["a blue circle", "a star"], generator=g())
     assert (neg - plain).abs().max() > 1e-3
-    # one prompt for all equals the same prompt repeated; batch_size does not matter
+    # one prompt for all equals the same prompt repeated; max_batch does not matter
     assert torch.allclose(pipe(n=2, prompt="a red star", generator=g()),
-                          pipe(n=2, prompt=["a red star"] * 2, generator=g(), batch_size=1), atol=1e-5)
+                          pipe(n=2, prompt=["a red star"] * 2, generator=g(), max_batch=1), atol=1e-5)
     # the same through the CLI
     png = text_run.parent / "cli.png"
     assert main(["sample", str(text_run), "--n", "2", "--prompt", "a red star", "--guidance", "3",
