@@ -91,36 +91,51 @@ def peak_rss(folder: str | Path, *, batches: int = 100, batch: int = 64, workers
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def median_peak(folder: str | Path, repeats: int = 3, **kw) -> dict:
+    """:func:`peak_rss` ``repeats`` times (fresh processes); the run with the median main-process peak, plus
+    ``peaks`` (all of them). The peak varies from run to run by up to ~40 MB whatever the folder's size (glibc's
+    heap arenas in the loader's queue threads; measured bimodal on 1000 images: 232 or 272 MB), hence the median."""
+    runs = sorted((peak_rss(folder, **kw) for _ in range(int(repeats))), key=lambda r: r["peak_rss"])
+    return {**runs[len(runs) // 2], "peaks": [r["peak_rss"] for r in runs]}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
     ap.add_argument("--workdir", default="/tmp/torchdiffusion-folder-stream", help="where the PNG folders are written")
     ap.add_argument("--batches", type=int, default=100)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="fresh processes per folder (the median is reported)")
     ap.add_argument("--note", action="append", default=[])
     a = ap.parse_args(argv)
     t0, load0 = time.time(), os.getloadavg()
     rows = []
     for n in a.sizes:
         folder = write_pngs(Path(a.workdir) / f"n{n}", n)
-        rows.append(peak_rss(folder, batches=a.batches, workers=a.workers))
+        rows.append(median_peak(folder, a.repeats, batches=a.batches, workers=a.workers))
     mb = 2**20
     first = rows[0]
     lines = ["# Streaming an image folder: memory against the number of images", "", command("folder_stream.py", argv),
              machine(t0, "1 thread per process", load0), "",
              f"Each folder: N generated 32x32 RGB PNGs with a metadata.jsonl (labels); a fresh process indexes it and "
-             f"draws {a.batches} training batches of 64 (flips on, {a.workers} loader workers). RSS = resident set "
-             "size (peak, from getrusage); the base is the process after importing torch.", "",
-             "| images | index (s) | images/s | index arrays (MB) | base RSS (MB) | peak RSS main (MB) | "
-             "peak RSS worker (MB) | peak / peak at the smallest |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"draws {a.batches} training batches of 64 (flips on, {a.workers} loader workers), {a.repeats} times; "
+             "the row is the run with the median peak. RSS = resident set size (peak, from getrusage); the base is "
+             "the process after importing torch.", "",
+             "| images | index (s) | images/s | index arrays (MB) | base RSS (MB) | peak RSS main, median (MB) | "
+             "all runs (MB) | peak RSS worker (MB) | median peak / median peak at the smallest |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['n']} | {r['index_s']:.2f} | {r['images'] / r['iter_s']:.0f} | "
                      f"{r['index_bytes'] / mb:.2f} | {r['base_rss'] / mb:.0f} | {r['peak_rss'] / mb:.0f} | "
+                     f"{', '.join(f'{p / mb:.0f}' for p in r['peaks'])} | "
                      f"{r['worker_peak_rss'] / mb:.0f} | {r['peak_rss'] / first['peak_rss']:.3f} |")
     ratio = rows[-1]["peak_rss"] / first["peak_rss"]
-    lines += ["", f"Peak RSS of the main process at {rows[-1]['n']} images is {ratio:.3f}x that at {first['n']} "
-              f"(the issue asks for at most 1.2x): {'met' if ratio <= 1.2 else 'NOT met'}."]
+    worst = max(rows[-1]["peaks"]) / min(first["peaks"])
+    lines += ["", f"Median peak RSS of the main process at {rows[-1]['n']} images is {ratio:.3f}x that at "
+              f"{first['n']} (the issue asks for at most 1.2x): {'met' if ratio <= 1.2 else 'NOT met'}; the "
+              f"largest run at {rows[-1]['n']} over the smallest at {first['n']}: {worst:.3f}x. The index itself "
+              f"grows by {(rows[-1]['index_bytes'] - first['index_bytes']) / mb:.1f} MB; the run-to-run spread of "
+              "the peak (glibc heap arenas of the loader's threads, the same at every size) is larger than that."]
     write_results(RESULTS, lines, a.note)
 
 

@@ -410,8 +410,8 @@ def test_peak_memory_of_10_5_images_is_within_1_2x_of_10_3(tmp_path_factory) -> 
     finally:
         sys.path.remove(bench_dir)
     root = tmp_path_factory.mktemp("rss")
-    small = bench.peak_rss(bench.write_pngs(root / "small", 1000), batches=50)
-    large = bench.peak_rss(bench.write_pngs(root / "large", 100_000), batches=50)
+    small = bench.median_peak(bench.write_pngs(root / "small", 1000), 3, batches=50)
+    large = bench.median_peak(bench.write_pngs(root / "large", 100_000), 3, batches=50)
     assert small["n"] == 1000 and large["n"] == 100_000
-    assert large["peak_rss"] <= 1.2 * small["peak_rss"], (small, large)
+    assert large["peak_rss"] <= 1.2 * small["peak_rss"], (small, large)  # medians of 3 fresh processes
     assert large["worker_peak_rss"] <= 1.2 * small["worker_peak_rss"], (small, large)

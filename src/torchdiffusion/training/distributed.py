@@ -11,7 +11,10 @@ identically on all ranks, so no communication is needed, and keeps the contiguou
 ``[r B/W, (r+1) B/W)`` of it (:func:`shard`): the shards are disjoint and together form the global batch,
 which is exactly the batch a single process with the same seed draws. The diffusion noise (``t``, ``eps``)
 comes from a per-rank generator. DDP averages the gradients, so one step equals a single-process step on the
-combined batch (up to the noise draws). Only rank 0 writes checkpoints, logs, samples and progress bars;
+combined batch (up to the noise draws). A streamed image folder follows the same scheme without a generator: the
+global batch of step ``s`` (indices and flips) is a function of (``train.seed``, ``s``)
+(:func:`torchdiffusion.data.folder.step_indices`, distinct examples within a step) and each rank's ``DataLoader``
+decodes only its shard. Only rank 0 writes checkpoints, logs, samples and progress bars;
 every rank loads the checkpoint on resume (so the run folder must be visible to every rank: one machine or a
 shared file system), and the per-rank generator states are gathered into it, so a resumed run with the same
 number of processes continues exactly.
