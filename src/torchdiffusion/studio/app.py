@@ -77,6 +77,18 @@ def _flag(value, name: str) -> bool:
     return text in ("true", "1")
 
 
+MAX_PROMPT = 1000  # characters of a prompt (the tokenizer keeps its max_length tokens of it)
+
+
+def _prompt(value, name: str) -> str:
+    """A prompt as typed: text of at most :data:`MAX_PROMPT` characters (surrounding spaces removed)."""
+    if not isinstance(value, str):
+        raise StudioError(f"{name} must be text, got {type(value).__name__}")
+    if len(value) > MAX_PROMPT:
+        raise StudioError(f"{name} has {len(value)} characters; at most {MAX_PROMPT}")
+    return value.strip()
+
+
 def _float(value, name: str) -> float:
     text = str(value).strip()
     try:
@@ -125,6 +137,8 @@ class Settings:
     class2: int | None = None
     options: tuple[tuple[str, object], ...] = ()
     all_classes: bool = False
+    prompt: str | None = None  # text runs: "" = unconditional
+    negative_prompt: str | None = None
 
     def label(self, default_grid: str = "") -> str:
         """A short description (``ddim eta=1, grid default (logsnr), 10 steps``); ``default_grid`` names what
@@ -186,7 +200,8 @@ class Studio:
     def __init__(self, pipe: Pipeline, name: str = "run"):
         self.name, self.denoiser, self.config = name, pipe.model, pipe.config
         self.counter = CountingModel(pipe.model)
-        self.pipe = Pipeline(self.counter, pipe.config, path=pipe.path)
+        self.pipe = Pipeline(self.counter, pipe.config, path=pipe.path, tokenizer=pipe.tokenizer)
+        self.text = pipe.tokenizer is not None  # a text-conditioned run: a prompt box instead of the class
         info = self.config["run"]
         self.info_run = info
         self.num_classes = info.get("num_classes") or None
@@ -240,7 +255,7 @@ class Studio:
         out = {"name": self.name, "kind": "latent" if self.latent else "diffusion",
                "process": self.denoiser.process.name, "data": str(self.config["data"].get("name")),
                "data_shape": list(self.image_shape), "image": self.is_image, "two_d": self.is_2d,
-               "num_classes": self.num_classes, "unconditional": self.unconditional,
+               "num_classes": self.num_classes, "unconditional": self.unconditional, "text": self.text,
                "samplers": samplers.names(), "sampler_options": sampler_options(), "grids": grids.names(),
                "default_grid": self.default_grid, "fits": self.fits(), "views": views, "keep_results": KEEP_RESULTS,
                "max_n": MAX_N_IMAGES if self.is_image else MAX_N_POINTS, "max_steps": MAX_STEPS,
@@ -306,7 +321,15 @@ class Studio:
                 class2 = _int(get("class2"), "class 2", 0, self.num_classes - 1)
         if all_classes:
             klass = None
-        return Settings(sampler, grid, steps, seed, n, klass, guidance or 0.0, view, class2, options, all_classes)
+        prompt = negative = None
+        if self.text:  # text prompts (issue 30): "" = the unconditional model; a negative prompt needs guidance
+            prompt, negative = _prompt(get("prompt"), "prompt"), _prompt(get("negative_prompt"), "negative prompt")
+            guidance = _float(get("guidance", "0") or "0", "guidance")
+            if negative and not guidance:
+                raise StudioError("a negative prompt needs guidance > 0 (it replaces the unconditional half of "
+                                  "classifier-free guidance)")
+        return Settings(sampler, grid, steps, seed, n, klass, guidance or 0.0, view, class2, options, all_classes,
+                        prompt, negative or None)
 
     def parse_options(self, sampler: str, values: dict) -> tuple[tuple[str, object], ...]:
         """The sampler options of a request (``opt_NAME`` keys, strings as typed; empty = the default), checked
@@ -340,7 +363,8 @@ class Studio:
                           guidance=s.guidance, generator=gen, callback=callback, **opts)
         elif s.view is None:
             x = self.pipe(s.n, sampler=s.sampler, steps=s.steps, grid=s.grid, class_labels=s.klass,
-                          guidance=s.guidance, generator=gen, callback=callback, **opts)
+                          guidance=s.guidance, generator=gen, callback=callback, prompt=s.prompt,
+                          negative_prompt=s.negative_prompt, **opts)
         else:  # a visual anagram: looks like class as it is, like class2 under the view
             model = G.CFG(self.counter, s.guidance) if s.guidance else self.counter
             model = G.MultiView(model, ["identity", s.view], conds=[s.klass, s.class2],
