@@ -415,3 +415,48 @@ def test_peak_memory_of_10_5_images_is_within_1_2x_of_10_3(tmp_path_factory) -> 
     assert small["n"] == 1000 and large["n"] == 100_000
     assert large["peak_rss"] <= 1.2 * small["peak_rss"], (small, large)  # medians of 3 fresh processes
     assert large["worker_peak_rss"] <= 1.2 * small["worker_peak_rss"], (small, large)
+
+
+def _ddp_worker(rank: int, port: int, root: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distributed.init_from_env("cpu")
+    from torchdiffusion.training import trainer as trainer_mod
+
+    seen = []
+    real = trainer_mod.Trainer._streamed_batch
+
+    def record(self):
+        x, y = real(self)
+        seen.append((x.clone(), y.clone()))
+        return x, y
+    trainer_mod.Trainer._streamed_batch = record
+    cfg = config_mod.resolve("images", [f"data.name={root}/imgs", *TINY, "train.steps=6", "train.workers=1"])
+    train(cfg, Path(root) / "run", progress=False)
+    torch.save(seen, f"{root}/seen{rank}.pt")
+    distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes under torch.distributed (gloo), ~75 s under load
+def test_two_real_ranks_decode_disjoint_shards_of_the_single_process_batches(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from torchdiffusion.data.folder import stream
+
+    folder = write_folder(tmp_path / "imgs", n=40)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    a, b = torch.load(tmp_path / "seen0.pt"), torch.load(tmp_path / "seen1.pt")
+    it = stream(ImageFolder(folder, 8), batch=8, seed=0, flip=True)
+    for k in range(6):
+        x, y = next(it)
+        assert a[k][0].shape[0] == b[k][0].shape[0] == 4
+        assert torch.equal(torch.cat([a[k][0], b[k][0]]), x) and torch.equal(torch.cat([a[k][1], b[k][1]]), y)

@@ -40,7 +40,7 @@ class TrainSettings:
     compile: bool = False
     threads: int = 0
     tensorboard: bool = False
-    workers: int = 0
+    workers: int = 0  # DataLoader processes decoding a streamed image folder (data.folder); in-memory data: unused
     flip: bool = False
 
     def __post_init__(self) -> None:
