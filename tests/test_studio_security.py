@@ -206,6 +206,23 @@ def test_its_own_names_are_answered(server, host):
     assert status == 200 and json.loads(body)["two_d"] is True
 
 
+@pytest.mark.parametrize("bind, value, ok", [
+    ("127.0.0.1", "127.0.0.1:8000", True), ("127.0.0.1", "localhost:8000", True), ("127.0.0.1", "[::1]:8000", True),
+    ("127.0.0.1", "127.0.0.1:8001", False), ("127.0.0.1", "127.0.0.1", False), ("127.0.0.1", "10.0.0.5:8000", False),
+    ("127.0.0.1", "evil.example:8000", False), ("127.0.0.1", "localhost.evil.example:8000", False),
+    ("::1", "[::1]:8000", True), ("::1", "evil.example:8000", False),
+    ("0.0.0.0", "192.168.1.20:8000", True), ("0.0.0.0", "[fe80::1]:8000", True), ("0.0.0.0", "localhost:8000", True),
+    ("0.0.0.0", "evil.example:8000", False), ("0.0.0.0", "192.168.1.20:8001", False),
+    ("192.168.1.20", "192.168.1.20:8000", True), ("192.168.1.20", "192.168.1.21:8000", False),
+    ("192.168.1.20", "evil.example:8000", False), ("127.0.0.1", "127.0.0.1:8000:1", False),
+    ("127.0.0.1", "127.0.0.1:+8000", False), ("127.0.0.1", "[::1:8000", False),
+])
+def test_host_rule_for_each_kind_of_bind(bind, value, ok):
+    """Loopback binds answer loopback names; wildcard binds any IP literal (never rebound by DNS) and the machine's
+    own names; another address only itself; always on the bound port."""
+    assert studio_server.host_allowed(value, bind, 8000) is ok
+
+
 def test_reading_routes_refuse_other_sites_but_the_page_opens_from_a_link(server):
     for hdrs in ({"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}):
         for path in ("/api/info", "/api/scorefield?sigma=1", "/results/r1.png", "/results/r1.npz"):

@@ -14,6 +14,13 @@ Routes (all answers are JSON unless said otherwise):
                                data URL, with ``t`` and the density-weighted relative error
 ``GET /results/ID.png|.npz``   a stored result, written by :func:`torchdiffusion.evaluation.viz.save_samples`
 
+Who may ask (docs/design.md section 7): every request must name this server in ``Host`` (:func:`host_allowed`;
+a DNS-rebinding page sends its own name); the API and the results refuse requests from other origins (an
+``Origin`` that is not ``http://`` + ``Host``, a ``Sec-Fetch-Site`` other than ``same-origin`` / ``none``); POST
+bodies must be ``application/json`` (what another site cannot send without a CORS preflight, which is refused) of
+at most :data:`MAX_BODY` bytes, arriving within :data:`READ_SECONDS` (one deadline for the whole request). Every
+refusal and failure is one JSON line; clients that go away cost nothing.
+
 This file is the HTTP layer only; the model side (settings, jobs, results) is
 :class:`~torchdiffusion.studio.app.Studio` in ``app.py``. Sampling runs on a worker thread, never on the request
 thread; a bad value is a one-line ``error`` and the server keeps serving.
@@ -80,6 +87,22 @@ def _is_ip(host: str) -> bool:
         return False
 
 
+def host_allowed(value: str, bind_host: str, port: int) -> bool:
+    """Whether a ``Host`` header ``value`` names a server bound to ``bind_host``:``port``: the right port (80 when
+    absent) and the bound name, or on a loopback bind any loopback name (``127.0.0.1``, ``localhost``, ``::1``), or
+    on a wildcard bind (``0.0.0.0``, ``::``) any IP literal (an address cannot be rebound by DNS) and the machine's
+    own names. Any other name is what a DNS-rebinding page would send."""
+    host, got = _split_host(value)
+    if (80 if got is None else got) != port:
+        return False
+    bind_host = bind_host.strip("[]").lower()
+    if bind_host in WILDCARD:
+        return _is_ip(host) or host in {"localhost", socket.gethostname().lower(), socket.getfqdn().lower()}
+    if is_loopback(bind_host):
+        return host in {bind_host, *LOOPBACK}
+    return host == bind_host
+
+
 def _ascii_name(name: str) -> str:
     """An ASCII stand-in for a file name (the ``filename=`` fallback of RFC 6266)."""
     text = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
@@ -134,12 +157,6 @@ class StudioServer(ThreadingHTTPServer):
         super().__init__((host, port), Handler)
         self.bind_host = host.strip("[]").lower()
         self.port = int(self.server_address[1])
-        if self.bind_host in WILDCARD:  # every address of the machine: IP literals and its own names
-            self.names = {"localhost", socket.gethostname().lower(), socket.getfqdn().lower()}
-        elif is_loopback(self.bind_host):
-            self.names = {self.bind_host, *LOOPBACK}
-        else:
-            self.names = {self.bind_host}
 
     @property
     def url(self) -> str:
@@ -148,12 +165,8 @@ class StudioServer(ThreadingHTTPServer):
         return f"http://[{host}]:{port}/" if ":" in str(host) else f"http://{host}:{port}/"
 
     def host_allowed(self, value: str) -> bool:
-        """Whether a ``Host`` header (or an origin's ``host:port``) names this server: the right port and one of
-        its names (any IP literal on a wildcard bind: a literal address cannot be rebound by DNS)."""
-        host, port = _split_host(value)
-        if (80 if port is None else port) != self.port:
-            return False
-        return host in self.names or (self.bind_host in WILDCARD and _is_ip(host))
+        """Whether a ``Host`` header names this server (:func:`host_allowed`)."""
+        return host_allowed(value, self.bind_host, self.port)
 
     def start_background(self) -> threading.Thread:
         """Serve on a daemon thread (for tests and notebooks); stop with :meth:`stop`."""
