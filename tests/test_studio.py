@@ -292,6 +292,37 @@ def test_sampling_runs_off_the_request_thread_one_job_at_a_time(servers, monkeyp
     assert post()[-1]["type"] == "done"
 
 
+def test_sampling_threads_are_the_pipelines_setting(runs, monkeypatch, capsys):
+    """The studio samples with the Pipeline's thread setting (the run's sample.threads, or --threads), restored
+    afterwards, and shows no progress bar on the server's console."""
+    seen = []
+
+    class Probe:
+        def __init__(self, model):
+            self.model = model
+
+        def predict(self, *args):
+            seen.append(torch.get_num_threads())
+            return self.model.predict(*args)
+
+    s = studio_app.Settings("ddim", None, 2, 0, 2)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal, where a bar would show by default
+    for threads, expected in ((None, 1), (2, 2)):  # the run's sample.threads is 1 by default
+        studio = Studio.from_run(runs / "ring", threads=threads)
+        assert studio.pipe.threads == threads
+        monkeypatch.setattr(studio.counter, "model", Probe(studio.counter.model))
+        torch.set_num_threads(3)
+        seen.clear()
+        studio.sample(s)
+        assert seen and set(seen) == {expected}
+        assert torch.get_num_threads() == 3
+        studio.close()
+    torch.set_num_threads(1)
+    assert capsys.readouterr().err == ""
+    assert main(["studio", str(runs / "ring"), "--threads", "-1"]) == 2
+    assert "--threads" in capsys.readouterr().err
+
+
 class _Spy:
     """A model that records the thread of every call."""
 

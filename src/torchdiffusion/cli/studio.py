@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 
+from torchdiffusion._tensor import check_count
 from torchdiffusion.cli.commands import command
 from torchdiffusion.studio import is_loopback, make_server
 
@@ -23,13 +24,17 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads while sampling (default: the run's sample.threads, 1; 0 = torch's default)")
 
 
 def _run(a) -> int:
     if not 0 <= a.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {a.port}")
+    if a.threads is not None:
+        check_count(a.threads, "--threads", 0)
     try:
-        server = make_server(a.run, a.host, a.port, ema=not a.no_ema, device=a.device)
+        server = make_server(a.run, a.host, a.port, ema=not a.no_ema, device=a.device, threads=a.threads)
     except OSError as e:
         raise ValueError(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}") from None
 

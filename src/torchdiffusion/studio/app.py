@@ -200,7 +200,10 @@ class Studio:
     def __init__(self, pipe: Pipeline, name: str = "run"):
         self.name, self.denoiser, self.config = name, pipe.model, pipe.config
         self.counter = CountingModel(pipe.model)
-        self.pipe = Pipeline(self.counter, pipe.config, path=pipe.path, tokenizer=pipe.tokenizer)
+        # the run's Pipeline settings carried over: sampling threads (sample.threads, shared with the CLI), the
+        # folder of stored fits, a text run's tokenizer
+        self.pipe = Pipeline(self.counter, pipe.config, threads=pipe.threads, path=pipe.path,
+                             tokenizer=pipe.tokenizer)
         self.text = pipe.tokenizer is not None  # a text-conditioned run: a prompt box instead of the class
         info = self.config["run"]
         self.info_run = info
@@ -230,9 +233,10 @@ class Studio:
         self._next_id = 0
 
     @classmethod
-    def from_run(cls, run: str | Path, *, ema: bool = True, device: str = "cpu") -> Studio:
+    def from_run(cls, run: str | Path, *, ema: bool = True, device: str = "cpu",
+                 threads: int | None = None) -> Studio:
         """Load a run folder (refused with one line unless it is a diffusion or latent run)."""
-        return cls(Pipeline.from_pretrained(run, ema=ema, device=device), name=Path(run).name)
+        return cls(Pipeline.from_pretrained(run, ema=ema, device=device, threads=threads), name=Path(run).name)
 
     def close(self) -> None:
         """Remove the stored results."""
@@ -360,17 +364,17 @@ class Studio:
         if s.all_classes:  # one row of s.n samples per class
             labels = torch.arange(self.num_classes).repeat_interleave(s.n)
             x = self.pipe(len(labels), sampler=s.sampler, steps=s.steps, grid=s.grid, class_labels=labels,
-                          guidance=s.guidance, generator=gen, callback=callback, **opts)
+                          guidance=s.guidance, generator=gen, callback=callback, progress=False, **opts)
         elif s.view is None:
             x = self.pipe(s.n, sampler=s.sampler, steps=s.steps, grid=s.grid, class_labels=s.klass,
                           guidance=s.guidance, generator=gen, callback=callback, prompt=s.prompt,
-                          negative_prompt=s.negative_prompt, **opts)
+                          negative_prompt=s.negative_prompt, progress=False, **opts)
         else:  # a visual anagram: looks like class as it is, like class2 under the view
             model = G.CFG(self.counter, s.guidance) if s.guidance else self.counter
             model = G.MultiView(model, ["identity", s.view], conds=[s.klass, s.class2],
                                 shape=tuple(self.info_run["data_shape"]))
             x = self.pipe.generate(model, s.n, sampler=s.sampler, steps=s.steps, grid=s.grid, generator=gen,
-                                   callback=callback, **opts)
+                                   callback=callback, progress=False, **opts)
         return x, self.counter.calls, time.perf_counter() - t0
 
     def grid_used(self, s: Settings) -> str:

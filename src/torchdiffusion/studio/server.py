@@ -400,8 +400,10 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def make_server(run: str | Path, host: str = "127.0.0.1", port: int = 0, *, ema: bool = True,
-                device: str = "cpu") -> StudioServer:
-    return StudioServer(Studio.from_run(run, ema=ema, device=device), host, port)
+                device: str = "cpu", threads: int | None = None) -> StudioServer:
+    """A :class:`StudioServer` for the run folder ``run`` (``threads``: torch's threads while sampling, as
+    :class:`~torchdiffusion.Pipeline`'s; None: the run's ``sample.threads``)."""
+    return StudioServer(Studio.from_run(run, ema=ema, device=device, threads=threads), host, port)
 
 
 def is_loopback(host: str) -> bool:
