@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so that the flush at exit does not fail again
         return 0
-    except KeyboardInterrupt as e:
-        print(f"torchdiffusion: {e or 'interrupted'}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (the trainer's names the step it saved), 128 + the signal
+        print(f"torchdiffusion: {str(e).strip() or 'interrupted'}", file=sys.stderr)
         return 128 + int(getattr(e, "signum", signal.SIGINT))
     except OSError as e:  # the file system's failures: one line naming the file and the cause
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""

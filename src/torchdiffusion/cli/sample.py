@@ -76,6 +76,17 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads while sampling (default: the run's sample.threads, 1; 0 = torch's default)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--force", action="store_true",
+                   help="with --out DIR/: start over when DIR holds samples of other settings (they are deleted)")
+
+
+# sample options that only a diffusion (or latent) run uses: an autoencoder run refuses them instead of ignoring them
+DIFFUSION_ONLY = (("--sampler", "sampler"), ("--steps", "steps"), ("--grid", "grid"), ("--class", "klass"),
+                  ("--prompt", "prompt"), ("--negative-prompt", "negative_prompt"),
+                  ("--unconditional", "unconditional"), ("--guidance", "guidance"), ("--classifier", "classifier"),
+                  ("--classifier-scale", "classifier_scale"), ("--null-class", "null_class"),
+                  ("--anagram", "anagram"), ("--class2", "class2"), ("--opt", "opt"), ("--gif", "gif"),
+                  ("--max-batch", "batch_size"))
 
 
 def _list_samplers() -> int:
@@ -123,6 +134,10 @@ def _sample_run(a) -> int:
     model, cfg = load_run(a.run, ema=not a.no_ema, device=a.device)
     kind = require_kind(cfg, a.run, ("diffusion", "latent", "autoencoder"), "sample")
     if kind == "autoencoder":  # autoencoder run: VAE prior samples and reconstructions (issue 9)
+        unused = [name for name, v in DIFFUSION_ONLY if getattr(a, v, None) not in (None, False, [])]
+        if unused:
+            raise ValueError(f"{a.run} is an autoencoder run (prior samples and reconstructions): "
+                             f"{', '.join(unused)} apply to diffusion runs only")
         for p in sample_autoencoder_run(a.run, n=a.n or 64, seed=a.seed, out=a.out, ema=not a.no_ema):
             print(f"wrote {p}")
         return 0
@@ -245,6 +260,9 @@ def guided_model(a, model, info: dict):
         raise ValueError("--null-class and --guidance exclude each other (CFG needs the class)")
     if a.anagram:
         G.get_view(a.anagram)
+        if info.get("latent"):
+            raise ValueError("--anagram needs a pixel-space run: on a latent run the view would turn the latent code, "
+                             "not the image (the decoder does not commute with it)")
         if labels is None or a.class2 is None:
             raise ValueError("--anagram needs --class and --class2 (the class seen in each view)")
     clf = None

@@ -10,7 +10,10 @@ the grid (the Fisher divergence of T-SM-1, relative to the Fisher information).
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
+
+import torch
 
 from torchdiffusion._files import prepare_output
 from torchdiffusion._tensor import check_number
@@ -32,6 +35,13 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
 
 
+def ve_sigma(process, t: float) -> float:
+    """The noise level ``sigma(t) / alpha(t)`` of ``process`` at time ``t`` (inf where alpha is 0)."""
+    tt = torch.tensor(float(t), dtype=torch.float64)
+    a = float(process.alpha(tt))
+    return float(process.sigma(tt)) / a if a > 0 else math.inf
+
+
 def _run(a) -> int:
     out = Path(a.out) if a.out else Path(a.run) / "scorefield.png"
     if out.suffix != ".png":
@@ -48,10 +58,14 @@ def _run(a) -> int:
                          f"{name!r} of shape {tuple(info['data_shape'])}")
     if a.n < 2:
         raise ValueError(f"--n must be >= 2, got {a.n}")
+    lo, hi = (ve_sigma(model.process, t) for t in (model.process.t_min, model.process.t_max))
+    if not lo <= a.sigma <= hi:  # score_field would clamp to the range: the picture would show another sigma
+        raise ValueError(f"--sigma must lie in [{lo:.4g}, {hi:.4g}] (the noise levels of this run's process), "
+                         f"got {a.sigma:g}")
     t, learned, exact, log_density, err = score_field(model, toy_density(name), a.sigma, a.lim)
     fields = {"learned": learned} if exact is None else {"learned": learned, "exact": exact}
     prepare_output(out)
-    title = f"{name}: score at sigma={a.sigma:g} (t={t:.3g})"
+    title = f"{name}: score at sigma={ve_sigma(model.process, t):.3g} (t={t:.3g})"  # the sigma of the t used
     save_score_field(fields, out, log_density=log_density, lim=a.lim, n=a.n, title=title)
     msg = f"wrote {out}"
     if err is not None:

@@ -44,6 +44,9 @@ class Dataset:
             raise ValueError(f"dataset {self.name!r} is empty")
         if self.captions is not None and len(self.captions) != len(self.x):
             raise ValueError(f"dataset {self.name!r}: {len(self.captions)} captions for {len(self.x)} examples")
+        if self.x[0].numel() == 0:
+            raise ValueError(f"dataset {self.name!r}: its examples hold no values (shape {tuple(self.x.shape)}); "
+                             "each example needs at least one number")
         if self.y is not None:
             if len(self.y) != len(self.x):
                 raise ValueError(f"dataset {self.name!r}: {len(self.y)} labels for {len(self.x)} examples")

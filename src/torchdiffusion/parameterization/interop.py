@@ -127,18 +127,49 @@ def _laplace_abar(t: float) -> float:
     return math.sqrt(math.exp(lam) / (1 + math.exp(lam)))
 
 
+# The numeric scheduler keys we read, with what each may hold: (whole number?, low, low open?, high, high open?).
+# A config outside them (``num_train_timesteps: 2.7``, a negative ``beta_min``) is refused with one line naming the
+# key, never truncated or turned into a process with negative rates.
+_SCHEDULER_RANGES = {
+    "num_train_timesteps": (True, 2, False, None, False), "beta_start": (False, 0.0, True, 1.0, True),
+    "beta_end": (False, 0.0, True, 1.0, True), "beta_min": (False, 0.0, False, None, False),
+    "beta_max": (False, 0.0, True, None, False), "sampling_eps": (False, 0.0, True, 1.0, True),
+    "sigma_min": (False, 0.0, True, None, False), "sigma_max": (False, 0.0, True, None, False),
+    "snr_shift_scale": (False, 0.0, True, None, False),
+}
+
+
+def _scheduler_number(cfg: dict, key: str, default: float | int) -> float | int:
+    """``cfg[key]`` (``default`` when absent or null), checked against :data:`_SCHEDULER_RANGES`."""
+    v = cfg.get(key)
+    if v is None:
+        return default
+    whole, lo, lo_open, hi, hi_open = _SCHEDULER_RANGES[key]
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (not whole or float(v).is_integer()) and (v > lo if lo_open else v >= lo)
+    ok = ok and (hi is None or (v < hi if hi_open else v <= hi))
+    if not ok:
+        kind = "a whole number" if whole else "a number"
+        where = (f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}" if hi is not None
+                 else f"{'>' if lo_open else '>='} {lo:g}")
+        raise ValueError(f"diffusers scheduler config: {key} must be {kind} {where}, got {v!r}")
+    return int(v) if whole else float(v)
+
+
 def _ddpm_betas(cfg: dict, T: int) -> tuple[str, Tensor | None]:
     """A named schedule our :func:`~torchdiffusion.processes.make_betas` knows, or explicit betas (float64)."""
     if cfg.get("trained_betas") is not None:
         betas = torch.as_tensor(cfg["trained_betas"], dtype=torch.float64).flatten()
         if len(betas) != T:
             raise ValueError(f"trained_betas has {len(betas)} entries but num_train_timesteps is {T}")
+        if not (torch.isfinite(betas).all() and (betas > 0).all() and (betas < 1).all()):
+            raise ValueError("diffusers scheduler config: trained_betas must all lie in (0, 1)")
         return "given", betas
     kind = cfg["beta_schedule"]
     if kind not in _SCHEDULES:
         raise ValueError(f"unsupported diffusers beta_schedule {kind!r}; allowed: {', '.join(_SCHEDULES)} "
                          "or trained_betas")
-    b0, b1 = float(cfg["beta_start"]), float(cfg["beta_end"])
+    b0, b1 = _scheduler_number(cfg, "beta_start", 0.0001), _scheduler_number(cfg, "beta_end", 0.02)
     if kind == "sigmoid":  # GeoDiff: sigmoid(linspace(-6, 6, T)) scaled into [beta_start, beta_end]
         return "given", torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (b1 - b0) + b0
     if kind == "laplace":  # betas_k = min(1 - abar((k+1)/T) / abar(k/T), 0.999)
@@ -151,10 +182,11 @@ def _ddpm_process(name: str | None, cfg: dict) -> DDPM:
     cfg = {**_DDPM_DEFAULTS, **cfg}
     if name == "UnCLIPScheduler":  # UnCLIP takes only squaredcos_cap_v2
         cfg["beta_schedule"] = cfg.get("beta_schedule", "squaredcos_cap_v2")
-    T = int(cfg["num_train_timesteps"])
+    T = _scheduler_number(cfg, "num_train_timesteps", 1000)
     rescale = bool(cfg.get("rescale_betas_zero_snr", False))
     kind, betas = _ddpm_betas(cfg, T)
-    shift = cfg.get("snr_shift_scale") if name is not None and name.startswith("CogVideoX") else None
+    cog = name is not None and name.startswith("CogVideoX")
+    shift = _scheduler_number(cfg, "snr_shift_scale", None) if cog and cfg.get("snr_shift_scale") is not None else None
     if shift is not None:  # CogVideoX: abar / (s + (1 - s) abar), i.e. the SNR divided by s
         ac = DDPM(betas=betas if betas is not None else ("cosine" if kind == "squaredcos_cap_v2" else kind), T=T,
                   beta_start=float(cfg["beta_start"]), beta_end=float(cfg["beta_end"]),
@@ -182,16 +214,16 @@ def process_from_diffusers(source: Any) -> Process:
     if family == "ddpm":
         return _ddpm_process(name, cfg)
     if family == "ve":
-        s_min, s_max = float(cfg.get("sigma_min", 0.01)), float(cfg.get("sigma_max", 1348.0))
-        eps = float(cfg.get("sampling_eps", 1e-5))
+        s_min, s_max = _scheduler_number(cfg, "sigma_min", 0.01), _scheduler_number(cfg, "sigma_max", 1348.0)
+        eps = _scheduler_number(cfg, "sampling_eps", 1e-5)
         proc = VE(s_min, s_max)
         s_lo = torch.tensor(s_min * (s_max / s_min) ** eps, dtype=torch.float64)  # diffusers' smallest level
         return VE(s_min, s_max, t_min=float(proc.t_from_log_snr(-2 * torch.log(s_lo))))
     if family == "vp":
-        return VP(float(cfg.get("beta_min", 0.1)), float(cfg.get("beta_max", 20.0)),
-                  t_min=float(cfg.get("sampling_eps", 1e-3)))
+        return VP(_scheduler_number(cfg, "beta_min", 0.1), _scheduler_number(cfg, "beta_max", 20.0),
+                  t_min=_scheduler_number(cfg, "sampling_eps", 1e-3))
     lo, hi = _EDM_DEFAULTS.get(name, (0.002, 80.0))
-    return EDM(float(cfg.get("sigma_min", lo)), float(cfg.get("sigma_max", hi)))
+    return EDM(_scheduler_number(cfg, "sigma_min", lo), _scheduler_number(cfg, "sigma_max", hi))
 
 
 def prediction_from_diffusers(source: Any) -> str:

@@ -80,12 +80,13 @@ class Process(ABC):
         if torch.isnan(tt).any():
             raise ValueError(f"{self.name}: t contains NaN")
         lo, hi = min(self.t_zero, self.t_min), self.t_max
-        if (tt < lo - 1e-9).any() or (tt > hi + 1e-9).any():
+        tol = 1e-6 * max(1.0, abs(lo), abs(hi))  # float32 round-off of a time computed elsewhere (clamped away)
+        if (tt < lo - tol).any() or (tt > hi + tol).any():
             raise ValueError(
-                f"{self.name}: t outside the process range [{lo:g}, {hi:g}] "
-                f"(got min {tt.min().item():g}, max {tt.max().item():g})"
+                f"{self.name}: t outside the process range [{lo:.10g}, {hi:.10g}] "
+                f"(got min {tt.min().item():.10g}, max {tt.max().item():.10g})"
             )
-        return tt
+        return tt.clamp(lo, hi)
 
     # --- sampling the forward process ------------------------------------------------------------------
     def add_noise(self, x0: Tensor, t: TimeLike, eps: Tensor) -> Tensor:

@@ -40,6 +40,8 @@ class VP(_LinearBeta, Process):
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0):
         if not 0 <= t_min < t_max:
             raise ValueError(f"need 0 <= t_min < t_max, got {t_min}, {t_max}")
+        if not (beta_min >= 0 and beta_max >= 0 and beta_min + beta_max > 0):  # beta(t) >= 0: noise only grows
+            raise ValueError(f"need beta_min >= 0 and beta_max >= 0, not both 0, got {beta_min}, {beta_max}")
         self.beta_min, self.beta_max, self.t_min, self.t_max = float(beta_min), float(beta_max), t_min, t_max
 
     def alpha(self, t):

@@ -247,8 +247,7 @@ RANGES: dict[str, Range] = {
     "sample.steps": _count(), "sample.n": _count(), "sample.guidance": Range(), "sample.threads": _count(0),
 }
 # pairs of keys where the first must lie below (or, with "<=", not above) the second when both are given
-ORDERED = (("process.beta_start", "<", "process.beta_end"), ("process.beta_min", "<=", "process.beta_max"),
-           ("process.sigma_min", "<", "process.sigma_max"), ("process.gamma_min", "<", "process.gamma_max"))
+ORDERED = (("process.sigma_min", "<", "process.sigma_max"), ("process.gamma_min", "<", "process.gamma_max"))
 # list keys: non-empty (channel_mult) lists of whole numbers >= the bound
 # keys that name one of a few choices
 CHOICES = {"data.on_bad_image": ON_BAD_IMAGE}

@@ -457,11 +457,20 @@ class Pipeline:
             check_count(max_batch, "max_batch")
         s = self.config.get("sample", {})
         sampler = sampler or s.get("sampler", "ddim")
-        steps = steps if steps is not None or isinstance(grid, Tensor) else int(s.get("steps", 50))
         self.note = None
+        if isinstance(grid, (str, Path)) and str(grid).endswith(".json"):  # a grid file (td.grids.save)
+            grid = grids.load(grid)
+        steps = steps if steps is not None or isinstance(grid, Tensor) else int(s.get("steps", 50))
         if grid is None and model is self.model:  # a stored fit for this sampler and step count (issue 33)
             grid, sampler_options = self.stored_fit(sampler, steps, sampler_options)
         grid = grid if grid is not None else s.get("grid")
+        if isinstance(grid, (str, Path)) and str(grid).endswith(".json"):
+            grid = grids.load(grid)
+        if isinstance(grid, Tensor):  # x_T is drawn from the prior, at t_max: a grid must start there
+            t0, t_max = float(grid.reshape(-1)[0]), float(self.process.t_max)
+            if abs(t0 - t_max) > 1e-6 * max(1.0, abs(t_max)):
+                raise ValueError(f"the grid starts at t = {t0:g}, but samples start from the prior at t_max = "
+                                 f"{t_max:g}; give a grid that starts at t_max (e.g. one from td.grids.optimize)")
         p = plan(self.process, sampler, steps, grid, **sampler_options)  # checks everything before any work
         device = self.device
         if generators is None:

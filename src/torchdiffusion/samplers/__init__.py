@@ -145,6 +145,8 @@ def sample(model, x_T: Tensor, sampler: str = "ddim", steps: int | None = None, 
     """
     if not isinstance(x_T, Tensor):
         raise TypeError("x_T must be a tensor")
+    if not x_T.is_floating_point():
+        raise TypeError(f"x_T must be a floating-point tensor (noise at t_max), got dtype {x_T.dtype}")
     if not torch.isfinite(x_T).all():
         raise ValueError("x_T contains NaN or Inf")
     p = plan(model.process, sampler, steps, grid, **options)

@@ -50,6 +50,16 @@ def _any_steps(steps: int, **_) -> int:
     return max(int(steps), 2)
 
 
+MAX_STEPS = 10_000  # adaptive steps of one solve (a 2-D toy needs ~50 at 1e-5; a digit U-Net a few hundred)
+
+
+def tolerance_floor(dtype: torch.dtype) -> float:
+    """The smallest ``rtol`` / ``atol`` the ode sampler accepts for states of ``dtype``: 8 machine epsilons
+    (9.5e-7 for float32, 1.8e-15 for float64); below it the solver's error estimate is rounding noise and the
+    step size shrinks until it underflows (or runs for hours)."""
+    return 8 * torch.finfo(dtype).eps
+
+
 @register("ode", intervals=_any_steps, emits=lambda n, options: 2)
 def ode(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, method: str = "dopri5",
         rtol: float = 1e-5, atol: float = 1e-5, t_end: float | None = None) -> Tensor:
@@ -65,8 +75,11 @@ def ode(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, method: 
     """
     from torchdiffeq import odeint
 
-    if not (rtol > 0 and atol > 0):
-        raise ValueError(f"rtol and atol must be > 0, got {rtol}, {atol}")
+    lo = tolerance_floor(x.dtype)
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= 1:
+            raise ValueError(f"ode sampler: {name} must be a number in [{lo:.2g}, 1] for {str(x.dtype)[6:]} samples "
+                             f"(a smaller tolerance is below the numbers' own precision), got {v!r}")
     proc = model.process
     end = torch.as_tensor(proc.t_min if t_end is None else float(t_end), dtype=torch.float64)
     if not (float(ts[-1]) < float(end) <= float(ts[0])):
@@ -77,11 +90,17 @@ def ode(model, x: Tensor, ts: Tensor, *, generator=None, callback=None, method: 
         return pf_ode_drift(model, y, t.to(torch.float64))[0].to(y.dtype)
 
     if ts[0] > end:
-        opts = adaptive_options(float(t_span[0]), float(t_span[1]), method) or None
+        opts = adaptive_options(float(t_span[0]), float(t_span[1]), method)
+        if opts:  # a bound on the work: tolerances the state's precision cannot meet end here, not in a hang
+            opts["max_num_steps"] = MAX_STEPS
         try:
-            x = odeint(func, x, t_span.to(x.device), rtol=rtol, atol=atol, method=method, options=opts)[-1]
+            x = odeint(func, x, t_span.to(x.device), rtol=rtol, atol=atol, method=method, options=opts or None)[-1]
         except ValueError as e:
             raise ValueError(f"ode sampler: {e}") from None
+        except AssertionError as e:  # torchdiffeq's step limit, step-size underflow and non-finite states
+            why = str(e).splitlines()[0][:80]
+            raise ValueError(f"ode sampler: the {method} solve failed ({why}) at rtol={rtol:g}, "
+                             f"atol={atol:g}; loosen the tolerances (e.g. 1e-5) or use a fixed-step method") from None
         emit(callback, 0, ts[0], x, None)
     x, _ = model.predict(x, end)
     emit(callback, 1, end, x, x)

@@ -22,7 +22,9 @@ number of processes continues exactly.
 
 from __future__ import annotations
 
+import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -78,8 +80,52 @@ def init_from_env(device: str = "auto") -> DistInfo:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    backend = "nccl" if use_cuda else "gloo"
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun started every rank together (and hosts the store)
+        dist.init_process_group(backend)
+    else:  # a hand-made environment, or one left over from another job: wait for the others, but not forever
+        rank, world = int(os.environ["RANK"]), env_world_size()
+        dist.init_process_group(backend, store=rendezvous(rank, world), rank=rank, world_size=world)
     return current()
+
+
+def rendezvous_timeout() -> float:
+    """Seconds a rank not started by torchrun waits for the others: ``TORCHDIFFUSION_RENDEZVOUS_S`` (default 60)."""
+    text = os.environ.get("TORCHDIFFUSION_RENDEZVOUS_S", "60")
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"TORCHDIFFUSION_RENDEZVOUS_S must be a number of seconds > 0, got {text!r}")
+    return value
+
+
+def rendezvous(rank: int, world: int) -> dist.Store:
+    """The store of a process group whose ranks were started by hand (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT`` set, no torchrun): every rank checks in, and a rank that does not see all ``world`` within
+    :func:`rendezvous_timeout` seconds stops with one line, instead of waiting forever for a rank that never comes
+    (a ``WORLD_SIZE=2`` left over in the environment of a single process)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} must lie in 0..WORLD_SIZE-1 = {world - 1}")
+    timeout = rendezvous_timeout()
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    hint = ("a WORLD_SIZE left over in the environment? unset WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT for one "
+            "process, or launch with torchrun --nproc_per_node N")
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, rank == 0,
+                              timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False)
+    except (RuntimeError, ValueError) as e:  # (DistStoreError / DistNetworkError are RuntimeErrors)
+        raise ValueError(f"WORLD_SIZE={world}, RANK={rank}: cannot reach the rendezvous at {where} "
+                         f"({str(e).splitlines()[0][:100]}); {hint}") from None
+    store.add("torchdiffusion/arrived", 1)
+    deadline = time.monotonic() + timeout
+    while (arrived := store.add("torchdiffusion/arrived", 0)) < world:
+        if time.monotonic() > deadline:
+            raise ValueError(f"WORLD_SIZE={world} but only {arrived} of {world} processes joined at {where} within "
+                             f"{timeout:g} s; {hint}")
+        time.sleep(0.05)
+    return store
 
 
 def shard(global_batch: int, info: DistInfo) -> slice:
