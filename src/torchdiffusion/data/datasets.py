@@ -79,7 +79,8 @@ def labels_from_array(arr: np.ndarray, where: str) -> Tensor:
         bad = ~np.isfinite(arr) | (np.isfinite(arr) & (arr != np.round(np.nan_to_num(arr))))
         if bad.any():
             i = int(np.flatnonzero(bad.reshape(-1))[0])
-            raise ValueError(f"{where}: labels must be whole numbers, got {arr.reshape(-1)[i]!r} at index {i}")
+            bad_value = float(arr.reshape(-1)[i])
+            raise ValueError(f"{where}: labels must be whole numbers, got {bad_value!r} at index {i}")
         return torch.tensor(arr.astype(np.int64))
     raise ValueError(f"{where}: labels must be whole numbers, got an array of dtype {arr.dtype}")
 
