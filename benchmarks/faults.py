@@ -65,11 +65,15 @@ class Probe:
     argv: list[str]
     expect: str = "error"  # "error" (with ``names`` in the message) or "ok" (with ``check``)
     names: tuple[str, ...] = ()
-    protect: tuple[Path, ...] = ()
-    check: object = None
+    protect: tuple[Path, ...] = ()  # further files / folders that must come through byte-identical
+    check: object = None  # ok probes: a callable returning True when the result (and its files) are right
     python: str | None = None  # run this Python snippet instead of the CLI
+    changes: tuple[Path, ...] = ()  # inputs the probe may change: ``check`` states and verifies the correct change
+    env: dict = field(default_factory=dict)  # extra environment variables
+    timeout: float = 600.0  # beyond it the probe is a hang
     outcome: str = ""
     detail: str = ""
+    checked: str = ""  # what was checked on disk afterwards
     hashes: dict = field(default_factory=dict)
 
 
@@ -82,7 +86,8 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "absent"
 
 
-def tree_hashes(paths: tuple[Path, ...]) -> dict:
+def tree_hashes(paths) -> dict:
+    """SHA-256 of every file under ``paths`` (a folder's file set included: a new file is a change too)."""
     out = {}
     for p in paths:
         files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
@@ -91,23 +96,49 @@ def tree_hashes(paths: tuple[Path, ...]) -> dict:
     return out
 
 
+def argv_paths(argv: list[str]) -> list[Path]:
+    """The paths a probe names: arguments with a ``/`` (and the values of ``key=/path`` settings)."""
+    out = []
+    for a in argv:
+        v = a.split("=", 1)[1] if "=" in a and not a.startswith("/") else a
+        if "/" in v:
+            out.append(Path(v.rstrip("/")))
+    return out
+
+
 def run_probe(p: Probe) -> Probe:
-    p.hashes = tree_hashes(p.protect)
-    if p.python is not None:
-        r = subprocess.run([sys.executable, "-c", p.python, *p.argv], capture_output=True, text=True, env=tf._env(),
-                           timeout=600)
-    else:
-        r = cli(*p.argv)
+    """Run one probe and classify it; afterwards every file or folder it names is checked (issue 33 item 6): the
+    inputs (existing paths, plus ``protect``) byte-identical with the same file sets, unless listed in ``changes``
+    (then ``check`` verifies the stated change); the outputs it names absent after an error; no temp files left
+    in the folders it names."""
+    named = argv_paths(p.argv)
+    inputs = [q for q in named if q.exists()] + [q for q in p.protect if q not in named]
+    outputs = [q for q in named if not q.exists()]
+    guarded = [q for q in inputs if not any(q == c or c in q.parents for c in p.changes)]
+    p.hashes = tree_hashes(guarded)
+    env = {**tf._env(), **p.env}
+    cmd = [sys.executable, "-c", p.python, *p.argv] if p.python is not None else \
+        [sys.executable, "-m", "torchdiffusion", *p.argv]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=p.timeout)
+    except subprocess.TimeoutExpired:
+        p.outcome, p.detail, p.checked = "hang", f"no answer within {p.timeout:.0f} s", ""
+        return p
     err_lines = [x for x in r.stderr.strip().splitlines() if x.strip() and not PROGRESS.search(x)]
     line = err_lines[-1] if err_lines else ""
-    lost = [k for k, v in tree_hashes(p.protect).items() if p.hashes.get(k) != v]
-    lost += [k for k in p.hashes if not Path(k).exists()]
-    temps = [str(q) for d in {Path(a).parent for a in p.argv if "/" in a} if d.is_dir()
+    after = tree_hashes(guarded)
+    lost = [k for k, v in after.items() if p.hashes.get(k) != v] + [k for k in p.hashes if k not in after]
+    stray = [str(q) for q in outputs if q.exists()] if p.expect == "error" else []
+    temps = [str(q) for d in {q if q.is_dir() else q.parent for q in named} if d.is_dir()
              for q in d.iterdir() if tf.files.TEMP_RE.match(q.name)]
+    parts = [f"{len(after)} files in {len(guarded)} inputs byte-identical" if guarded else "",
+             f"{len(outputs)} named outputs absent" if stray == [] and outputs and p.expect == "error" else "",
+             f"{len(p.changes)} changed as stated" if p.changes else ""]
+    p.checked = "; ".join(x for x in parts if x) or "no files named"
     if "Traceback" in r.stderr:
         p.outcome, p.detail = "traceback", line
-    elif lost or temps:
-        p.outcome, p.detail = "data loss", f"changed: {lost[:3]} temp files: {temps[:3]}"
+    elif lost or temps or stray:
+        p.outcome, p.detail = "data loss", f"changed: {lost[:3]} temp files: {temps[:3]} stray outputs: {stray[:3]}"
     elif p.expect == "error":
         if r.returncode == 0:
             p.outcome, p.detail = "silent wrong result", "exit 0: " + (r.stdout.strip().splitlines() or [""])[-1]
@@ -166,7 +197,8 @@ def damage(run: Path, work: Path) -> dict[str, Path]:
     return out
 
 
-def probes(work: Path, ring: Path, digits: Path, clf: Path, disk: Path | None, ro: Path | None) -> list[Probe]:
+def probes(work: Path, ring: Path, digits: Path, clf: Path, disk: Path | None, ro: Path | None,
+           extra: dict) -> list[Probe]:
     d = damage(ring, work)
     afile = work / "afile"
     afile.write_text("x")
@@ -274,12 +306,197 @@ def probes(work: Path, ring: Path, digits: Path, clf: Path, disk: Path | None, r
                 str(clf), *s2, "--out", str(work / "c.png")], names=("another process", "t_max")),
           Probe("unclear", "garbage .npz as data", ["train", "ring", "--out", str(work / "gz"), "--set",
                 f"data.name={garbage}"], names=("not a .npz archive",))]
+    P += issue28_probes(work, ring, digits, extra)
     return P
 
 
-def signal_events(work: Path, reference: dict, seed: int = 15) -> list[tuple[str, str, str]]:
-    """kill -9 at seeded random moments, SIGTERM and a second trainer; each ends compared with ``reference``."""
-    rng, rows = random.Random(seed), []
+PY_ERR = ("import sys, torch, numpy as np, torchdiffusion as td\n"
+          "def fail(e):\n    print(f'torchdiffusion: error: {e}', file=sys.stderr); sys.exit(2)\n")
+
+
+def py(body: str) -> str:
+    """A Python probe: ``body`` (indented under ``try:``) with one-line errors as the CLI prints them."""
+    lines = "\n".join("    " + x for x in body.strip().splitlines())
+    return PY_ERR + f"try:\n{lines}\nexcept (ValueError, TypeError) as e:\n    fail(e)\n"
+
+
+def issue28_probes(work: Path, ring: Path, digits: Path, extra: dict) -> list[Probe]:
+    """Issue 28 (second round of faults and bad input): each probe names the files it touches, checked afterwards
+    by :func:`run_probe`; probes that change a file state the correct change in their ``check``."""
+    ae, s2 = extra["ae"], ["--steps", "2", "--quiet"]
+    P = []
+    copies = {}
+    for name in ("victim", "pretrained", "edited", "edited_sample"):
+        copies[name] = work / f"i28_{name}"
+        shutil.copytree(ring, copies[name])
+    diffusers_like = work / "i28_diffusers"
+    diffusers_like.mkdir()
+    (diffusers_like / "model_index.json").write_text('{"_class_name": "DDPMPipeline"}')
+    cfg = ckpt.load_json(copies["edited"] / "config.json")
+    (copies["edited"] / "config.json").write_text(json.dumps({**cfg, "process": {**cfg["process"],
+                                                                                 "betas": "cosine"}}))
+    (copies["edited_sample"] / "config.json").write_text(json.dumps({**cfg, "sample": {**cfg["sample"],
+                                                                                        "steps": 3}}))
+    # --- outputs never name a run's files; one model per folder ---------------------------------------------
+    P += [Probe("data loss", "likelihood --json RUN/config.json", ["likelihood", str(ring), "--n", "4", "--json",
+                str(ring / "config.json")], names=("refusing to write", "config.json of the run folder")),
+          Probe("data loss", "eval --json RUN/log.csv", ["eval", str(ring), "--n", "4", *s2, "--json",
+                str(ring / "log.csv")], names=("refusing to write", "log.csv of the run folder")),
+          Probe("data loss", "td.grids.save('RUN/config.json')", [str(ring / "config.json")],
+                names=("refusing to write", "config.json"),
+                python=py("td.grids.save(sys.argv[1], torch.tensor([999.0, -1.0]))")),
+          Probe("data loss", "likelihood --json RUN/sub/../.lock", ["likelihood", str(ring), "--n", "4", "--json",
+                str(ring) + "/sub/../.lock"], names=("refusing to write", ".lock")),
+          Probe("data loss", "export-diffusers A VICTIM --force (VICTIM a run)", ["export-diffusers", str(digits),
+                str(copies["victim"]), "--force"], names=("is a torchdiffusion run folder", "even with --force")),
+          Probe("data loss", "Pipeline.save_pretrained(RUN, force=True) over a run", [str(copies["pretrained"])],
+                expect="ok", changes=(copies["pretrained"],), python=py(
+                    "p = td.Pipeline.from_pretrained(sys.argv[1])\n"
+                    "x = p(n=4, steps=2, generator=torch.Generator().manual_seed(0))\n"
+                    "p.save_pretrained(sys.argv[1], force=True)\n"
+                    "y = td.Pipeline.from_pretrained(sys.argv[1])(n=4, steps=2, "
+                    "generator=torch.Generator().manual_seed(0))\n"
+                    "assert torch.equal(x, y)\nprint('saved; reloads to the same samples')"),
+                check=lambda: {q.name for q in copies["pretrained"].iterdir()} ==
+                {".lock", "config.json", "model.safetensors", "ema.safetensors"}
+                and "no train_state" in cli(*tf.train_cmd(copies["pretrained"], 305)).stderr),
+          Probe("data loss", "Pipeline.save_pretrained(DIFFUSERS_FOLDER, force=True)",
+                [str(ring), str(diffusers_like)], names=("holds a diffusers model",), python=py(
+                    "td.Pipeline.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], force=True)"))]
+    # --- config values checked for range -------------------------------------------------------------------
+    for kv, msg in (("train.clip=-1", "train.clip must be a number > 0 or null"),
+                    ("loss.min_snr_gamma=-1", "loss.min_snr_gamma must be a number > 0"),
+                    ("loss.min_snr_gamma=0", "loss.min_snr_gamma must be a number > 0"),
+                    ("train.ema=1.5", "train.ema must be a number in [0, 1)"),
+                    ("loss.p_uncond=1", "loss.p_uncond must be a number in [0, 1)"),
+                    ("sample.sampler=bogus", "unknown sampler 'bogus'"), ("data.classes=0", "data.classes"),
+                    ("train.lr=0", "train.lr must be a number > 0")):
+        P.append(Probe("silent wrong", f"--set {kv}", ["train", "ring", "--out", str(work / "i28_cfg"), "--set",
+                       kv, "--quiet"], names=(msg,)))
+    # --- labels on load and at sampling -----------------------------------------------------------------------
+    for name, labels, msg in (("-1", [0, 1, -1, 2] * 25, "labels must lie in 0..2"),
+                              ("0.7", [0.0, 0.7, 1.0, 2.0] * 25, "whole numbers, got 0.7"),
+                              ("NaN", [0.0, float("nan"), 1.0, 2.0] * 25, "whole numbers, got nan"),
+                              ("10^6", [0, 1, 2, 10**6] * 25, "imply 1000001 classes for 100 examples")):
+        path = work / f"labels_{name.replace('^', '')}.npz"
+        np.savez(path, x=np.random.default_rng(0).normal(size=(100, 2)).astype(np.float32), y=np.array(labels))
+        P.append(Probe("silent wrong", f"data labels {name}", ["train", "ring", "--out", str(work / "i28_lab"),
+                       "--set", f"data.name={path}", "--set", "data.conditional=true", "--quiet"], names=(msg,)))
+    for val, msg in (("3.7", "whole numbers in 0..9, got 3.7"), ("-1", "class labels must be in 0..9"),
+                     ("float('nan')", "whole numbers"), ("10**6", "got 1000000")):
+        P.append(Probe("silent wrong", f"Pipeline(class_labels={val})", [str(digits)], names=(msg,), python=py(
+            f"td.Pipeline.from_pretrained(sys.argv[1])(n=2, steps=2, class_labels={val})")))
+    # --- the config bound to the weights ------------------------------------------------------------------------
+    P += [Probe("silent wrong", "hand-edited process.betas in config.json", ["sample", str(copies["edited"]), *s2,
+                "--out", str(work / "i28_edited.npz")], names=("does not match its weights", "process.betas")),
+          Probe("silent wrong", "hand-edited sample.steps (not bound: allowed)", ["sample",
+                str(copies["edited_sample"]), "--quiet", "--out", str(work / "i28_edited_sample.npz")], expect="ok",
+                check=lambda: np.isfinite(np.load(work / "i28_edited_sample.npz")["x"]).all())]
+    # --- folder outputs record their settings -------------------------------------------------------------------
+    folder = work / "i28_folder"
+    base = ["sample", str(digits), "--n", "4", "--quiet", "--out", f"{folder}/"]
+    assert cli(*base, "--class", "3").returncode == 0
+    first = tree_hashes([folder])
+    (folder / "000001.png").write_bytes(b"")  # a zero-byte PNG, a truncated one, a dead writer's temp file
+    (folder / "000002.png").write_bytes((folder / "000002.png").read_bytes()[:-20])
+    (folder / f".000003.png.{dead_pid()}.0123abcd.tmp").write_bytes(b"\0" * 10)
+    user = work / "i28_user_pngs"
+    user.mkdir()
+    (user / "000000.png").write_bytes(b"the user's own picture")
+    P += [Probe("silent wrong", "sample --out DIR/ after a zero-byte PNG, a truncated PNG, a dead writer's temp",
+                [*base, "--class", "3"], expect="ok", changes=(folder,),  # stated change: those three redrawn
+                check=lambda: tree_hashes([folder]) == first),
+          Probe("silent wrong", "sample --out DIR/ rerun with another --class", [*base, "--class", "4"],
+                names=("holds samples of other settings", "class: 3 there, 4 now", "--force")),
+          Probe("silent wrong", "sample --out DIR/ rerun with another --seed", [*base, "--class", "3", "--seed", "1"],
+                names=("holds samples of other settings", "seed")),
+          Probe("data loss", "sample --out DIR/ of the user's own numbered PNGs", ["sample", str(digits), "--n", "2",
+                "--quiet", "--out", f"{user}/"], names=("no sample_settings.json", "--force"))]
+    # --- wrong combinations: one line -----------------------------------------------------------------------------
+    grid = work / "grid_from_500.json"
+    grid.write_text(json.dumps({"times": [500.0, 250.0, -1.0]}))
+    P += [Probe("silent wrong", "sample --grid FILE not starting at t_max", ["sample", str(ring), "--grid", str(grid),
+                "--quiet", "--out", str(work / "i28_grid.npz")], names=("the grid starts at t = 500", "t_max = 999")),
+          Probe("silent wrong", "scorefield --sigma 1e300", ["scorefield", str(ring), "--sigma", "1e300", "--out",
+                str(work / "i28_field.png")], names=("--sigma must lie in",))]
+    if extra.get("latent") is not None:
+        P.append(Probe("silent wrong", "--anagram on a latent run", ["sample", str(extra["latent"]), "--class", "1",
+                       "--class2", "2", "--anagram", "rot180", *s2, "--out", str(work / "i28_ana.png")],
+                       names=("--anagram needs a pixel-space run",)))
+    for opt in (["--class", "3"], ["--guidance", "1"], ["--sampler", "ddim"], ["--steps", "5"]):
+        P.append(Probe("silent wrong", f"autoencoder run with {' '.join(opt)}", ["sample", str(ae), *opt, "--out",
+                       str(work / "i28_ae.png")], names=("is an autoencoder run", opt[0])))
+    for name, sched, msg in (("num_train_timesteps 2.7", {"_class_name": "DDPMScheduler", "num_train_timesteps": 2.7},
+                              "num_train_timesteps must be a whole number"),
+                             ("ScoreSdeVp with negative betas", {"_class_name": "ScoreSdeVpScheduler",
+                              "beta_min": -0.1, "beta_max": -20.0}, "beta_min must be a number >= 0")):
+        path = work / f"sched_{len(P)}.json"
+        path.write_text(json.dumps(sched))
+        P.append(Probe("silent wrong", f"diffusers config: {name}", [str(path)], names=(msg,), python=py(
+            "from torchdiffusion.parameterization.interop import process_from_diffusers\n"
+            "process_from_diffusers(sys.argv[1])")))
+    # --- tracebacks, hangs and wrong causes -----------------------------------------------------------------------
+    empty = work / "empty_examples.npz"
+    np.savez(empty, x=np.zeros((10, 0), np.float32))
+    port = str(free_port())
+    P += [Probe("tracebacks", "ode sampler with rtol=1e-300", ["sample", str(ring), "--sampler", "ode", "--opt",
+                "rtol=1e-300", "--opt", "atol=1e-300", "--quiet", "--out", str(work / "i28_ode.npz")],
+                names=("rtol must be a number in [", "float32")),
+          Probe("hangs", "sample --out DIR/ with a leftover WORLD_SIZE=2", ["sample", str(digits), "--n", "2",
+                "--quiet", "--out", f"{work / 'i28_ws'}/"], names=("WORLD_SIZE=2 but only 1 of 2", "left over"),
+                env={"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                     "TORCHDIFFUSION_RENDEZVOUS_S": "5"}, timeout=120),
+          Probe("unclear", "(N, 0) data", ["train", "ring", "--out", str(work / "i28_empty"), "--set",
+                f"data.name={empty}", "--quiet"], names=("hold no values", "(10, 0)")),
+          Probe("unclear", "integer x_T", [str(ring)], names=("floating-point", "int64"), python=py(
+                "p = td.Pipeline.from_pretrained(sys.argv[1])\n"
+                "td.sample(p.model, torch.zeros(2, 2, dtype=torch.long), 'ddim', 2)")),
+          Probe("unclear", "t beyond t_max", [str(ring)], names=("outside the process range", "999.5"), python=py(
+                "td.Pipeline.from_pretrained(sys.argv[1]).process.check_time(999.5)"))]
+    return P
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (for a dead writer's temp file)."""
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ctrl_c_during_sample(work: Path, ring: Path) -> tuple[str, str, str]:
+    """SIGINT (Ctrl-C) once the sampling progress bar shows: one line ``torchdiffusion: interrupted``, exit 130, the
+    output not written, the run byte-identical."""
+    out, before = work / "ctrlc.npz", tree_hashes([ring])
+    p = subprocess.Popen([sys.executable, "-m", "torchdiffusion", "sample", str(ring), "--n", "200000", "--steps",
+                          "1000", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tf._env())
+    seen = bytearray()
+
+    def read() -> None:
+        while chunk := p.stderr.read1(4096):
+            seen.extend(chunk)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    tf.wait_for(lambda: b"step" in seen or p.poll() is not None, timeout=300)
+    p.send_signal(signal.SIGINT)
+    p.wait(timeout=120)
+    reader.join(timeout=10)
+    lines = [x for x in seen.decode(errors="replace").replace("\r", "\n").splitlines()
+             if x.strip() and not PROGRESS.search(x) and "step/s" not in x and "it/s" not in x]
+    ok = p.returncode == 130 and lines[-1:] == ["torchdiffusion: interrupted"] and not out.exists() \
+        and tree_hashes([ring]) == before and "Traceback" not in seen.decode(errors="replace")
+    return ("Ctrl-C during sample", f"exit {p.returncode}: {lines[-1] if lines else ''}",
+            "one line, exit 130, nothing written" if ok else "WRONG")
+
+
+def signal_events(work: Path, reference: dict, ring: Path, seed: int = 15) -> list[tuple[str, str, str]]:
+    """kill -9 at seeded random moments, SIGTERM, a second trainer (each ends compared with ``reference``) and
+    Ctrl-C during sampling."""
+    rng, rows = random.Random(seed), [ctrl_c_during_sample(work, ring)]
     for i in range(3):
         run = work / f"kill{i}"
         argv = tf.train_cmd(run)
@@ -363,11 +580,21 @@ def main() -> None:
             mounts.append(ro)
         else:
             ro = None
-        results = [run_probe(p) for p in probes(work, ring, digits, clf, disk, ro)]
+        extra = {"ae": work / "ae", "latent": work / "latent"}
+        r = cli("train", "ae_digits", "--out", str(extra["ae"]), "--set", "train.steps=1", "--set",
+                "model.channels=8", "--set", "train.batch=8", "--set", "data.size=8", "--set", "model.channel_mult=[1]",
+                "--quiet")
+        assert r.returncode == 0, r.stderr
+        r = cli("train", "latent", "--out", str(extra["latent"]), "--set", f"data.autoencoder={extra['ae']}", "--set",
+                "train.steps=1", "--set", "model.channels=8", "--set", "train.batch=8", "--set",
+                "model.attn_resolutions=[]", "--set", "sample.steps=2", "--quiet")
+        assert r.returncode == 0, r.stderr
+        results = []
+        for p in probes(work, ring, digits, clf, disk, ro, extra):
+            results.append(run_probe(p))
+            print(f"{p.outcome:>20s} | {p.group:<13s} | {p.name} | {p.checked}", flush=True)
         results += studio_probes(work, ring)
-        for p in results:
-            print(f"{p.outcome:>20s} | {p.group:<13s} | {p.name}")
-        events = signal_events(work, reference)
+        events = signal_events(work, reference, ring)
         for e in events:
             print(f"{e[2]:>30s} | {e[0]} | {e[1]}")
         write_results(results, events, disk is not None, ro is not None, time.time() - t0)
@@ -378,8 +605,9 @@ def main() -> None:
 
 
 def write_results(results: list[Probe], events: list, disk: bool, ro: bool, seconds: float) -> None:
-    kinds = ("clean error", "correct result", "unclear error", "traceback", "silent wrong result", "data loss")
+    kinds = ("clean error", "correct result", "unclear error", "traceback", "silent wrong result", "data loss", "hang")
     count = {k: sum(p.outcome == k for p in results) for k in kinds}
+    naming = sum(p.checked not in ("", "no files named") for p in results)
     lines = ["# Fault probes: run folders, outputs and errors", "",
              f"Machine: {machine()}", "", "Command: `.venv/bin/python benchmarks/faults.py` "
              f"({seconds:.0f} s). Every probe is a fresh `python -m torchdiffusion` process; see the script's "
@@ -387,16 +615,22 @@ def write_results(results: list[Probe], events: list, disk: bool, ro: bool, seco
              f"Full-disk probes: {'a 256 KiB tmpfs filled to the last byte' if disk else 'SKIPPED (cannot mount)'}; "
              f"read-only probes: {'a read-only tmpfs' if ro else 'SKIPPED (cannot mount)'}.", "",
              "| probes tried | clean errors | correct results | unclear errors | tracebacks (goal 0) | "
-             "silent wrong results (goal 0) | data-loss paths (goal 0) |", "|---|---|---|---|---|---|---|",
+             "silent wrong results (goal 0) | data-loss paths (goal 0) | hangs (goal 0) |",
+             "|---|---|---|---|---|---|---|---|",
              f"| {len(results)} | {count['clean error']} | {count['correct result']} | {count['unclear error']} | "
-             f"{count['traceback']} | {count['silent wrong result']} | {count['data loss']} |", "",
+             f"{count['traceback']} | {count['silent wrong result']} | {count['data loss']} | {count['hang']} |", "",
+             f"After every probe the files and folders it names were checked ({naming} of {len(results)} name "
+             "some): inputs byte-identical "
+             "(file sets included), the outputs of refused commands absent, no temp files; where a probe changes a "
+             "file, its check states and verifies the change (last column).", "",
              "## Signal events", "", "| event | moments (seeded) | outcome |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in events]
-    lines += ["", "## Every probe", "", "| group | probe | outcome | what the user saw |", "|---|---|---|---|"]
+    lines += ["", "## Every probe", "", "| group | probe | outcome | what the user saw | files checked afterwards |",
+              "|---|---|---|---|---|"]
     for p in results:
         detail = p.detail.replace("|", "\\|").replace(str(Path(tempfile.gettempdir())), "/tmp")
         detail = re.sub(r"/tmp/td_faults_\w+", "WORK", detail)
-        lines.append(f"| {p.group} | {p.name} | {p.outcome} | {detail[:160]} |")
+        lines.append(f"| {p.group} | {p.name} | {p.outcome} | {detail[:160]} | {p.checked} |")
     RESULTS.write_text("\n".join(lines) + "\n")
     print(f"wrote {RESULTS}")
 
