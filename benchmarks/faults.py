@@ -198,7 +198,7 @@ def damage(run: Path, work: Path) -> dict[str, Path]:
 
 
 def probes(work: Path, ring: Path, digits: Path, clf: Path, disk: Path | None, ro: Path | None,
-           extra: dict) -> list[Probe]:
+           runs: dict) -> list[Probe]:
     d = damage(ring, work)
     afile = work / "afile"
     afile.write_text("x")
@@ -306,7 +306,7 @@ def probes(work: Path, ring: Path, digits: Path, clf: Path, disk: Path | None, r
                 str(clf), *s2, "--out", str(work / "c.png")], names=("another process", "t_max")),
           Probe("unclear", "garbage .npz as data", ["train", "ring", "--out", str(work / "gz"), "--set",
                 f"data.name={garbage}"], names=("not a .npz archive",))]
-    P += issue28_probes(work, ring, digits, extra)
+    P += issue28_probes(work, ring, digits, runs)
     return P
 
 
