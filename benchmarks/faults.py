@@ -407,7 +407,7 @@ def issue28_probes(work: Path, ring: Path, digits: Path, extra: dict) -> list[Pr
                 [*base, "--class", "3"], expect="ok", changes=(folder,),  # stated change: those three redrawn
                 check=lambda: tree_hashes([folder]) == first),
           Probe("silent wrong", "sample --out DIR/ rerun with another --class", [*base, "--class", "4"],
-                names=("holds samples of other settings", "class: 3 there, 4 now", "--force")),
+                names=("holds samples of other settings", "class: '3' there, '4' now", "--force")),
           Probe("silent wrong", "sample --out DIR/ rerun with another --seed", [*base, "--class", "3", "--seed", "1"],
                 names=("holds samples of other settings", "seed")),
           Probe("data loss", "sample --out DIR/ of the user's own numbered PNGs", ["sample", str(digits), "--n", "2",

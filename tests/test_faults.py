@@ -659,7 +659,7 @@ def test_a_sample_folder_refuses_other_settings_and_redraws_broken_pngs(digits_r
     assert main([*base, "--class", "3"]) == 0
     first = file_hashes(out)
     assert set(first) == {f"{i:06d}.png" for i in range(4)} | {"sample_settings.json"}
-    for other, key in ((["--class", "4"], "class: 3 there, 4 now"), (["--class", "3", "--seed", "1"], "seed: 0"),
+    for other, key in ((["--class", "4"], "class: '3' there, '4' now"), (["--class", "3", "--seed", "1"], "seed: 0"),
                        (["--class", "3", "--steps", "3"], "steps: 2 there, 3 now")):
         msg = one_line_error(capsys, *base, *other)
         assert f"holds samples of other settings ({key}" in msg and "--force" in msg, msg
@@ -675,7 +675,7 @@ def test_a_sample_folder_refuses_other_settings_and_redraws_broken_pngs(digits_r
     assert set(after) == {f"{i:06d}.png" for i in range(6)} | {"sample_settings.json"}
     assert main([*base, "--class", "4", "--force"]) == 0  # --force: the old set goes, the new one is whole
     assert set(file_hashes(out)) == set(first)
-    assert ckpt.load_json(out / "sample_settings.json")["class"] == 4
+    assert ckpt.load_json(out / "sample_settings.json")["class"] == "4"
     user = tmp_path / "mine"  # numbered PNGs that this command did not write are not overwritten
     user.mkdir()
     (user / "000000.png").write_bytes(b"the user's own picture")
@@ -697,12 +697,13 @@ def test_a_grid_file_must_start_at_t_max(reference, tmp_path: Path, capsys) -> N
 
 
 def test_anagram_on_a_latent_run_is_refused() -> None:
-    from torchdiffusion.cli.main import _guided_model
+    from torchdiffusion.cli.sample import guided_model
 
     a = argparse.Namespace(class2=1, anagram="rot180", classifier_scale=None, classifier=None, null_class=False,
-                           guidance=None, klass=0, n=2, device="cpu")
+                           guidance=None, klass="0", n=2, device="cpu", labels=None, prompt=None,
+                           negative_prompt=None, unconditional=False, run=None)
     with pytest.raises(ValueError, match="--anagram needs a pixel-space run: on a latent run"):
-        _guided_model(a, None, {"latent": {"image_shape": [1, 16, 16]}, "num_classes": 10, "data_shape": [4, 4, 4]})
+        guided_model(a, None, {"latent": {"image_shape": [1, 16, 16]}, "num_classes": 10, "data_shape": [4, 4, 4]})
 
 
 @pytest.fixture(scope="module")

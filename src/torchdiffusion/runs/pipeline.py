@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -578,7 +579,8 @@ def _same(name: str, value, other_name: str, other):
 
 
 def _is_scalar(labels) -> bool:
-    return isinstance(labels, int) or (isinstance(labels, Tensor) and labels.ndim == 0)
+    """One label (a number of any type, checked later: ``3.7`` is refused by :meth:`Pipeline.labels`)."""
+    return isinstance(labels, numbers.Number) or (isinstance(labels, Tensor) and labels.ndim == 0)
 
 
 def _count(n: int | None, batch_size: int | None, per, per_label: int | None, what: str = "class_labels") -> int:
