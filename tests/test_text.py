@@ -303,6 +303,15 @@ def test_bad_captions_are_one_line_naming_the_row(tmp_path, bad, why):
     assert not (tmp_path / "run" / "tokenizer.json").exists()
 
 
+def test_bad_caption_through_the_cli_is_one_line(tmp_path, capsys):
+    from helpers import one_line_error
+    folder = _captioned(tmp_path, b"a red \xff square")
+    line = one_line_error(capsys, "train", "shapes32_text", "--out", str(tmp_path / "run"), "--set",
+                          f"data.name={folder}", "--set", "data.size=16")
+    assert "metadata.jsonl line 3: not UTF-8" in line
+    assert not (tmp_path / "run" / "tokenizer.json").exists()
+
+
 def test_text_run_needs_captions(tmp_path):
     with pytest.raises(ValueError, match="conditioned on captions, but the data"):
         train_dataset(config.resolve(None, ["data.name=digits", *TINY]))
