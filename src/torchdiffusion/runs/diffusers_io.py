@@ -4,6 +4,11 @@
   identical twin of our U-Net, :func:`~torchdiffusion.parameterization.interop.unet2d_from_unet`),
   ``scheduler/scheduler_config.json`` (the run's DDPM schedule and prediction type, no clipping) and
   ``model_index.json``, so that ``DDPMPipeline.from_pretrained(OUT)`` (or ``DDIMPipeline``) runs offline.
+  A class-conditional run also gets ``pipeline.py`` (:mod:`torchdiffusion.runs.diffusers_pipeline`, named by
+  ``model_index.json``): ``DiffusionPipeline.from_pretrained(OUT)`` then takes ``class_labels`` and
+  ``guidance_scale`` (diffusers' own DDPM/DDIM pipelines cannot pass labels). Its UNet2DModel has
+  ``num_class_embeds = num_classes + 1``: the last row is the null class of classifier-free guidance;
+  ``model_index.json`` says ``num_classes`` (the real ones), which is what a round trip restores.
   Writing needs no diffusers.
 - :func:`load_diffusers_folder` reads a local diffusers folder (``unet/`` + ``scheduler/``) as a Denoiser and a
   run-like config for :class:`~torchdiffusion.runs.pipeline.Pipeline`; it needs diffusers (imported here only).
@@ -12,12 +17,14 @@
 from __future__ import annotations
 
 import shutil
+from importlib import resources
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
-from torchdiffusion._files import FileError, cause, is_run_folder
+from torchdiffusion._files import FileError, atomic_write, cause, is_run_folder, read_json
 from torchdiffusion.parameterization.denoiser import Denoiser
 from torchdiffusion.parameterization.interop import (
     denoiser_from_diffusers,
@@ -29,6 +36,10 @@ from torchdiffusion.runs.build import load_run, run_kind
 from torchdiffusion.training.checkpoint import model_files, save_json, save_tensors
 
 PIPELINES = {"ddpm": ("DDPMPipeline", "DDPMScheduler"), "ddim": ("DDIMPipeline", "DDIMScheduler")}
+CLASS_PIPELINE = ["pipeline", "ClassConditionalPipeline"]  # pipeline.py beside the weights (module doc)
+# diffusers' default number of inference steps and our sampler for a scheduler class (a folder's sample defaults)
+SCHEDULER_DEFAULTS = {"DDPMScheduler": ("ddpm", 1000), "DDIMScheduler": ("ddim", 50)}
+SPACINGS = ("leading", "trailing")  # diffusers timestep_spacing values that are our grids of the same name
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -74,7 +85,12 @@ def export_diffusers(run: str | Path, out: str | Path, *, pipeline: str = "ddpm"
     if model.precond != "none":
         raise ValueError(f"{run} uses {model.precond} preconditioning; diffusers' DDPM-type pipelines call the "
                          "UNet with the raw timestep, so only precond=none runs can be exported")
+    vr = [float(v) for v in cfg["run"].get("value_range", (-1, 1))]
+    if len(cfg["run"]["data_shape"]) != 3 or vr != [-1.0, 1.0]:
+        raise ValueError(f"{run} holds data of shape {cfg['run']['data_shape']} in {vr}; diffusers' image pipelines "
+                         "take images in [-1, 1]")
     unet_cfg, tensors = unet2d_from_unet(model.net)
+    ncls = cfg["run"].get("num_classes")
     pipe_name, sched_name = PIPELINES[pipeline]
     sched_cfg = diffusers_scheduler_config(model.process, model.prediction, sched_name)
     dv = _diffusers_version()
@@ -88,17 +104,43 @@ def export_diffusers(run: str | Path, out: str | Path, *, pipeline: str = "ddpm"
     save_tensors(tensors, out / "unet" / UNET_WEIGHTS, {"saved_by": "torchdiffusion export-diffusers",
                                                           "run": str(run)})
     save_json({**sched_cfg, "_diffusers_version": dv}, out / "scheduler" / "scheduler_config.json")
-    save_json({"_class_name": pipe_name, "_diffusers_version": dv, "unet": ["diffusers", "UNet2DModel"],
-               "scheduler": ["diffusers", sched_name]}, out / "model_index.json")
+    index = {"_class_name": pipe_name, "_diffusers_version": dv, "unet": ["diffusers", "UNet2DModel"],
+             "scheduler": ["diffusers", sched_name]}
+    if ncls:  # diffusers' DDPM/DDIM pipelines pass no class labels: our pipeline.py does (module doc)
+        code = resources.files("torchdiffusion.runs").joinpath("diffusers_pipeline.py").read_text()
+        atomic_write(out / "pipeline.py", lambda tmp: tmp.write_text(code))
+        index.update(_class_name=CLASS_PIPELINE, num_classes=int(ncls))
+    elif (out / "pipeline.py").is_file():  # (--force over a conditional export)
+        (out / "pipeline.py").unlink()
+    save_json(index, out / "model_index.json")
     return out
+
+
+class NullClassNet(nn.Module):
+    """A class-conditional diffusers net whose null class (for classifier-free guidance) is the embedding row
+    ``null``: our null condition (``cond=None`` or the label ``-1``) becomes that row."""
+
+    def __init__(self, net: nn.Module, null: int):
+        super().__init__()
+        self.net, self.null = net, int(null)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        if cond is None:
+            cond = torch.full((x.shape[0],), self.null, dtype=torch.long, device=x.device)
+        else:
+            cond = torch.where(cond < 0, torch.full_like(cond, self.null), cond)
+        return self.net(x, t, cond)
 
 
 def load_diffusers_folder(path: str | Path, device: str | torch.device = "cpu") -> tuple[Denoiser, dict]:
     """A local diffusers folder (``unet/`` holding a ``UNet2DModel``, ``scheduler/``) as ``(Denoiser, config)``.
 
     The config has the Pipeline's ``run`` section (``data_shape`` from the UNet's ``sample_size`` and channels,
-    ``num_classes`` from ``num_class_embeds``, values in [-1, 1]) and ``sample`` defaults (ddim, 50 steps); its
-    ``run.diffusers`` names the folder. Nothing is downloaded (``local_files_only``).
+    ``num_classes`` from ``model_index.json`` where our export wrote it -- the null class is then the last
+    embedding row -- else from ``num_class_embeds``; values in [-1, 1]) and ``sample`` defaults as diffusers'
+    pipeline would sample (``DDPMScheduler``: ddpm, 1000 steps; otherwise ddim, 50 steps; the grid is the
+    scheduler's ``timestep_spacing``); its ``run.diffusers`` names the folder. Nothing is downloaded
+    (``local_files_only``).
     """
     path = Path(path)
     if not is_diffusers_folder(path):
@@ -120,12 +162,18 @@ def load_diffusers_folder(path: str | Path, device: str | torch.device = "cpu") 
     size = unet.config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     ncls = unet.config.num_class_embeds
-    cls_name, _ = read_diffusers_config(path)
+    cls_name, sched = read_diffusers_config(path)
+    index = read_json(path / "model_index.json", "model index") if (path / "model_index.json").is_file() else {}
+    if ncls and isinstance(index.get("num_classes"), int) and index["num_classes"] == ncls - 1:
+        ncls = index["num_classes"]  # written by our export: the last embedding row is the null class
+        model.net = NullClassNet(model.net, ncls)
+    sampler, steps = SCHEDULER_DEFAULTS.get(cls_name, ("ddim", 50))
+    spacing = sched.get("timestep_spacing", "leading")
     config = {
         "run": {"data_shape": [int(unet.config.in_channels), int(h), int(w)], "num_classes": ncls,
                 "value_range": [-1.0, 1.0], "diffusers": str(path), "scheduler": cls_name},
         "process": model.process.config(),
         "model": {"prediction": model.prediction, "precond": model.precond, "sigma_data": model.sigma_data},
-        "sample": {"sampler": "ddim", "steps": 50, "grid": None},
+        "sample": {"sampler": sampler, "steps": steps, "grid": spacing if spacing in SPACINGS else None},
     }
     return model, config

@@ -67,6 +67,19 @@ DIFFUSERS_REFUSED = {
 }
 
 
+# diffusers' pipeline attributes and methods with no counterpart here: a one-line AttributeError naming ours
+DIFFUSERS_ATTRIBUTES = {
+    "unet": "pipe.model.net (the network) and pipe.model (the Denoiser around it)",
+    "scheduler": "pipe.process (the forward process) and sampler= / grid= on the call (the reverse discretization)",
+    "components": "pipe.model, pipe.process, pipe.config",
+    "enable_model_cpu_offload": "pipe.to(device) (the whole model moves; nothing is offloaded)",
+    "enable_sequential_cpu_offload": "pipe.to(device) (the whole model moves; nothing is offloaded)",
+    "enable_attention_slicing": "max_batch= on the call (fewer samples at once)",
+    "enable_xformers_memory_efficient_attention": "nothing: attention uses torch's scaled_dot_product_attention",
+    "enable_vae_slicing": "max_batch= on the call (fewer samples at once)",
+}
+
+
 def require_kind(cfg: dict, path: str | Path, allowed: Sequence[str], what: str) -> str:
     """The run's kind, or a one-line error saying what the command needs."""
     kind = run_kind(cfg)
@@ -153,15 +166,21 @@ class Pipeline:
     def from_pretrained(cls, path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu",
                         torch_dtype: torch.dtype | None = None, revision: str | None = None,
                         local_files_only: bool | None = None, cache_dir: str | Path | None = None,
-                        token: str | bool | None = None, threads: int | None = None, **kwargs) -> Pipeline:
+                        token: str | bool | None = None, threads: int | None = None, trust_remote_code: bool = False,
+                        custom_pipeline: str | None = None, use_safetensors: bool | None = None, **kwargs) -> Pipeline:
         """Load a run folder (EMA weights by default), a local diffusers folder (``UNet2DModel`` + scheduler,
         :func:`~torchdiffusion.runs.diffusers_io.load_diffusers_folder`) or a Hugging Face Hub id ``org/name``
         holding either (:func:`resolve_pretrained`: its cache, ``revision``, offline with ``HF_HUB_OFFLINE=1``
         or ``local_files_only``); autoencoder and classifier runs are refused. ``torch_dtype`` as in diffusers
-        (= ``.to(torch_dtype)``)."""
+        (= ``.to(torch_dtype)``). diffusers' ``trust_remote_code`` and ``custom_pipeline`` are accepted and change
+        nothing (this Pipeline runs no code from the folder: it reads weights and JSON only, which is also why
+        ``use_safetensors=False`` is refused)."""
         if kwargs:
             raise TypeError(f"from_pretrained got unexpected argument(s) {', '.join(map(repr, sorted(kwargs)))}; "
-                            "allowed: ema, device, torch_dtype, revision, local_files_only, cache_dir, token, threads")
+                            "allowed: ema, device, torch_dtype, revision, local_files_only, cache_dir, token, threads "
+                            "(and diffusers' trust_remote_code, custom_pipeline, use_safetensors)")
+        if use_safetensors is False:
+            raise ValueError("use_safetensors=False: this Pipeline reads safetensors only (nothing is unpickled)")
         path = resolve_pretrained(path, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir,
                                   token=token)
         if is_diffusers_folder(path):
@@ -235,6 +254,11 @@ class Pipeline:
         """Options for the tqdm bar of every later call (diffusers' method): e.g. ``disable=True``, ``desc``,
         ``leave``. ``progress=`` on a call overrides ``disable`` for that call."""
         self._progress_config = dict(kwargs)
+
+    def __getattr__(self, name: str):
+        if name in DIFFUSERS_ATTRIBUTES:
+            raise AttributeError(f"Pipeline has no {name!r} (diffusers' name); here: {DIFFUSERS_ATTRIBUTES[name]}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def interrupt(self) -> bool:
