@@ -71,7 +71,8 @@ plt.show()
 # %%
 run = OUT / "digits"
 cfg = resolve("digits", SETTINGS + ["train.ckpt_every=0", "train.device=cpu"])
-print({k: cfg[k] for k in ("process", "loss")})
+print("process:", cfg["process"]["name"], cfg["process"]["betas"], "| prediction:", cfg["model"]["prediction"],
+      "| label dropout:", cfg["loss"]["p_uncond"], "| steps:", cfg["train"]["steps"])
 summary = train(cfg, run, progress=False, force=True)
 print(f"trained {summary['steps_run']} steps in {summary['seconds']:.0f} s, final loss {summary['loss']:.3f}")
 

@@ -68,10 +68,10 @@ print(f"mean NLL of exact samples (the entropy, by Monte Carlo): {entropy:.3f} n
 proc = td.DDPM(betas="linear", T=1000)
 exact = td.Denoiser(gm.net(proc, "eps"), proc)
 g = torch.Generator().manual_seed(1)
-x_T = proc.prior_sample((N_SAMPLES, 2), generator=g, dtype=torch.float64)
+x_start = proc.prior_sample((N_SAMPLES, 2), generator=g, dtype=torch.float64)
 samples = {}
 for name, steps in [("ddim", 10), ("dpmpp_2m", 10), ("ddpm", 100)]:
-    samples[name] = td.sample(exact, x_T, name, steps=steps, generator=torch.Generator().manual_seed(2))
+    samples[name] = td.sample(exact, x_start, name, steps=steps, generator=torch.Generator().manual_seed(2))
     nll = float(-gm.log_prob(samples[name]).mean())
     print(f"{name:>9} with {steps:>3} evaluations: mean NLL {nll:.3f} nats (exact samples {entropy:.3f})")
 

@@ -100,8 +100,8 @@ print(f"ratio to the best built-in grid: {errors['unipc, fitted grid'] / best_de
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 2.2))
-for i, (name, ts) in enumerate({"logsnr": td.grids.get("logsnr", proc, NFE), "karras": td.grids.get("karras", proc, NFE),
-                                "fitted": fitted}.items()):
+shown = {"logsnr": td.grids.get("logsnr", proc, NFE), "karras": td.grids.get("karras", proc, NFE), "fitted": fitted}
+for i, (name, ts) in enumerate(shown.items()):
     lam = proc.log_snr(ts[:-1].clamp_min(proc.t_min))
     ax.plot(lam, [i] * len(lam), "o-", label=name)
 ax.set_yticks([0, 1, 2], ["logsnr", "karras", "fitted"])
