@@ -36,7 +36,7 @@ lint: $(STAMP)
 TUTORIALS ?= full
 docs: $(STAMP)
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[docs]"
-	NO_MKDOCS_2_WARNING=1 TD_TUTORIAL_SIZE=$(TUTORIALS) PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 TD_TUTORIAL_SIZE=$(TUTORIALS) PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache site

@@ -39,7 +39,7 @@ from torchdiffusion.runs.train import train
 SMALL = os.environ.get("TD_TUTORIAL_SIZE", "full") == "small"
 OUT = Path(os.environ.get("TD_TUTORIAL_OUT") or tempfile.mkdtemp(prefix="td-tutorial-"))
 TRAIN = (["train.steps=150", "model.channels=16", "train.batch=64", "train.ema=0.99", "data.augment=0"] if SMALL
-         else ["train.steps=1500", "train.threads=1"])
+         else ["train.steps=1500"]) + ["train.threads=1"]
 N_TEST = 40 if SMALL else 200
 torch.set_num_threads(1)
 
