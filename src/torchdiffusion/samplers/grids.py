@@ -227,9 +227,9 @@ def optimize(model, sampler: str, steps: int, x_T: Tensor | None = None, shape: 
              cond=None, budget: float | None = None, *, max_runs: int | None = None, method: str = "fast",
              robust: bool = True, z: float = 2.0, n_pilot: int = 256, generator: torch.Generator | None = None,
              reference: Tensor | None = None, rtol: float = 1e-6, atol: float = 1e-6, knots: int = 4,
-             holdout: float = 1 / 3, choices: dict | None = None, starts: Sequence[str] | None = None,
-             progress: Callable[[dict], None] | None = None, return_info: bool = False,
-             **options) -> Tensor | tuple[Tensor, dict]:
+             delta: float = 0.5, holdout: float = 1 / 3, choices: dict | None = None,
+             starts: Sequence[str] | None = None, progress: Callable[[dict], None] | None = None,
+             return_info: bool = False, **options) -> Tensor | tuple[Tensor, dict]:
     """A grid fitted to ``model`` and ``sampler`` at ``steps`` network evaluations (method:
     :mod:`torchdiffusion.samplers.gridfit`): the interior times, as softmax increments in log-SNR, minimize the
     final RMS error of ``sampler`` against the PF-ODE's end state at noise 0 (:func:`gridfit.end_state`: dopri5 at
@@ -254,7 +254,8 @@ def optimize(model, sampler: str, steps: int, x_T: Tensor | None = None, shape: 
     :func:`gridfit.fit`). The pilot's size does not change the cost in network calls (one call serves the whole
     batch), only the seconds: a larger pilot makes the selection surer at the same cost. ``progress``: called with the
     network calls spent (``calls``, ``max_calls``) as the fit goes. ``knots``: the
-    number of smooth-profile coordinates searched (:func:`gridfit.basis`). ``options`` go to the sampler.
+    number of smooth-profile coordinates searched (:func:`gridfit.basis`); ``delta``: the first step of the
+    search in those coordinates. ``options`` go to the sampler.
     Returns a strictly decreasing float64 tensor of times from ``t_max`` to ``t_zero`` that
     ``td.sample(model, x, sampler, grid=...)`` accepts.
     """
@@ -294,7 +295,7 @@ def optimize(model, sampler: str, steps: int, x_T: Tensor | None = None, shape: 
         max_runs = 30
     grid, info = gridfit.fit(model, sampler, steps, x_T, cond=cond, budget=budget, max_runs=max_runs,
                              reference=reference, rtol=rtol, atol=atol, starts=start_grids, knots=knots,
-                             holdout=holdout,
+                             delta=delta, holdout=holdout,
                              choices=choices, method=method, robust=robust, z=z, progress=progress, **options)
     grid = get(grid, process, 0)  # validated like any user grid
     return (grid, info) if return_info else grid
