@@ -116,6 +116,10 @@ test = digits.x[1200:1200 + N_TEST]
 # Both get the same dequantization and offset from `bits_per_dim` (`dequantize="uniform"`).
 
 # %%
+import warnings  # noqa: E402
+
+# (torch warns once that the learned schedule's time, a tensor that carries gradients, is read as a number)
+warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
 g = torch.Generator().manual_seed(1)
 vlb = bits_per_dim(model, test, method="vlb", levels=K, value_range=value_range, dequantize="uniform", generator=g)
 ode = bits_per_dim(model, test, method="ode", levels=K, value_range=value_range, dequantize="uniform", generator=g,
