@@ -161,3 +161,114 @@ def test_images_stay_in_range_and_classes_are_balanced():
     x = torch.stack([torch.from_numpy(shapes.example(i, seed=0)[0]) for i in range(50)])
     assert x.dtype == torch.uint8 and x.float().std() > 20
     assert torch.bincount(torch.tensor([shapes.example(i)[1]["label"] for i in range(50)])).tolist() == [5] * 10
+
+
+# ---- the judge (evaluation/shapes.py) ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def judged(tmp_path_factory):
+    """A tiny shapes folder (16x16) and a judge trained on its train split, cached in a private cache folder."""
+    import os
+
+    from torchdiffusion.evaluation import shapes as judge_mod
+
+    root = tmp_path_factory.mktemp("judged")
+    shapes.write_shapes(root / "data", 700, n_test=200, size=16, seed=0)
+    old = os.environ.get("TORCHDIFFUSION_CACHE")
+    os.environ["TORCHDIFFUSION_CACHE"] = str(root / "cache")
+    try:
+        judge = judge_mod.ShapesJudge(root / "data" / "train", n_train=600, n_ref=100, epochs=25)
+        yield root, judge
+    finally:
+        if old is None:
+            os.environ.pop("TORCHDIFFUSION_CACHE")
+        else:
+            os.environ["TORCHDIFFUSION_CACHE"] = old
+
+
+def test_judge_scores_real_test_images_highly_and_wrong_or_noise_images_low(judged):
+    _, judge = judged
+    x, y = judge.x_ref, judge.y_ref  # real held-out test images and their classes
+    assert judge.accuracy(x, y) > 0.8
+    att = judge.attribute_accuracy(x, y)
+    assert att["color_family"] > 0.95 and att["shape"] > 0.8
+    assert judge.accuracy(x, (y + 1) % 10) < 0.15  # the wrong classes requested
+    tv = judge.attribute_tv(judge.x_real)  # other real images: the same mix of the free attributes
+    assert max(tv.values()) < 0.2
+    fl = judge.fd_floor_bootstrap(n_boot=100)
+    assert fl.lo <= fl.floor <= fl.hi and fl.floor == pytest.approx(judge.fd(judge.x_real, judge.y_real))
+    noise = torch.rand(100, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert judge.fd(noise) > 5 * fl.hi
+    plain = judge.x_ref.clone()
+    plain[:] = plain.mean((2, 3), keepdim=True)  # the shapes smeared away: colour kept, shape gone
+    assert judge.fd(plain, y) > 2 * fl.hi and judge.attribute_accuracy(plain, y)["shape"] < 0.6
+    # one class for every sample: FD far above the floor though each sample is a real image
+    one = judge.x_real[judge.y_real == 3]
+    assert judge.fd(one.repeat(10, 1, 1, 1)[:100]) > 2 * fl.hi
+
+
+def test_judge_is_cached_and_never_retrained(judged, monkeypatch):
+    from torchdiffusion.evaluation import shapes as judge_mod
+
+    root, judge = judged
+    assert judge.weights_path.is_file() and judge.meta_path.is_file()
+    meta = json.loads(judge.meta_path.read_text())
+    assert meta["settings"]["n_train"] == 600 and "first 600 images" in meta["trained_on"]
+    monkeypatch.setattr(judge_mod, "_LOADED", {})
+    monkeypatch.setattr(judge_mod, "train_judge", lambda *a, **k: pytest.fail("the cached judge was retrained"))
+    again = judge_mod.ShapesJudge(root / "data", n_train=600, n_ref=100, epochs=25)
+    assert again is not judge
+    assert torch.equal(again.features(judge.x_ref[:5]), judge.features(judge.x_ref[:5]))
+    with pytest.raises(ValueError, match="not a shapes data folder"):
+        judge_mod.ShapesJudge(root)
+    with pytest.raises(ValueError, match="expected 16x16 images"):
+        judge.accuracy(torch.zeros(2, 3, 32, 32), 0)
+
+
+def test_shapes_presets_validate_and_build():
+    from torchdiffusion.runs import config as config_mod
+    from torchdiffusion.runs.build import build_model, run_kind
+
+    px = config_mod.resolve("shapes32")
+    assert px["data"]["name"].endswith("/train") and px["data"]["holdout"] == 0.0 and px["data"]["conditional"]
+    assert (px["sample"]["sampler"], px["sample"]["steps"]) == ("ddim", 20)
+    net = build_model(px, (3, 32, 32), 10)
+    x = torch.zeros(2, 3, 32, 32)
+    assert net.eps(x, torch.tensor([10, 500]), cond=torch.tensor([0, 9])).shape == x.shape
+    vae = config_mod.resolve("vae_shapes32")
+    assert run_kind(vae) == "autoencoder"
+    ae = build_model(vae, (3, 32, 32))
+    assert ae.latent_shape == (4, 8, 8)  # 8x8x4 latents
+    lat = config_mod.resolve("latent_shapes32", ["data.autoencoder=runs/vae"])
+    assert run_kind(lat) == "latent" and (lat["sample"]["sampler"], lat["sample"]["steps"]) == ("ddim", 20)
+    lnet = build_model(lat, (4, 8, 8), 10)
+    z = torch.zeros(2, 4, 8, 8)
+    assert lnet.eps(z, torch.tensor([10, 500]), cond=torch.tensor([0, 9])).shape == z.shape
+
+
+def test_eval_uses_the_judge_for_a_shapes_run(judged, tmp_path, capsys, monkeypatch):
+    from torchdiffusion.cli import eval as eval_cli
+    from torchdiffusion.runs import config as config_mod
+    from torchdiffusion.runs.train import train
+
+    root, judge = judged
+    cfg = config_mod.resolve("shapes32", [f"data.name={root / 'data' / 'train'}", "data.size=16",
+                                          "model.channels=8", "model.attn_resolutions=[]", "train.steps=2",
+                                          "train.batch=8", "train.ckpt_every=0", "train.threads=1"])
+    train(cfg, tmp_path / "run", progress=False)
+    assert eval_cli.shapes_root(json.loads((tmp_path / "run" / "config.json").read_text())) == str(
+        (root / "data").resolve())
+    used = []
+    real = eval_cli.ShapesJudge
+
+    def spy(path, **kw):  # the judge of the fixture (same folder), recorded
+        used.append(path)
+        return judge if path == str((root / "data").resolve()) else real(path, **kw)
+    monkeypatch.setattr(eval_cli, "ShapesJudge", spy)
+    out = tmp_path / "scores.json"
+    assert main(["eval", str(tmp_path / "run"), "--n", "100", "--steps", "2", "--quiet", "--json", str(out)]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("shapes: 100 samples (ddim, 2 NFE") and "real-data floor" in line
+    res = json.loads(out.read_text())
+    fl = judge.fd_floor_bootstrap()
+    assert used and res["fd_floor"] == pytest.approx(fl.floor) and res["fd_floor_hi"] == pytest.approx(fl.hi)
+    assert 0 <= res["accuracy"] <= 1 and res["fd"] > fl.hi  # two training steps: far from the real images

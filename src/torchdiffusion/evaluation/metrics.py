@@ -167,6 +167,46 @@ class FloorInterval(NamedTuple):
     bias: float
 
 
+def matched_chunks(n: int, y: Tensor | None, y_ref: Tensor, num_classes: int) -> list[Tensor]:
+    """Disjoint index sets into ``n`` samples, each of the size of the reference labels ``y_ref`` and, given the
+    samples' labels ``y``, with exactly ``y_ref``'s class counts (without labels: cut after a fixed shuffle).
+    Comparing each chunk with a real set of the same size and composition keeps a Frechet distance's size and
+    class-mix bias equal on both sides."""
+    m = len(y_ref)
+    if y is None:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        return list(perm.split(m)[: n // m])
+    y = torch.as_tensor(y).long().cpu().reshape(-1)
+    if len(y) != n:
+        raise ValueError(f"{n} samples but {len(y)} labels")
+    want = torch.bincount(y_ref, minlength=num_classes)
+    by_class = [torch.nonzero(y == c).flatten() for c in range(len(want))]
+    k = min(len(idx) // int(c) for idx, c in zip(by_class, want) if c > 0)
+    return [torch.cat([idx[j * int(c):(j + 1) * int(c)] for idx, c in zip(by_class, want)]) for j in range(k)]
+
+
+def stratified_floor_bootstrap(feat: Tensor, y: Tensor, ref_feat: Tensor, num_classes: int, n_boot: int = 1000,
+                               seed: int = 0) -> FloorInterval:
+    """The real-data floor ``FD(feat, ref_feat)`` and how much it depends on which real examples were drawn: a
+    class-stratified bootstrap of ``feat`` (each class resampled with replacement to its own count; the reference
+    fixed), ``n_boot`` seeded draws. Repeated examples raise a Frechet distance (the bootstrap mean lies above the
+    floor by ``bias``), so the 95 % interval is the bias-corrected percentile interval ``[q_2.5 - bias,
+    q_97.5 - bias]``; ``se`` is the bootstrap standard deviation."""
+    if int(n_boot) < 2:
+        raise ValueError(f"n_boot must be >= 2, got {n_boot}")
+    g = torch.Generator().manual_seed(int(seed))
+    by_class = [torch.nonzero(y == c).flatten() for c in range(num_classes)]
+    fds = []
+    for _ in range(int(n_boot)):
+        idx = torch.cat([i[torch.randint(len(i), (len(i),), generator=g)] for i in by_class if len(i)])
+        fds.append(frechet_distance(feat[idx], ref_feat))
+    v = torch.tensor(fds, dtype=torch.float64)
+    floor = frechet_distance(feat, ref_feat)
+    bias = float(v.mean()) - floor
+    lo, hi = torch.quantile(v, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return FloorInterval(floor, float(v.std()), lo - bias, hi - bias, bias)
+
+
 _LOADED: dict[tuple[int, str], DigitsEvaluator] = {}
 
 
@@ -257,17 +297,7 @@ class DigitsEvaluator:
 
     def _chunks(self, f: Tensor, y: Tensor | None) -> list[Tensor]:
         """Index sets of the matched chunks (see :meth:`fd`)."""
-        n = len(self._f_heldout)
-        if y is None:
-            perm = torch.randperm(len(f), generator=torch.Generator().manual_seed(0))
-            return list(perm.split(n)[: len(f) // n])
-        y = torch.as_tensor(y).long().cpu().reshape(-1)
-        if len(y) != len(f):
-            raise ValueError(f"{len(f)} samples but {len(y)} labels")
-        want = torch.bincount(self.y_heldout, minlength=10)
-        by_class = [torch.nonzero(y == c).flatten() for c in range(len(want))]
-        k = min(len(idx) // int(m) for idx, m in zip(by_class, want) if m > 0)
-        return [torch.cat([idx[j * int(m):(j + 1) * int(m)] for idx, m in zip(by_class, want)]) for j in range(k)]
+        return matched_chunks(len(f), y, self.y_heldout, 10)
 
     def fd_floor(self) -> float:
         """Frechet distance of the real held-out digits to the real training digits (what real data scores)."""
@@ -281,19 +311,7 @@ class DigitsEvaluator:
         Repeated digits raise a Frechet distance (the bootstrap mean lies above the floor by ``bias``), so the
         95 % interval is the bias-corrected percentile interval ``[q_2.5 - bias, q_97.5 - bias]``; ``se`` is the
         bootstrap standard deviation. A generated chunk's FD inside the interval is at the real-data floor."""
-        if int(n_boot) < 2:
-            raise ValueError(f"n_boot must be >= 2, got {n_boot}")
-        g = torch.Generator().manual_seed(int(seed))
-        by_class = [torch.nonzero(self.y_heldout == c).flatten() for c in range(10)]
-        fds = []
-        for _ in range(int(n_boot)):
-            idx = torch.cat([i[torch.randint(len(i), (len(i),), generator=g)] for i in by_class if len(i)])
-            fds.append(frechet_distance(self._f_heldout[idx], self._f_train))
-        v = torch.tensor(fds, dtype=torch.float64)
-        floor = self.fd_floor()
-        bias = float(v.mean()) - floor
-        lo, hi = torch.quantile(v, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-        return FloorInterval(floor, float(v.std()), lo - bias, hi - bias, bias)
+        return stratified_floor_bootstrap(self._f_heldout, self.y_heldout, self._f_train, 10, n_boot, seed)
 
     def heldout_accuracy(self) -> float:
         """Accuracy of the classifier on the real held-out digits."""

@@ -466,6 +466,24 @@ PRESETS.update({
                                     "train": {"steps": 3000, "lr": 1e-3}}, strict=False),
 })
 
+# Latent diffusion on the shapes (issue 27): a VAE 32x32x3 -> 8x8x4 (two stride-2 levels) trained on the train
+# split, then class-conditional diffusion on its scaled latents (--set data.autoencoder=RUN), sampled like shapes32.
+PRESETS.update({
+    "vae_shapes32": deep_update(_AE, {"data": {"name": SHAPES_DATA, "size": 32, "channels": 3, "holdout": 0.0,
+                                               "label_key": "label"},
+                                      "model": {"net": "vae", "channels": 16, "channel_mult": [1, 2, 2],
+                                                "num_res_blocks": 1, "latent_channels": 4},
+                                      "loss": {"name": "vae"},
+                                      "train": {"steps": 800, "batch": 32, "lr": 2e-3, "ckpt_every": 200}},
+                                strict=False),
+    "latent_shapes32": deep_update(PRESETS["latent"], {"data": {"holdout": 0.0},
+                                                       "model": {"channels": 32, "channel_mult": [1, 2],
+                                                                 "attn_resolutions": [4]},
+                                                       "train": {"steps": 600, "batch": 64, "lr": 2e-3,
+                                                                 "warmup": 50, "ema": 0.995, "ckpt_every": 100},
+                                                       "sample": {"sampler": "ddim", "steps": 20}}, strict=False),
+})
+
 # Digits models whose samples evaluation.metrics.DigitsEvaluator scores (and the classifier that guides them) hold
 # out the evaluator's held-out digits: data.holdout = its HOLDOUT on the same seed-0 permutation (split_dataset), so
 # they train on exactly the evaluator's training digits and its FD floor is measured on digits they never saw.
