@@ -124,7 +124,7 @@ def score(run: Path, judge: ShapesJudge, n: int, seed: int = 0) -> dict:
     pipe = Pipeline(model, cfg)
     y = judge.reference_labels(n)
     t0 = time.time()
-    x = pipe.generate(model, n, cond=y, generator=torch.Generator().manual_seed(seed), batch_size=250)
+    x = pipe.generate(model, n, cond=y, generator=torch.Generator().manual_seed(seed), max_batch=250)
     sec = (time.time() - t0) / n
     res = judge.score(x, y)
     res.update(s_per_image=sec, sampler=cfg["sample"]["sampler"], nfe=int(cfg["sample"]["steps"]),
@@ -142,7 +142,7 @@ def _train_seconds(run: Path) -> float:
 def picture(run: Path, path: Path) -> None:
     model, cfg = load_run(run)
     y = torch.arange(10).repeat_interleave(10)
-    x = Pipeline(model, cfg).generate(model, 100, cond=y, generator=torch.Generator().manual_seed(1), batch_size=100)
+    x = Pipeline(model, cfg).generate(model, 100, cond=y, generator=torch.Generator().manual_seed(1), max_batch=100)
     save_samples(x, path, nrow=10)
 
 

@@ -119,7 +119,7 @@ def _draw(base, cfg: dict, model, n: int, cond, a, sampler: str, steps: int, bat
     pipe = Pipeline(base, cfg, path=a.run)
     try:
         x = pipe.generate(model, n, cond=cond, sampler=sampler, steps=steps, grid=a.grid,
-                          generator=torch.Generator().manual_seed(a.seed), callback=bar, batch_size=batch_size)
+                          generator=torch.Generator().manual_seed(a.seed), callback=bar, max_batch=batch_size)
     finally:
         bar.close()
     if pipe.note and pipe.note.startswith("using "):

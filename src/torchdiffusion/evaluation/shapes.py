@@ -156,7 +156,7 @@ class ShapesJudge:
             raise ValueError(f"{self.root}: too few training images ({counts['train']}) for the judge and its "
                              "real-data floor; make-data --n 100 or more")
         ident = {k: info[k] for k in ("dataset", "version", "size", "seed", "splits")}
-        settings = {"judge_version": JUDGE_VERSION, "n_train": n_fit, "n_ref": self.n_ref, "epochs": epochs}
+        settings = {"judge_version": JUDGE_VERSION, "n_train": n_fit, "epochs": epochs}  # what the weights depend on
         tag = hashlib.sha1(json.dumps([ident, settings], sort_keys=True).encode()).hexdigest()[:12]
         self.weights_path = cache_dir() / f"shapes_judge_{tag}.safetensors"
         self.meta_path = self.weights_path.with_suffix(".json")
