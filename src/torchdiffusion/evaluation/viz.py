@@ -163,3 +163,34 @@ def save_samples(x: Tensor, path: str | Path, *, data: Tensor | None = None, nro
     if x.ndim == 2 and x.shape[1] == 2:
         return save_scatter(x, path, data=data, title=title)
     raise ValueError(f"cannot draw samples of shape {tuple(x.shape[1:])} as PNG; use .npz")
+
+
+def save_loss_curve(log: str | Path, path: str | Path) -> Path:
+    """The training loss (and the held-out ``val_loss`` where logged) against the step, from a run's ``log.csv``,
+    as a PNG (written atomically: a reader never sees half a picture). A logarithmic loss axis when every value
+    is positive (losses that can be negative, e.g. a VLB in nats, stay linear)."""
+    import csv
+
+    with open(log, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("step")]
+
+    def column(key: str) -> tuple[list[int], list[float]]:
+        pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        pts = [(s, v) for s, v in pts if np.isfinite(v)]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    plt = _mpl()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    values = []
+    for key, label in (("loss", "training loss (mean over the log interval)"), ("val_loss", "held-out loss (EMA)")):
+        steps, vals = column(key)
+        if steps:
+            ax.plot(steps, vals, label=label, marker="o" if key == "val_loss" else None, ms=3)
+            values += vals
+    if values and min(values) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save_figure(fig, path)

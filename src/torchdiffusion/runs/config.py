@@ -360,13 +360,15 @@ _DIGITS = {"data": {"name": "digits", "size": 8, "conditional": True},
            "model": {"net": "unet", "prediction": "v", "channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1,
                      "attn_resolutions": [4]},
            "loss": {"p_uncond": 0.1},
+           # sample_every: a preview grid (RUN/samples/step_*.png, at most 64 samples) every 500 steps
            "train": {"steps": 2000, "batch": 128, "lr": 2e-3, "warmup": 100, "ema": 0.999, "ckpt_every": 500,
-                     "log_every": 50, "threads": 1},
+                     "log_every": 50, "threads": 1, "sample_every": 500},
            "sample": {"sampler": "ddim", "steps": 50, "n": 100}}
 # Score family on digits: the digits U-Net and training settings, unconditional, eps-prediction
 def _score_digits(process: dict, loss: dict, sample: dict) -> dict:
+    # (no previews by default: these samplers take 500-2000 steps; --set train.sample_every=N asks for them)
     cfg = deep_update(_DIGITS, {"data": {"conditional": False}, "model": {"prediction": "eps"}, "loss": loss,
-                                "sample": sample}, strict=False)
+                                "sample": sample, "train": {"sample_every": 0}}, strict=False)
     cfg["process"] = process
     return cfg
 
@@ -446,7 +448,7 @@ _AE = {"data": {"name": "digits", "size": 16, "conditional": False},
                  "latent_channels": 4},
        "loss": {"name": "ae", "p_uncond": 0.0},
        "train": {"steps": 1500, "batch": 128, "lr": 2e-3, "warmup": 100, "ema": 0.999, "ckpt_every": 500,
-                 "log_every": 50, "threads": 1},
+                 "log_every": 50, "threads": 1, "sample_every": 500},
        "sample": {"n": 64}}
 PRESETS.update({
     "ae_digits": _AE,

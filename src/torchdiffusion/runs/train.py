@@ -7,6 +7,7 @@ write as ``config.json`` and a preview writer; the trainer itself knows no model
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,7 +15,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from torchdiffusion.data.augment import augment
-from torchdiffusion.data.datasets import Dataset, split_dataset
+from torchdiffusion.data.datasets import Dataset, examples, split_dataset
+from torchdiffusion.evaluation.viz import save_loss_curve
 from torchdiffusion.runs.build import RunModel, augment_probability, build_model, net_of, run_kind, with_net
 from torchdiffusion.runs.config import config_binding, with_defaults
 from torchdiffusion.runs.generate import generate_to_file
@@ -38,13 +40,56 @@ def training_data(cfg: dict, dataset: Dataset | None = None, tokenizer=None) -> 
     """The training split of a run's data (``dataset`` given: all of it is for training) and, for a text run, the
     tokenizer (``tokenizer``, or one trained on the training captions) whose token ids are the data's ``y``
     (:mod:`torchdiffusion.runs.text`); None otherwise."""
+    train_part, _, tokenizer = data_splits(cfg, dataset, tokenizer)
+    return train_part, tokenizer
+
+
+def data_splits(cfg: dict, dataset: Dataset | None = None, tokenizer=None) -> tuple[Dataset, Dataset | None, object]:
+    """``(training split, held-out split or None, tokenizer)`` of a run's data (:func:`training_data`)."""
     holdout = 0.0 if dataset is not None else float(cfg["data"].get("holdout", 0.0))
     full = dataset if dataset is not None else dataset_from_config(cfg["data"])
     if is_text_run(cfg):
         full, tokenizer = tokenize_data({**cfg, "data": {**cfg["data"], "holdout": holdout}}, full, tokenizer)
     else:
         tokenizer = None
-    return split_dataset(full, holdout)[0], tokenizer
+    return (*split_dataset(full, holdout), tokenizer)
+
+
+PREVIEW_MAX = 64  # samples in a preview grid (train.sample_every)
+VAL_EXAMPLES = 512  # held-out examples the validation loss averages over (the first of the held-out split)
+
+
+def validator(model: RunModel, cfg: dict, heldout: Dataset | None, conditional: bool,
+              batch: int) -> Callable[[nn.Module], float] | None:
+    """``validate(net) -> float`` for the trainer: the run's loss (without label dropout or augmentation) of
+    ``net`` in eval mode on the first :data:`VAL_EXAMPLES` held-out examples, with noise and times from a
+    generator seeded afresh each call, so that it is a function of the weights alone (a curve that moves only
+    when the model does). None when nothing is held out (``data.holdout=0``)."""
+    if heldout is None or len(heldout) == 0:
+        return None
+    val = examples(heldout, VAL_EXAMPLES)
+    fn, lcfg = get_loss(cfg["loss"]["name"], run_kind(cfg)), dict(cfg["loss"])
+    lcfg.update({"_levels": val.levels, "_value_range": list(val.value_range)})
+
+    def validate(net: nn.Module) -> float:
+        was = net.training
+        net.eval()
+        device = next(net.parameters()).device
+        g, total = torch.Generator().manual_seed(0), 0.0
+        try:
+            for i in range(0, len(val), batch):
+                x = val.x[i: i + batch].to(device)
+                y = val.y[i: i + batch].to(device) if conditional and val.y is not None else None
+                total += float(fn(with_net(model, net), x, cond=y, generator=g, cfg=lcfg).detach()) * len(x)
+        finally:
+            net.train(was)
+        return total / len(val)
+    return validate
+
+
+def plot_losses(out: Path) -> Path:
+    """``RUN/loss.png`` from ``RUN/log.csv`` (training and held-out loss against the step)."""
+    return save_loss_curve(out / "log.csv", out / "loss.png")
 
 
 def loss_closure(model: RunModel, cfg: dict, data: Dataset | None = None):
@@ -114,7 +159,8 @@ def previewer(cfg: dict, model: RunModel, data: Dataset) -> Preview | None:
     def preview(ema_net: nn.Module, path: Path) -> Path:
         if kind == "autoencoder":
             return write_autoencoder_samples(ema_net.eval(), cfg, path.parent.parent, out=path)[0]
-        return generate_to_file(with_net(model, ema_net).eval(), cfg, cfg["run"], path, data=data)
+        n = min(int(cfg["sample"].get("n", 64)), PREVIEW_MAX)
+        return generate_to_file(with_net(model, ema_net).eval(), cfg, cfg["run"], path, data=data, n=n)
     return preview
 
 
@@ -138,7 +184,7 @@ def build_trainer(cfg: dict, out: str | Path, *, dataset: Dataset | None = None,
             raise ValueError(f"{out} holds a run with a different {'/'.join(diff)} config; use another --out, or "
                              "--force to overwrite that run")
     # a resumed text run keeps the token ids its weights were trained with (its tokenizer.json)
-    data, tokenizer = training_data(cfg, dataset, load_tokenizer(out, saved) if resuming else None)
+    data, heldout, tokenizer = data_splits(cfg, dataset, load_tokenizer(out, saved) if resuming else None)
     conditional = bool(cfg["data"].get("conditional")) or tokenizer is not None  # captions: cond = token ids
     if conditional and data.y is None:
         raise ValueError(f"data.conditional=true but dataset {data.name!r} has no labels")
@@ -147,7 +193,8 @@ def build_trainer(cfg: dict, out: str | Path, *, dataset: Dataset | None = None,
     config = {**cfg, "run": {**run_info(cfg, data), **text_info(tokenizer)}}
     tr = Trainer(net_of(model), loss_closure(model, cfg, data), data, settings, out, config=config,
                  preview=previewer(config, model, data), conditional=conditional, progress=progress, resume=resume,
-                 force=force, weights_meta=config_binding(config))
+                 force=force, weights_meta=config_binding(config),
+                 validate=validator(model, cfg, heldout, conditional, int(settings.batch)), plot=plot_losses)
     if tokenizer is not None:  # written once the trainer holds the folder (and has cleared it with force)
         tokenizer.save(out / "tokenizer.json")
     tr.model = model  # the parameterization around the trained net (for callers; the trainer never reads it)

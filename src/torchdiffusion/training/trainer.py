@@ -89,8 +89,12 @@ class Trainer:
 
     def __init__(self, net: nn.Module, loss_fn: LossFn, data: Dataset, settings: TrainSettings, out: str | Path, *,
                  config: dict | None = None, preview: Preview | None = None, conditional: bool = False,
-                 progress: bool = True, resume: bool = True, force: bool = False, weights_meta: dict | None = None):
+                 progress: bool = True, resume: bool = True, force: bool = False, weights_meta: dict | None = None,
+                 validate: Callable[[nn.Module], float] | None = None, plot: Callable[[Path], object] | None = None):
         self.settings, self.out, self.progress, self.config = settings, Path(out), progress, config or {}
+        # validate(ema_net) -> held-out loss, logged as val_loss with every log row; plot(out) redraws the loss
+        # curve after every checkpoint (both from the run kind, runs/train.py; rank 0 only)
+        self.validate, self.plot = validate, plot
         self.weights_meta = dict(weights_meta or {})
         t = settings
         self.device = pick_device(t.device)
@@ -245,6 +249,11 @@ class Trainer:
         csv.writer(buf, lineterminator="\n").writerows(keep)
         atomic_write(log, lambda tmp: tmp.write_text(buf.getvalue()), run_file=True)
 
+    def _plot(self) -> None:
+        """Redraw the loss curve (``plot``, rank 0) from ``log.csv``."""
+        if self.plot is not None and self.dist.is_main and (self.out / "log.csv").is_file():
+            self.plot(self.out)
+
     def _log(self, row: dict) -> None:
         """Append a row to ``log.csv`` (and TensorBoard scalars when enabled); rank 0 only."""
         if not self.dist.is_main:
@@ -255,9 +264,14 @@ class Trainer:
                     self.tb.add_scalar(f"train/{k}", v, row["step"])
         log = self.out / "log.csv"
         new = not log.is_file()
+        # a log begun by an older version keeps its columns (a resumed run's rows must match its header)
         try:
+            fields = list(row)
+            if not new:
+                with log.open(newline="") as f:
+                    fields = next(csv.reader([f.readline()]), None) or fields
             with log.open("a", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(row), lineterminator="\n")
+                w = csv.DictWriter(f, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
                 if new:
                     w.writeheader()
                 w.writerow(row)
@@ -388,6 +402,7 @@ class Trainer:
                               "run the same command to resume", signum) from None
         bar.close()
         self.save()
+        self._plot()
         if self.tb is not None:
             self.tb.close()
         return {"step": self.step, "steps_run": self.step - start, "seconds": time.time() - t0,
@@ -407,10 +422,14 @@ class Trainer:
                 avg = sum(self._pending) / len(self._pending)
                 if self.step % int(t.log_every) == 0:
                     self._pending = []
-                bar.set_postfix(loss=f"{avg:.4f}")
-                self._log({"step": self.step, "loss": avg, "lr": lr_at(self.step - 1, t), "grad_norm": gn,
-                           "seconds": round(time.time() - t0, 3)})
+                row = {"step": self.step, "loss": avg, "lr": lr_at(self.step - 1, t), "grad_norm": gn,
+                       "seconds": round(time.time() - t0, 3)}
+                if self.validate is not None and self.dist.is_main:
+                    row["val_loss"] = float(self.validate(self.ema))
+                bar.set_postfix(loss=f"{avg:.4f}", **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}))
+                self._log(row)
             if int(t.ckpt_every) and self.step % int(t.ckpt_every) == 0:
                 self.save()
+                self._plot()
             if self.preview and t.sample_every and self.step % t.sample_every == 0 and self.dist.is_main:
                 self.preview(self.ema, self.out / "samples" / f"step_{self.step:07d}.png")
