@@ -49,7 +49,8 @@ STEPS = 300
 SETS = ["--set", "model.hidden=32", "--set", "model.depth=2", "--set", "train.batch=64", "--set", "data.n=2000",
         "--set", "train.log_every=1", "--set", "train.ckpt_every=25", "--set", "train.device=cpu",
         "--set", "train.schedule=constant", "--quiet"]
-RUN_FILES = {".lock", "config.json", "log.csv", "model.safetensors", "ema.safetensors", "train_state.safetensors"}
+RUN_FILES = {".lock", "config.json", "log.csv", "model.safetensors", "ema.safetensors", "train_state.safetensors",
+             "loss.png"}
 
 # A subprocess that trains like `torchdiffusion train`, and can SIGKILL itself at a chosen moment: "step K" just
 # before step K starts; "write K" inside the K-th atomic write, its temp file complete but not yet renamed;

@@ -142,7 +142,7 @@ def test_real_ctrl_c_mid_step_stops_at_the_step_boundary(straight: Path, tmp_pat
 
 def test_checkpoint_files_are_complete_and_written_atomically(straight: Path, tmp_path: Path, monkeypatch) -> None:
     names = sorted(p.name for p in straight.iterdir())
-    assert names == sorted([*FILES, ".lock"])  # nothing else (no temp files left behind)
+    assert names == sorted([*FILES, ".lock", "loss.png"])  # nothing else (no temp files left behind)
     saved = ckpt.load_json(straight / "config.json")
     assert saved["run"]["data_shape"] == [2] and saved["train"]["steps"] == 20
     model, cfg = load_run(straight)  # EMA weights by default
