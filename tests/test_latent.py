@@ -111,7 +111,7 @@ def test_end_to_end_vae_then_latent_diffusion(tmp_path, capsys):
                  "--out", str(out)]) == 0
     assert out.is_file()
     npz = tmp_path / "s.npz"
-    assert main(["sample", str(lat_run), "--n", "3", "--steps", "2", "--out", str(npz)]) == 0
+    assert main(["sample", str(lat_run), "--n", "3", "--steps", "2", "--class", "4", "--out", str(npz)]) == 0
     import numpy as np
 
     assert np.load(npz)["x"].shape == (3, 1, 8, 8)

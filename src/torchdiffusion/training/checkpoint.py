@@ -35,11 +35,12 @@ def model_files(folder: str | Path) -> list[str]:
 
 
 def clear_run(folder: str | Path, *, config: bool = True) -> None:
-    """Delete a run's files from ``folder`` (a run overwritten with ``force``): weights, training state, log, the
-    trainer's preview grids and TensorBoard events, and ``config.json`` with ``config``; other files stay."""
+    """Delete a run's files from ``folder`` (a run overwritten with ``force``): weights, training state, log,
+    loss.png, the trainer's preview grids and TensorBoard events, and ``config.json`` with ``config``; other files
+    stay."""
     folder = Path(folder)
     try:
-        for name in (*RUN_FILES, "log.csv", "tokenizer.json", *(("config.json",) if config else ())):
+        for name in (*RUN_FILES, "log.csv", "loss.png", "tokenizer.json", *(("config.json",) if config else ())):
             if (folder / name).exists():
                 (folder / name).unlink()
         for p in (folder / "samples").glob("step_*.png"):
