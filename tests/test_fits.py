@@ -19,6 +19,7 @@ from helpers import one_line_error as _error
 from torchdiffusion.cli.main import main
 from torchdiffusion.runs import fits
 from torchdiffusion.samplers import gridfit
+from torchdiffusion.studio.app import Settings, Studio
 from torchdiffusion.training.checkpoint import CHECKSUM_KEY
 
 D = torch.float64
@@ -278,3 +279,18 @@ def test_cli_export_diffusers(run: Path, tmp_path: Path, capsys) -> None:
     pts = torch.tensor(obj["times"][:-1], dtype=D)
     torch.testing.assert_close(sch.sigmas[:-1].double(), proc.sigma(pts) / proc.alpha(pts), rtol=1e-5, atol=0)
     assert float(sch.sigmas[-1]) == 0.0
+
+
+def test_the_studio_samples_with_the_stored_fit(run: Path) -> None:
+    """The studio samples through the Pipeline: same settings, same samples as the Pipeline with the stored fit."""
+    pipe = td.Pipeline.from_pretrained(run)
+    rec = pipe.fit("euler", 3, n_pilot=16, max_runs=6)
+    studio = Studio(pipe, name="ring")
+    try:
+        x, nfe, _ = studio.sample(Settings(sampler="euler", grid=None, steps=3, seed=4, n=8))
+        assert nfe == 3 and studio.pipe.note.startswith("using ") and "euler-3.json" in studio.pipe.note
+        want = pipe(n=8, sampler="euler", grid=torch.tensor(rec["times"], dtype=D), generator=gen(4),
+                    **rec["options"])
+        torch.testing.assert_close(x, want)
+    finally:
+        studio.close()
