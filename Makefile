@@ -32,8 +32,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
 # the documentation site into site/ (docs/, mkdocs.yml): warnings, broken links and missing references fail the
-# build; the tutorials are executed (TUTORIALS=small: the test suite's quick settings, full: the default)
-TUTORIALS ?= full
+# build; the tutorials are executed with the test suite's quick settings (about 10 minutes on a loaded 2-core
+# machine); TUTORIALS=full renders them with their longer default settings (better pictures, much longer)
+TUTORIALS ?= small
 docs: $(STAMP)
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[docs]"
 	NO_MKDOCS_2_WARNING=1 TD_TUTORIAL_SIZE=$(TUTORIALS) PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m mkdocs build --strict

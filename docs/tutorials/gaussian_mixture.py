@@ -95,7 +95,7 @@ plt.show()
 # %%
 run = OUT / "ring"
 cfg = resolve("ring", [f"train.steps={TRAIN_STEPS}", "train.ckpt_every=0", "train.threads=1",
-                       "train.device=cpu", "model.hidden=128", "model.depth=3"])
+                       "train.device=cpu", "model.hidden=128", "model.depth=3"] + (["train.ema=0.99"] if SMALL else []))
 summary = train(cfg, run, progress=False, force=True)
 print(f"trained {summary['steps_run']} steps in {summary['seconds']:.0f} s, final loss {summary['loss']:.3f}")
 print(sorted(p.name for p in run.iterdir()))
