@@ -43,8 +43,8 @@ DEFAULTS: dict[str, dict] = {
               "device": "auto", "precision": "fp32", "compile": False, "threads": 0, "tensorboard": False,
               "workers": 0},
     # sample.threads: torch threads while sampling (Pipeline, CLI, studio); 1 is fastest for these small nets on a
-    # shared machine (benchmarks/results/sample_threads.md: ddim 50 steps, 1000 ring samples 7.5 s at 1 thread,
-    # 62.8 s at 2); 0 = torch's default
+    # shared machine (benchmarks/results/sample_threads.md: ddim 50 steps, 1000 ring samples 4.13 s at 1 thread,
+    # 27.24 s at 2, under load 10); 0 = torch's default
     "sample": {"sampler": "ddim", "steps": 50, "grid": None, "n": 64, "guidance": 0.0, "threads": 1},
 }
 
