@@ -52,6 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import test_faults as tf  # noqa: E402  (the kill driver and the run-state comparison of the tests)
+from torchdiffusion.runs.sample_folder import complete_png  # noqa: E402
 from torchdiffusion.training import checkpoint as ckpt  # noqa: E402
 
 PROGRESS = re.compile(r"\d+%\|")
@@ -69,6 +70,7 @@ class Probe:
     check: object = None  # ok probes: a callable returning True when the result (and its files) are right
     python: str | None = None  # run this Python snippet instead of the CLI
     changes: tuple[Path, ...] = ()  # inputs the probe may change: ``check`` states and verifies the correct change
+    may_write: tuple[Path, ...] = ()  # outputs a failing command may leave, if complete (a PNG written before a GIF)
     env: dict = field(default_factory=dict)  # extra environment variables
     timeout: float = 600.0  # beyond it the probe is a hang
     outcome: str = ""
@@ -128,7 +130,9 @@ def run_probe(p: Probe) -> Probe:
     line = err_lines[-1] if err_lines else ""
     after = tree_hashes(guarded)
     lost = [k for k, v in after.items() if p.hashes.get(k) != v] + [k for k in p.hashes if k not in after]
-    stray = [str(q) for q in outputs if q.exists()] if p.expect == "error" else []
+    stray = [str(q) for q in outputs if q.exists() and q not in p.may_write  # (an empty folder holds nothing)
+             and (q.is_file() or any(x.is_file() for x in q.rglob("*")))] if p.expect == "error" else []
+    stray += [str(q) for q in p.may_write if q.exists() and not (q.suffix != ".png" or complete_png(q))]
     temps = [str(q) for d in {q if q.is_dir() else q.parent for q in named} if d.is_dir()
              for q in d.iterdir() if tf.files.TEMP_RE.match(q.name)]
     parts = [f"{len(after)} files in {len(guarded)} inputs byte-identical" if guarded else "",
@@ -236,7 +240,8 @@ def probes(work: Path, ring: Path, digits: Path, clf: Path, disk: Path | None, r
               Probe("tracebacks", "sample PNG on a full disk", ["sample", str(ring), *s2, "--out",
                     str(disk / "s.png")], names=("No space left", "s.png")),
               Probe("tracebacks", "sample --gif on a full disk", ["sample", str(digits), "--class", "1", "--n", "4",
-                    *s2, "--out", str(work / "g.png"), "--gif", str(disk / "g.gif")], names=("No space left", "g.gif")),
+                    *s2, "--out", str(work / "g.png"), "--gif", str(disk / "g.gif")], names=("No space left", "g.gif"),
+                    may_write=(work / "g.png",)),  # the PNG, written before the GIF, is complete
               Probe("tracebacks", "demo on a full disk", ["demo", "--quick", "--out", str(disk / "demo")],
                     names=("No space left", str(disk)))]
     # --- silent wrong results --------------------------------------------------------------------------------
@@ -473,7 +478,9 @@ def ctrl_c_during_sample(work: Path, ring: Path) -> tuple[str, str, str]:
     output not written, the run byte-identical."""
     out, before = work / "ctrlc.npz", tree_hashes([ring])
     p = subprocess.Popen([sys.executable, "-m", "torchdiffusion", "sample", str(ring), "--n", "200000", "--steps",
-                          "1000", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tf._env())
+                          "1000", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tf._env(),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # (a background job's
+    # shell ignores SIGINT, and children inherit that: restore the default, as in a terminal)
     seen = bytearray()
 
     def read() -> None:

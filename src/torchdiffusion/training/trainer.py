@@ -276,6 +276,9 @@ class Trainer:
                     w.writeheader()
                 w.writerow(row)
         except OSError as e:
+            if new:  # a log this call created and could not fill (a full disk) is not left behind half-written
+                with contextlib.suppress(OSError):
+                    log.unlink()
             raise FileError(f"cannot write {log}: {cause(e)}") from None
 
     # --- one step ------------------------------------------------------------------------------------------
