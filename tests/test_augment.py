@@ -146,7 +146,7 @@ def test_training_with_augment_trains_the_label_embedding_and_scores_plain_data(
     assert plain.model.net.net.augment_embed is None
 
 
-@pytest.mark.parametrize("sets, expect", [(["data.augment=1.5"], "data.augment must be a probability"),
+@pytest.mark.parametrize("sets, expect", [(["data.augment=1.5"], "data.augment must be a number in [0, 1]"),
                                           (["data.augment=true"], "'data.augment' expects a number"),
                                           (["model.net=mlp", "data.name=ring", "data.augment=0.1"],
                                            "data.augment needs model.net=unet")])
@@ -159,7 +159,7 @@ def test_bad_augment_config_is_one_line(tmp_path, sets, expect):
 
 def test_cli_refuses_a_bad_augment_probability(tmp_path, capsys):
     msg = one_line_error(capsys, "train", "likelihood_digits", "--set", "data.augment=2", "--out", str(tmp_path / "r"))
-    assert "data.augment must be a probability in [0, 1]" in msg
+    assert "data.augment must be a number in [0, 1]" in msg
 
 
 def test_class_conditional_run_trains_with_augment(tmp_path):
