@@ -27,7 +27,8 @@ _SEEN: list[torch.Tensor] = []  # the batches the loss saw in this process
 def _fixed_noise_loss(model, x0, *, cond, generator, cfg):
     """DSM with noise that is a fixed function of each example, so that the gradient of a batch does not depend
     on which process drew its noise: the update must then equal the single-process update exactly."""
-    _SEEN.append(x0.detach().clone())
+    if model.net.training:  # not the held-out validation loss (the trainer calls it in eval mode)
+        _SEEN.append(x0.detach().clone())
     t = torch.remainder(torch.floor(x0[:, 0].abs() * 997), 1000).double()
     return dsm_loss(model, x0, t=t, eps=torch.sin(13 * x0 + 1), cond=cond)
 
