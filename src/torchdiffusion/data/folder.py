@@ -51,14 +51,10 @@ seed.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
-import math
 import os
 import sys
 import unicodedata
-import warnings
 from array import array
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,82 +63,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from torchdiffusion.data.decode import BadImageError, convert_mode, decode, fit  # noqa: F401 (re-exported)
 from torchdiffusion.data.labels import check_labels
+from torchdiffusion.data.order import StepBatches, step_flips, step_indices  # noqa: F401 (re-exported)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 ON_BAD_IMAGE = ("error", "skip")
 METADATA = "metadata.jsonl"
 TEXT_KEY = "text"
-_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
-
-class BadImageError(ValueError):
-    """An image that cannot be used (one line naming the file and what is wrong)."""
-
-
-# --------------------------------------------------------------------------------------------------------
-# Decoding one image
-# --------------------------------------------------------------------------------------------------------
-
-def convert_mode(im, channels: int):
-    """``im`` (a PIL image) as 8-bit ``L`` (``channels=1``) or ``RGB`` (``channels=3``) by the module's rule:
-    transparency over white, 16-bit grey scaled by ``255 / 65535``, float images refused (``ValueError``)."""
-    from PIL import Image
-
-    target = {1: "L", 3: "RGB"}[channels]
-    mode = im.mode
-    if mode == "F":
-        raise ValueError("32-bit float images (mode F) are not supported; save it as 8- or 16-bit")
-    if mode in _SIXTEEN_BIT:
-        a = np.asarray(im)
-        a = np.clip(a.astype(np.int64), 0, 65535)
-        im = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
-        mode = "L"
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
-        im = im.convert("RGBA")
-        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
-    return im if im.mode == target else im.convert(target)
-
-
-def fit(im, size: int):
-    """Resize (bicubic) so that the shorter side is ``size``, then centre-crop to ``size x size``."""
-    from PIL import Image
-
-    w, h = im.size
-    s = size / min(w, h)
-    if (w, h) != (size, size):
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    w, h = im.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return im.crop((left, top, left + size, top + size)) if (w, h) != (size, size) else im
-
-
-def decode(path: str | Path, size: int, channels: int = 3) -> np.ndarray:
-    """The image at ``path`` as a ``(channels, size, size)`` uint8 array (module doc: orientation, mode rule,
-    resize, centre crop); a :class:`BadImageError` naming the file when it cannot be used."""
-    from PIL import Image, ImageOps
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.format == "JPEG":
-                    im.draft(im.mode, (size, size))  # decode at the smallest DCT scale still >= size
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                im = fit(convert_mode(im, channels), size)
-                a = np.asarray(im, dtype=np.uint8)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImageError(f"image {path} is too large to decode safely (a decompression bomb?): "
-                       f"{_first_line(e)}") from None
-    except Exception as e:  # noqa: BLE001 -- decoders of untrusted files raise many kinds of error
-        raise BadImageError(f"corrupt or unreadable image {path}: {type(e).__name__}: {_first_line(e)}") from None
-    return a[None].copy() if a.ndim == 2 else a.transpose(2, 0, 1).copy()
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return (s.splitlines()[0] if s else type(e).__name__)[:200]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -464,64 +393,6 @@ class ImageFolder(torch.utils.data.Dataset):
         count = len(self) if n is None else min(int(n), len(self))
         sampler = [[(i, False) for i in range(s, min(s + batch, count))] for s in range(0, count, batch)]
         yield from _iterate(self, sampler, workers)
-
-
-# --------------------------------------------------------------------------------------------------------
-# The order of examples: a pure function of (seed, step)
-# --------------------------------------------------------------------------------------------------------
-
-def _seed(seed: int, *tag) -> int:
-    h = hashlib.sha256(repr((int(seed), *tag)).encode()).digest()
-    return int.from_bytes(h[:8], "little") & (2**63 - 1)
-
-
-@functools.lru_cache(maxsize=4)  # an epoch's permutation serves all its steps (never modified: callers slice it)
-def _perm(n: int, seed: int, *tag) -> Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, "perm", *tag)))
-
-
-def step_indices(n: int, per_step: int, seed: int, step: int) -> Tensor:
-    """The ``per_step`` example indices (of ``n``) of training step ``step`` (module doc): distinct when
-    ``per_step <= n``; a pure function of its arguments."""
-    if per_step <= n:
-        per_epoch = n // per_step
-        epoch, k = divmod(int(step), per_epoch)
-        return _perm(n, seed, "epoch", epoch)[k * per_step:(k + 1) * per_step]
-    reps = math.ceil(per_step / n)
-    return torch.cat([_perm(n, seed, "step", int(step), r) for r in range(reps)])[:per_step]
-
-
-def step_flips(per_step: int, seed: int, step: int) -> Tensor:
-    """Which of the ``per_step`` examples of step ``step`` are flipped horizontally (probability 1/2)."""
-    g = torch.Generator().manual_seed(_seed(seed, "flip", int(step)))
-    return torch.rand(per_step, generator=g) < 0.5
-
-
-class StepBatches(torch.utils.data.Sampler):
-    """The micro-batches of steps ``start, start + 1, ...`` (``accum`` per step) as lists of ``(index, flip)``:
-    this rank's ``shard`` of each global micro-batch of ``batch`` examples. Endless; a pure function of its
-    arguments (the batch sampler of :func:`stream`)."""
-
-    def __init__(self, n: int, batch: int, accum: int, seed: int, start: int, shard: slice = slice(None),
-                 flip: bool = False):
-        super().__init__()
-        self.n, self.batch, self.accum, self.seed = int(n), int(batch), int(accum), int(seed)
-        self.start, self.shard, self.flip = int(start), shard, bool(flip)
-
-    def micro_batch(self, step: int, i: int) -> list[tuple[int, bool]]:
-        """Micro-batch ``i`` of step ``step``, this rank's shard."""
-        per = self.batch * self.accum
-        idx = step_indices(self.n, per, self.seed, step)[i * self.batch:(i + 1) * self.batch]
-        flips = (step_flips(per, self.seed, step)[i * self.batch:(i + 1) * self.batch] if self.flip
-                 else torch.zeros(self.batch, dtype=torch.bool))
-        return list(zip(idx[self.shard].tolist(), flips[self.shard].tolist()))
-
-    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
-        step = self.start
-        while True:
-            for i in range(self.accum):
-                yield self.micro_batch(step, i)
-            step += 1
 
 
 # --------------------------------------------------------------------------------------------------------
