@@ -752,7 +752,7 @@ def test_ode_tolerances_outside_the_precision_are_one_line() -> None:
     for kw in ({"rtol": 1e-300, "atol": 1e-300}, {"rtol": 1e-5, "atol": 0.0}, {"rtol": 2.0}):
         with pytest.raises(ValueError, match=r"ode sampler: \w+ must be a number in \[9.5e-07, 1\] for float32"):
             td.sample(model, x_T, "ode", **kw)
-    assert torch.isfinite(td.sample(model, x_T.double(), "ode", rtol=1e-12, atol=1e-12)).all()  # float64: allowed
+    assert torch.isfinite(td.sample(model, x_T.double(), "ode", rtol=1e-8, atol=1e-8)).all()  # float64: finer allowed
 
 
 def test_a_leftover_world_size_does_not_hang(monkeypatch) -> None:

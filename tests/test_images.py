@@ -282,7 +282,8 @@ def test_tensorboard_scalars_written_by_rank0(tmp_path: Path, monkeypatch) -> No
     assert [w.purge_step for w in writers] == [None, 2]
     assert all(w.closed and w.logdir == str(tmp_path / "r" / "tensorboard") for w in writers)
     assert [(tag, step) for tag, _, step in writers[1].scalars if tag == "train/loss"] == [("train/loss", 4)]
-    assert {tag for tag, _, _ in writers[0].scalars} == {"train/loss", "train/lr", "train/grad_norm", "train/seconds"}
+    assert {tag for tag, _, _ in writers[0].scalars} == {"train/loss", "train/lr", "train/grad_norm", "train/seconds",
+                                                      "train/val_loss"}
     csv_loss = float((tmp_path / "r" / "log.csv").read_text().splitlines()[-1].split(",")[1])
     assert writers[1].scalars[0][1] == pytest.approx(csv_loss)
 
