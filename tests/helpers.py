@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
 import subprocess
 
 import pytest
+import torch
 
+import torchdiffusion as td
 from torchdiffusion.cli.main import main
 
 CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
@@ -46,3 +49,21 @@ def chromium() -> str:
     if not found:
         pytest.skip(f"`apt-get install -y chromium` failed: {(res.stderr or res.stdout).strip()[-300:]}")
     return found
+
+
+def ring(K: int = 8, std: float = 0.075) -> td.GaussianMixture:
+    """The exact 2-D ring of ``K`` Gaussians (float64), the cheap model of the grid-fit tests."""
+    ang = torch.arange(K, dtype=torch.float64) * 2 * math.pi / K
+    return td.GaussianMixture(torch.ones(K), torch.stack([ang.cos(), ang.sin()], 1), std**2)
+
+
+class Counter:
+    """Counts network calls (one per call, whatever the batch)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+

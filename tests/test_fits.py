@@ -7,7 +7,6 @@ keeps its cost cap; a fit handed to diffusers schedulers gives the same error th
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 import torchdiffusion as td
+from helpers import Counter, ring
 from helpers import one_line_error as _error
 from torchdiffusion.cli.main import main
 from torchdiffusion.runs import fits
@@ -28,22 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def ring(K: int = 8, std: float = 0.075) -> td.GaussianMixture:
-    ang = torch.arange(K, dtype=D) * 2 * math.pi / K
-    return td.GaussianMixture(torch.ones(K), torch.stack([ang.cos(), ang.sin()], 1), std**2)
-
-
-class Counter:
-    """Counts network calls (one per call, whatever the batch)."""
-
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args):
-        self.calls += 1
-        return self.fn(*args)
 
 
 def rms(a, b) -> float:

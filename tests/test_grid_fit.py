@@ -6,7 +6,6 @@ bad files."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -14,28 +13,13 @@ import pytest
 import torch
 
 import torchdiffusion as td
+from helpers import Counter, ring
 from helpers import one_line_error as _error
 from torchdiffusion.cli.main import main
 from torchdiffusion.samplers import gridfit
 
 D = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-def ring(K: int = 8, std: float = 0.075) -> td.GaussianMixture:
-    ang = torch.arange(K, dtype=D) * 2 * math.pi / K
-    return td.GaussianMixture(torch.ones(K), torch.stack([ang.cos(), ang.sin()], 1), std**2)
-
-
-class Counter:
-    """Counts network calls (one per call, whatever the batch)."""
-
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args):
-        self.calls += 1
-        return self.fn(*args)
 
 
 def setup(proc):
