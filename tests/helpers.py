@@ -67,3 +67,13 @@ class Counter:
         self.calls += 1
         return self.fn(*args)
 
+
+def launch_chromium(playwright, sync_api):
+    """Headless Debian Chromium through a started Playwright (``sync_api.sync_playwright()``); the test is skipped,
+    with the reason, when it does not start."""
+    exe = chromium()
+    try:
+        return playwright.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+    except sync_api.Error as e:
+        pytest.skip(f"Chromium at {exe} does not start under Playwright: {str(e).splitlines()[0]}")
+

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import torchdiffusion as td
-from helpers import chromium
+from helpers import launch_chromium
 from torchdiffusion.cli.commands import COMMANDS
 from torchdiffusion.cli.main import build_parser
 
@@ -163,12 +163,8 @@ def test_browser_finds_the_pipeline_signature(served):
     """Chromium opens the built index and the Pipeline API page (served over HTTP) and reads ``Pipeline.__call__``'s
     documented signature (its arguments and defaults, as design section 5 states them)."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[dev]'")
-    exe = chromium()
     with sync_api.sync_playwright() as p:
-        try:
-            browser = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
-        except sync_api.Error as e:
-            pytest.skip(f"Chromium at {exe} does not start under Playwright: {str(e).splitlines()[0]}")
+        browser = launch_chromium(p, sync_api)
         try:
             page = browser.new_page()
             errors = []

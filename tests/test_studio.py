@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 import torchdiffusion as td
-from helpers import chromium as _chromium
+from helpers import launch_chromium
 from torchdiffusion.cli.main import main
 from torchdiffusion.evaluation.viz import save_samples
 from torchdiffusion.runs import config as config_mod
@@ -44,12 +44,8 @@ TESTIDS = ("sampler", "steps", "seed", "generate", "result", "status")
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api",
                                    reason="playwright is not installed: pip install -e '.[dev]'")
-    exe = _chromium()
     with sync_api.sync_playwright() as p:
-        try:
-            b = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
-        except sync_api.Error as e:
-            pytest.skip(f"Chromium at {exe} does not start under Playwright: {str(e).splitlines()[0]}")
+        b = launch_chromium(p, sync_api)
         yield b
         b.close()
 

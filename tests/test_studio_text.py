@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import torchdiffusion as td
-from helpers import chromium as _chromium
+from helpers import launch_chromium
 from torchdiffusion.data.shapes import write_shapes
 from torchdiffusion.evaluation.viz import save_samples
 from torchdiffusion.runs import config
@@ -38,16 +38,15 @@ def text_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def page(text_run):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[dev]'")
-    exe = _chromium()
     server = StudioServer(Studio.from_run(text_run), "127.0.0.1", 0)
     server.start_background()
     errors: list[str] = []
     with sync_api.sync_playwright() as p:
         try:
-            browser = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
-        except sync_api.Error as e:
+            browser = launch_chromium(p, sync_api)
+        except BaseException:  # a skip too: the server must not outlive the test
             server.stop()
-            pytest.skip(f"Chromium at {exe} does not start under Playwright: {str(e).splitlines()[0]}")
+            raise
         pg = browser.new_page(viewport={"width": 1280, "height": 900})
         pg.on("pageerror", lambda e: errors.append(str(e)))
         pg.goto(server.url)
