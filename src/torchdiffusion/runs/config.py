@@ -426,9 +426,9 @@ _SHAPES = deep_update(_DIGITS, {"data": {"name": SHAPES_DATA, "size": 32, "chann
                                          "holdout": 0.0, "label_key": "label"},
                                 "model": {"channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": 1,
                                           "attn_resolutions": [8]},
-                                "train": {"steps": 700, "batch": 32, "lr": 2e-3, "warmup": 50, "ema": 0.995,
-                                          "ckpt_every": 100, "threads": 1},
-                                "sample": {"sampler": "ddim", "steps": 20, "n": 100}}, strict=False)
+                                "train": {"steps": 5000, "batch": 32, "lr": 2e-3, "warmup": 100, "ema": 0.999,
+                                          "ckpt_every": 250, "threads": 1},
+                                "sample": {"sampler": "ddim", "steps": 20, "n": 100, "guidance": 1.0}}, strict=False)
 PRESETS["shapes32"] = _SHAPES
 
 # Classifier guidance (issue 8): a noise-conditional classifier p_phi(y | x_t, t) (nets/classifier.py, the U-Net's
@@ -517,7 +517,7 @@ PRESETS["shapes32_text"] = deep_update(_SHAPES, {
     "data": {"conditional": False, "label_key": None, "exclude": TEXT_HOLDOUT},
     "model": {**_TEXT_MODEL, "attn_resolutions": [8], "num_heads": 2},
     "loss": {"p_uncond": 0.1},
-    "train": {"steps": 6000}}, strict=False)
+    "train": {"steps": 5000}}, strict=False)
 # latent_shapes32_text: the miniature of a latent text-to-image pipeline: a VAE run trained on the shapes folder
 # (--set data.autoencoder=RUN, e.g. preset vae_images with data.name=data/shapes32/train: 32x32 RGB -> 8x8x4
 # latents) -> a latent U-Net cross-attending to the text encoder -> the VAE's decoder. Its captions are the VAE
