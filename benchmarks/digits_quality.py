@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         "guided step costs two network evaluations (one batched call).", "",
         head, *rows, "", verdict, "", line, "", hygiene, ""])
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(text)
+    _report.write_results(Path(a.out), text.split("\n"), echo=False)
     print(f"wrote {a.out}")
 
 

@@ -51,6 +51,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+import _report  # noqa: E402  (benchmarks/ is on the path: python benchmarks/faults.py)
 import test_faults as tf  # noqa: E402  (the kill driver and the run-state comparison of the tests)
 from torchdiffusion.runs.sample_folder import complete_png  # noqa: E402
 from torchdiffusion.training import checkpoint as ckpt  # noqa: E402
@@ -638,7 +639,7 @@ def write_results(results: list[Probe], events: list, disk: bool, ro: bool, seco
         detail = p.detail.replace("|", "\\|").replace(str(Path(tempfile.gettempdir())), "/tmp")
         detail = re.sub(r"/tmp/td_faults_\w+", "WORK", detail)
         lines.append(f"| {p.group} | {p.name} | {p.outcome} | {detail[:160]} | {p.checked} |")
-    RESULTS.write_text("\n".join(lines) + "\n")
+    _report.write_results(RESULTS, lines, echo=False)
     print(f"wrote {RESULTS}")
 
 

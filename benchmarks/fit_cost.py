@@ -213,10 +213,9 @@ def main() -> None:
               "runs above): " + "; ".join(f"{x['problem']} {x['reference_nfe']} network calls "
                                            f"({x['reference_seconds']:.0f} s)" for x in refs) + "."]
     out = Path(args.out)
-    _report.write_results(out, lines, args.note)
     json_rows = [{**r, "old": {k: v for k, v in r["old"].items()}, "new": r["new"]} for r in rows]
-    out.with_suffix(".json").write_text(json.dumps({"rows": json_rows, "references": refs}, indent=1,
-                                                   default=str) + "\n")
+    raw = json.loads(json.dumps({"rows": json_rows, "references": refs}, default=str))
+    _report.write_results(out, lines, args.note, data=raw)  # NAME.json: the tables, and the raw rows as "data"
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ of 359 samples varies by about the floor's bootstrap standard error, given with 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -89,9 +88,8 @@ def main() -> None:
         lines.append(f"Previous default (ddim 50, {default_grid}): FD {prev['fd']:.2f} ({prev['fd_floor']:.2f}x the "
                      "floor).")
     out = Path(a.out)
-    _report.write_results(out, lines, a.note)
-    out.with_suffix(".json").write_text(json.dumps({"floor": fl.floor, "floor_se": fl.se, "rows": data}, indent=1)
-                                        + "\n")
+    _report.write_results(out, lines, a.note, data={"floor": fl.floor, "floor_se": fl.se, "rows": data},
+                          figures={"floor": float(fl.floor), "floor_se": float(fl.se)})
 
 
 if __name__ == "__main__":

@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         f"![6/9 anagrams]({os.path.relpath(Path(a.picture).resolve(), Path(a.out).resolve().parent)})", "",
         "(each pair: a sample as generated, read as 6, and the same sample rotated by 180 degrees, read as 9; "
         "w = 3)", ""])
-    Path(a.out).write_text(text)
+    _report.write_results(Path(a.out), text.split("\n"), echo=False)
     print(f"wrote {a.out} and {plot_path}")
 
 

@@ -244,7 +244,10 @@ def main() -> None:
               "that `data.name=DIR` takes at the time of this run).",
               "", f"Training time per step of the shapes32 preset: {px['train_steps']} steps; see the size table "
               "for s / step at 32x32 on this machine at this load (1 thread)."]
-    write_results(ROOT / a.out if not Path(a.out).is_absolute() else Path(a.out), lines, a.note)
+    figures = {"floor": f"{fl.floor:.2f}", "floor interval low": f"{fl.lo:.2f}", "floor interval high": f"{fl.hi:.2f}",
+               "latent speed-up per image": f"{px['s_per_image'] / lt['s_per_image']:.1f}",
+               "peak RSS ratio, most / fewest images": f"{ratio:.2f}"}  # as the prose above rounds them
+    write_results(ROOT / a.out if not Path(a.out).is_absolute() else Path(a.out), lines, a.note, figures=figures)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ the command line, each command printed in the results file:
   (``trailing``) and DDPM's default (``logsnr``);
 - ``torchdiffusion scorefield RUN --sigma 0.2``: the density-weighted relative squared error of the learned score
   against the exact noised score at sigma = 0.2.
+
+The README's two ring pictures are written by the same invocation from the same run, by the commands printed in the
+results file: ``docs/images/ring_samples.png`` (``torchdiffusion sample``: 2000 DDPM samples on the ``trailing``
+grid beside the data) and ``docs/images/ring_scorefield.png`` (the scorefield command above, ``--out``).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", default="runs/ring_bench", help="where to train (resumed if present)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ring.md"))
+    ap.add_argument("--images", default="docs/images", help="where the README's ring pictures are written")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0, load0 = time.time(), os.getloadavg()
@@ -67,8 +72,12 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(f"| `torchdiffusion {' '.join(args)}` | {r['samples']} | {r['nll']:.3f} +- {r['nll_se']:.3f} "
                         f"| {r['exact_nll']:.3f} +- {r['exact_nll_se']:.3f} |")
             print(rows[-1], flush=True)
+    pictures = {"samples": ["sample", a.run, "--sampler", "ddpm", "--steps", "200", "--grid", "trailing", "--n", "2000",
+                            "--seed", "0", "--quiet", "--out", f"{a.images}/ring_samples.png"]}
+    cli(pictures["samples"])
     sf_args = ["scorefield", a.run, "--sigma", "0.2"]
-    m = re.search(r"relative squared error of the learned score: ([0-9.]+)", cli(sf_args))
+    pictures["score field"] = [*sf_args, "--out", f"{a.images}/ring_scorefield.png"]
+    m = re.search(r"relative squared error of the learned score: ([0-9.]+)", cli(pictures["score field"]))
     if m is None:
         raise SystemExit("scorefield printed no error")
     sf = (f"`torchdiffusion {' '.join(sf_args)}`: density-weighted relative squared error of the learned score "
@@ -83,8 +92,12 @@ def main(argv: list[str] | None = None) -> None:
         "the exact density (the exact samples' NLL is the data's entropy to Monte Carlo error). `trailing` is the "
         "grid the demo pins; `logsnr` is DDPM's default.", "",
         head, *rows, "",
-        f"Learned score at sigma = 0.2: {sf}.", ""])
-    Path(a.out).write_text(text)
+        f"Learned score at sigma = 0.2: {sf}.", "",
+        "Pictures (written by this invocation from the same run): " + "; ".join(
+            f"{k}: `{a.images}/{Path(v[-1]).name}` (`torchdiffusion {' '.join(v)}`)" for k, v in pictures.items())
+        + "."])
+    _report.write_results(Path(a.out), text.split("\n"), echo=False,
+                          figures={"learned score error at sigma 0.2": m[1]})
     print(f"wrote {a.out}")
 
 

@@ -69,6 +69,7 @@ from pathlib import Path
 
 import torch
 
+import _report
 import torchdiffusion as td
 from torchdiffusion.parameterization.interop import process_from_diffusers
 
@@ -821,8 +822,7 @@ def write_report(path: str, head, detail, same, fits, fds, failures, goal, flip_
         "",
         *[f"- {k}: {len(v)} runs (e.g. {', '.join(v[:3])})" for k, v in sorted(failures.items())],
     ]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("\n".join(lines) + "\n")
+    _report.write_results(Path(path), lines, echo=False)
     print(f"wrote {path}", flush=True)
 
 

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         f"interval {fl.lo:.2f}-{fl.hi:.2f} (`DigitsEvaluator.fd_floor_bootstrap`, class-stratified).", "",
         head, *rows, "", line, "",
         f"![score-family digits]({os.path.relpath(Path(a.picture).resolve(), Path(a.out).resolve().parent)})", ""])
-    Path(a.out).write_text(text)
+    _report.write_results(Path(a.out), text.split("\n"), echo=False)
     print(f"wrote {a.out} and {a.picture}")
 
 

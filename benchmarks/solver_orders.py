@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+import _report
 import torchdiffusion as td
 from torchdiffusion.samplers import Bound
 
@@ -381,8 +382,7 @@ def write_report(path: str, lines: list[str], kd_missing: str | None, seconds: f
         "",
         *lines,
     ]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("\n".join(out))
+    _report.write_results(Path(path), out, echo=False)
 
 
 if __name__ == "__main__":

@@ -131,7 +131,8 @@ def main() -> None:
               f"Negative prompts (prompts 'a SHAPE', w = {w_neg:g}): judged frequency of the colour",
               "", "| colour | without | with it as the negative prompt |", "|---|---|---|", *neg_rows, "",
               f"![prompts -> images]({png.name}) rows: " + "; ".join(GRID_PROMPTS) + " (the last two held out)."]
-    _report.write_results(out, lines)
+    figures = {"w chosen on validation": f"{best:g}", **{f"FD at w = {w:g}": f"{v:.2f}" for w, v in fd.items()}}
+    _report.write_results(out, lines, figures=figures)  # the README cites these as text_to_image.figures.NAME
     if tmp is not None:
         tmp.cleanup()
 

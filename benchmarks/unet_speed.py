@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import _report
 import torchdiffusion as td
 from torchdiffusion.runs import config as config_mod
 from torchdiffusion.runs.build import build_model
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         "## Sampling throughput (digits model, class-conditional, no guidance)", "", shead, *samp, "",
         "## Findings (computed by the script from the tables above)", "", *found, ""])
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(text)
+    _report.write_results(Path(a.out), text.split("\n"), echo=False)
     print(f"wrote {a.out}")
 
 
