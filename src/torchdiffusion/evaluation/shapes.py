@@ -44,7 +44,7 @@ from torchdiffusion.evaluation.metrics import (
     stratified_floor_bootstrap,
 )
 
-JUDGE_VERSION = 1  # bump when the network or its training changes (invalidates the cache)
+JUDGE_VERSION = 2  # bump when the network or its training changes (invalidates the cache)
 HEADS = {"label": len(shapes_data.CLASSES), **{k: len(v) for k, v in shapes_data.ATTRIBUTES.items()}}
 FREE_ATTRIBUTES = ("color", "size", "position", "background")  # not fixed by the class
 
@@ -54,7 +54,9 @@ class ShapesJudgeNet(nn.Module):
     becomes 8x8x64) on the RGB image
     and its chroma ``max - min`` over the channels (a fourth channel: high on the saturated shape, low on the muted
     background, so that shape is told from texture), average pooling to 4x4 (which keeps the position), a
-    ``feature_dim`` layer (the features) and one linear head per attribute."""
+    ``feature_dim`` layer (the features) and one linear head per attribute. The feature layer also sees
+    :func:`background_cells` (the background's mean in 4x4 cells: a gradient is a ramp across them; version 1, without
+    it, told plain from gradient at chance: background accuracy 0.78 on real test images)."""
 
     def __init__(self, size: int = 32, feature_dim: int = 128, heads: dict[str, int] | None = None):
         super().__init__()
@@ -64,16 +66,28 @@ class ShapesJudgeNet(nn.Module):
                               bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
         self.conv = nn.Sequential(*block(4, 32, 4 if first == 2 else 3, first), *block(32, 64, 4, 2),
                                   *block(64, 64, 3, 1), *block(64, 64, 3, 1))
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(64 * 16, feature_dim), nn.ReLU())
+        self.fc = nn.Sequential(nn.Linear(64 * 16 + 3 * 16, feature_dim), nn.ReLU())
         self.heads = nn.ModuleDict({k: nn.Linear(feature_dim, n) for k, n in (heads or HEADS).items()})
 
     def features(self, x: Tensor) -> Tensor:
         chroma = x.amax(1, keepdim=True) - x.amin(1, keepdim=True)  # high on the shape, low on the grey background
-        return self.fc(F.adaptive_avg_pool2d(self.conv(torch.cat([x, chroma], 1)), 4))
+        conv = F.adaptive_avg_pool2d(self.conv(torch.cat([x, chroma], 1)), 4).flatten(1)
+        return self.fc(torch.cat([conv, 10 * background_cells(x, chroma)], 1))  # ramps of about 0.2 -> 2
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         f = self.features(x)
         return {k: h(f) for k, h in self.heads.items()}
+
+
+def background_cells(x: Tensor, chroma: Tensor, cells: int = 4, threshold: float = 0.3) -> Tensor:
+    """The mean of the muted (background) pixels -- chroma ``max - min`` below ``threshold`` in [-1, 1] units --
+    in each of ``cells x cells`` cells, centred on the image's background mean (a cell the shape covers takes
+    that mean): ``(N, 3 cells^2)``. A gradient background is a ramp across these cells, a plain one is flat."""
+    w = (chroma < threshold).float()
+    num, den = F.adaptive_avg_pool2d(x * w, cells), F.adaptive_avg_pool2d(w, cells)
+    mean = (x * w).sum((2, 3), keepdim=True) / w.sum((2, 3), keepdim=True).clamp_min(1)
+    cell = torch.where(den > 0.05, num / den.clamp_min(1e-6), mean)
+    return (cell - mean).flatten(1)
 
 
 def to_float(x: Tensor | np.ndarray) -> Tensor:
