@@ -168,6 +168,23 @@ def test_images_stay_in_range_and_classes_are_balanced():
 
 
 # ---- the judge (evaluation/shapes.py) ----------------------------------------------------------------------------
+def test_background_cells_tell_a_gradient_from_a_plain_background():
+    """The judge's low-frequency input (evaluation/shapes.py background_cells): flat on plain backgrounds, a ramp of
+    at least 0.15 (in [-1, 1] units) on gradient ones, and the saturated shape is masked out of it."""
+    from torchdiffusion.evaluation import shapes as judge_mod
+
+    spans = {"plain": [], "gradient": []}
+    for i in range(80):
+        img, at = shapes.example(i, seed=0)
+        if at["background"] in spans:
+            x = judge_mod.to_float(torch.from_numpy(img).permute(2, 0, 1)[None])
+            cells = judge_mod.background_cells(x, x.amax(1, keepdim=True) - x.amin(1, keepdim=True))
+            assert cells.shape == (1, 48)
+            spans[at["background"]].append(float(cells.max() - cells.min()))
+    assert len(spans["plain"]) > 5 and len(spans["gradient"]) > 5
+    assert max(spans["plain"]) < 0.1 < 0.15 < min(spans["gradient"])
+
+
 @pytest.fixture(scope="module")
 def judged(tmp_path_factory):
     """A tiny shapes folder (16x16) and a judge trained on its train split, cached in a private cache folder."""
