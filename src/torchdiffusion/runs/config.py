@@ -473,20 +473,24 @@ PRESETS.update({
 
 # Latent diffusion on the shapes (issue 27): a VAE 32x32x3 -> 8x8x4 (two stride-2 levels) trained on the train
 # split, then class-conditional diffusion on its scaled latents (--set data.autoencoder=RUN), sampled like shapes32.
+# The first recipe (16 channels, decoder std 0.1, 800 steps) reconstructed test images that the judge classed right
+# only 75 % of the time (shapes blurred away), which caps what any latent model can reach: 32 channels, decoder
+# std 0.05 (sharper reconstructions) and 3000 steps.
 PRESETS.update({
     "vae_shapes32": deep_update(_AE, {"data": {"name": SHAPES_DATA, "size": 32, "channels": 3, "holdout": 0.0,
                                                "label_key": "label"},
-                                      "model": {"net": "vae", "channels": 16, "channel_mult": [1, 2, 2],
-                                                "num_res_blocks": 1, "latent_channels": 4},
+                                      "model": {"net": "vae", "channels": 32, "channel_mult": [1, 2, 2],
+                                                "num_res_blocks": 1, "latent_channels": 4, "decoder_std": 0.05},
                                       "loss": {"name": "vae"},
-                                      "train": {"steps": 800, "batch": 32, "lr": 2e-3, "ckpt_every": 200}},
+                                      "train": {"steps": 3000, "batch": 32, "lr": 2e-3, "ckpt_every": 500}},
                                 strict=False),
     "latent_shapes32": deep_update(PRESETS["latent"], {"data": {"holdout": 0.0},
                                                        "model": {"channels": 32, "channel_mult": [1, 2],
                                                                  "attn_resolutions": [4]},
-                                                       "train": {"steps": 600, "batch": 64, "lr": 2e-3,
-                                                                 "warmup": 50, "ema": 0.995, "ckpt_every": 100},
-                                                       "sample": {"sampler": "ddim", "steps": 20}}, strict=False),
+                                                       "train": {"steps": 3000, "batch": 64, "lr": 2e-3,
+                                                                 "warmup": 100, "ema": 0.999, "ckpt_every": 500},
+                                                       "sample": {"sampler": "ddim", "steps": 20, "guidance": 1.0}},
+                                     strict=False),
 })
 
 # Digits models whose samples evaluation.metrics.DigitsEvaluator scores (and the classifier that guides them) hold
