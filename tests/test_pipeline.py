@@ -83,6 +83,34 @@ def test_guidance_equals_the_cfg_wrapper(runs):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_default_guidance_is_the_runs_sample_guidance_when_conditioned(runs, tmp_path):
+    """A preset's sample.guidance (shapes32: 1.0) is what pipe(...) and `sample` use when no w is given and the
+    samples are conditioned; unconditioned samples get none."""
+    pipe = td.Pipeline.from_pretrained(runs / "digits")
+    pipe.config["sample"]["guidance"] = 2.0
+    a = pipe(n=3, steps=3, class_labels=7, generator=gen(4))
+    torch.testing.assert_close(a, pipe(n=3, steps=3, class_labels=7, guidance=2.0, generator=gen(4)), rtol=0, atol=0)
+    assert not torch.allclose(a, pipe(n=3, steps=3, class_labels=7, guidance=0.0, generator=gen(4)))
+    assert pipe.default_guidance(False) == 0.0 and pipe(n=2, steps=3, generator=gen(0)).shape == (2, 1, 8, 8)
+    # the CLI: the run folder's config says w = 2.0
+    import json
+    import shutil
+
+    run = tmp_path / "digits"
+    shutil.copytree(runs / "digits", run)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["sample"]["guidance"] = 2.0
+    (run / "config.json").write_text(json.dumps(cfg))
+    outs = {}
+    for name, extra in (("default", []), ("w2", ["--guidance", "2"]), ("w0", ["--guidance", "0"])):
+        out = tmp_path / f"{name}.npz"
+        assert main(["sample", str(run), "--n", "3", "--seed", "3", "--steps", "3", "--class", "7", "--quiet",
+                     "--out", str(out), *extra]) == 0
+        outs[name] = np.load(out)["x"]
+    np.testing.assert_array_equal(outs["default"], outs["w2"])
+    assert not np.allclose(outs["default"], outs["w0"])
+
+
 def test_latent_run_decodes_to_images(runs):
     pipe = td.Pipeline.from_pretrained(runs / "latent")
     x = pipe(n=2, steps=3, class_labels=[0, 1], generator=gen(0))

@@ -32,7 +32,7 @@ from torchdiffusion.evaluation.metrics import DigitsEvaluator
 from torchdiffusion.evaluation.shapes import ShapesJudge
 from torchdiffusion.parameterization.guidance import CFG
 from torchdiffusion.runs.build import load_run
-from torchdiffusion.runs.pipeline import Pipeline, require_kind
+from torchdiffusion.runs.pipeline import Pipeline, default_guidance, require_kind
 
 TOYS = ("ring", "moons", "swiss_roll", "checkerboard", "gmm")
 
@@ -43,7 +43,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default=None, help="sampler (default: the run's sample.sampler)")
     p.add_argument("--steps", type=int, default=None, help="network evaluations (default: the run's)")
     p.add_argument("--grid", default=None, help="time grid (default: the sampler's/process's)")
-    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale w (conditional)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale w (conditional runs; default: the run's sample.guidance)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
@@ -145,6 +146,8 @@ def _run(a) -> int:
     name = info.get("data_name") or cfg["data"]["name"]
     if a.guidance and not info.get("num_classes"):
         raise ValueError("--guidance needs a class-conditional run (trained with data.conditional=true)")
+    if a.guidance is None:  # the run's sample.guidance for a class-conditional run (runs/pipeline.default_guidance)
+        a.guidance = default_guidance(cfg, bool(info.get("num_classes")))
     if a.ref:  # real images against a reference folder (issue 19)
         res = check_finite_values(eval_against_folder(a, model, cfg, sampler, steps), "the evaluation")
         print(f"{res['samples']} samples ({sampler}, {steps} NFE) against {a.ref}: "

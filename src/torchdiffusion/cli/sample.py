@@ -26,7 +26,7 @@ from torchdiffusion.parameterization import guidance as G
 from torchdiffusion.runs import config as config_mod
 from torchdiffusion.runs.build import load_classifier, load_run
 from torchdiffusion.runs.latent import dataset_from_config, sample_autoencoder_run, to_images
-from torchdiffusion.runs.pipeline import Pipeline, require_kind, sample_seeds
+from torchdiffusion.runs.pipeline import Pipeline, default_guidance, require_kind, sample_seeds
 from torchdiffusion.runs.sample_folder import is_folder_output
 from torchdiffusion.runs.text import load_tokenizer
 from torchdiffusion.samplers import grids
@@ -133,6 +133,8 @@ def _sample_run(a) -> int:
         prepare_output(a.gif)
     model, cfg = load_run(a.run, ema=not a.no_ema, device=a.device)
     kind = require_kind(cfg, a.run, ("diffusion", "latent", "autoencoder"), "sample")
+    if a.guidance is None and not (a.classifier or a.null_class or a.anagram):  # the run's sample.guidance
+        a.guidance = default_guidance(cfg, a.klass is not None or getattr(a, "prompt", None) is not None) or None
     if kind == "autoencoder":  # autoencoder run: VAE prior samples and reconstructions (issue 9)
         unused = [name for name, v in DIFFUSION_ONLY if getattr(a, v, None) not in (None, False, [])]
         if unused:

@@ -57,6 +57,13 @@ from torchdiffusion.samplers import StopSampling, grids, plan, progress_bar, rep
 from torchdiffusion.training.checkpoint import clear_run, model_files, save_json, save_tensors
 
 log = logging.getLogger(__name__)
+def default_guidance(config: dict, conditioned: bool) -> float:
+    """The classifier-free ``w`` a run is sampled with when none is given: its ``sample.guidance`` (a preset's
+    choice, e.g. 1.0 for shapes32, fixed before any scoring) when the samples are conditioned (class labels or a
+    prompt), else 0 (the Pipeline, ``sample`` and ``eval`` share this rule)."""
+    return float(config.get("sample", {}).get("guidance", 0.0) or 0.0) if conditioned else 0.0
+
+
 class Pipeline:
     """A trained diffusion model (``model``: its :class:`Denoiser`), its ``process`` and its run ``config``.
 
@@ -230,6 +237,10 @@ class Pipeline:
             raise ValueError(f"{what} must be one string or {n} strings (one per sample), got {len(texts)}")
         return torch.from_numpy(self.tokenizer.encode(texts))
 
+    def default_guidance(self, conditioned: bool) -> float:
+        """The classifier-free ``w`` used when none is given: :func:`default_guidance` of this run's config."""
+        return default_guidance(self.config, conditioned)
+
     def conditioned(self, n: int, *, class_labels: int | Sequence[int] | Tensor | None = None,
                     prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
                     guidance: float = 0.0):
@@ -278,7 +289,8 @@ class Pipeline:
           ``class_labels`` (or a list of prompts) alone gives one sample per entry; ``num_images_per_prompt``
           repeats each (or multiplies ``n``); no count at all is 1. Counts that disagree are an error.
           ``max_batch`` bounds how many are sampled at once (results do not depend on it).
-        - ``guidance`` is the classifier-free ``w`` of ``(1 + w) eps(x, c) - w eps(x)`` (needs ``class_labels``);
+        - ``guidance`` is the classifier-free ``w`` of ``(1 + w) eps(x, c) - w eps(x)`` (needs ``class_labels``;
+          not given: the run's ``sample.guidance`` when samples are conditioned, see :meth:`default_guidance`);
           diffusers' ``guidance_scale`` is ``1 + w`` (at most 1: no guidance, as in diffusers). Text runs take
           ``prompt`` (one string or one per sample; ``""`` = unconditional) and ``negative_prompt``, which
           replaces the unconditional branch: ``(1 + w) eps(x, prompt) - w eps(x, negative_prompt)``.
@@ -307,7 +319,8 @@ class Pipeline:
         if guidance_scale is not None:
             gs = check_number(guidance_scale, "guidance_scale")
             guidance = _same("guidance", guidance, "guidance_scale - 1", max(gs - 1.0, 0.0))
-        guidance = 0.0 if guidance is None else check_number(guidance, "guidance")
+        guidance = (self.default_guidance(class_labels is not None or prompt is not None) if guidance is None
+                    else check_number(guidance, "guidance"))
         per = class_labels if class_labels is not None else (prompt if isinstance(prompt, list | tuple) else None)
         count = _count(n, batch_size, per, num_images_per_prompt, "class_labels" if class_labels is not None else
                        "prompt")
