@@ -16,12 +16,13 @@ the rendered page) with one line per token::
     0.87-1.75x = digits_quality.text."FD 4.91-9.91 ({}x the floor"
     6 of 8 = digits_quality.text."; {} inside the floor's"
     50 = preset.digits.sample.steps
-    0.5 = py.torchdiffusion.runs.demo.DIGITS_GUIDANCE
+    0.5 = py.torchdiffusion.runs.demo.DIGITS_GUIDANCE = digits_quality.tables.main."ddim | 50 steps (100 evals) | 0.5".w
     "issue 17" = name
     -->
 
-Left of `` = `` the token as the prose writes it; right, its source (several joined by `` & ``, their numbers in
-order), one of
+Left of `` = `` the token as the prose writes it, one line per occurrence (in the paragraph's order where the same
+token means different things); right, its source (several joined by `` & ``: their numbers in order, as for
+``9 of 15``), or several sources each of which must hold it (``0.5 = SOURCE = SOURCE``). A source is one of
 
 - ``NAME.tables.TABLE.ROW.COLUMN``: a cell of ``benchmarks/results/NAME.json`` (the twin of ``NAME.md``, written
   by ``benchmarks/_report.py``; keys as that module describes them). A key that is not a word is written as a JSON
@@ -30,7 +31,8 @@ order), one of
   the i-th number of a cell that holds several (``0.372 +- 0.025``: ``[0]`` is 0.372).
 - ``NAME.figures.KEY``: a named figure the script wrote.
 - ``NAME.text."... {} ..."``: a figure the results file states only in prose; the phrase, with ``{}`` where the
-  number (or range) stands, must occur in the file's text, always with the same numbers.
+  number (or range) stands, must occur in the file's text or in a text cell of its tables, always with the
+  same numbers.
 - ``preset.PRESET.SECTION.KEY``: a setting of a preset (``torchdiffusion config PRESET``); ``py.MODULE.NAME``: a
   constant of the code (``py.torchdiffusion.runs.demo.DIGITS_GUIDANCE``).
 - ``name``: the quoted phrase on the left (``"issue 17"``, ``"2-D"``, ``"kill -9"``) names something; its numbers
@@ -83,9 +85,9 @@ def blocks(text: str) -> list[str]:
 
 
 def prose(block: str) -> str:
-    """A block's prose: HTML comments, inline code (commands) and link targets (paths) removed."""
+    """A block's prose on one line: HTML comments, inline code (commands) and link targets (paths) removed."""
     block = re.sub(r"<!--.*?-->", " ", block, flags=re.S)
-    return re.sub(r"\]\([^)]*\)", "]", re.sub(r"`[^`]*`", " ", block))
+    return " ".join(re.sub(r"\]\([^)]*\)", "]", re.sub(r"`[^`]*`", " ", block)).split())
 
 
 def tokens(text: str) -> list[re.Match]:
@@ -148,21 +150,23 @@ def _segments(path: str) -> list:
     return out
 
 
-def split_sources(text: str) -> list[str]:
-    """``a & b."x & y"`` -> ``['a', 'b."x & y"']`` (an ``&`` inside a quoted key is text)."""
-    parts, cur, quoted, esc = [], [], False, False
-    for ch in text:
+def split_outside_quotes(text: str, sep: str) -> list[str]:
+    """``text`` split at ``sep`` where it is not inside a JSON string (``a & b."x & y"`` -> ``a``, ``b."x & y"``)."""
+    parts, cur, quoted, esc, i = [], [], False, False, 0
+    while i < len(text):
+        ch = text[i]
         if quoted and esc:
             esc = False
         elif quoted and ch == "\\":
             esc = True
         elif ch == '"':
             quoted = not quoted
-        elif ch == "&" and not quoted:
+        elif not quoted and text.startswith(sep, i):
             parts.append("".join(cur).strip())
-            cur = []
+            cur, i = [], i + len(sep)
             continue
         cur.append(ch)
+        i += 1
     parts.append("".join(cur).strip())
     return parts
 
@@ -197,7 +201,8 @@ class Sources:
         if kind == "text":
             if len(seg) != 3 or not isinstance(seg[2], str) or "{}" not in seg[2]:
                 raise BindingError(f"{source}: text takes one quoted phrase with {{}} where the figure stands")
-            return self._text(doc["text"], seg[2], source)
+            cells = [v for t in doc["tables"].values() for r in t.values() for v in r.values() if isinstance(v, str)]
+            return self._text(doc["text"] + cells, seg[2], source)
         if kind == "figures":
             node = doc["figures"]
             rest = seg[2:]
@@ -320,6 +325,7 @@ def check_block(block: str, sources: Sources) -> list[str]:
     where = f"'{label(block)}'"
     problems = []
     covered = [False] * len(toks)
+    binds.sort(key=lambda b: not b[0].startswith('"'))  # names first: they claim the tokens inside them
     for left, source in binds:
         if left.startswith('"'):  # a name: its occurrences cover the tokens inside them
             phrase = left[1:-1]
@@ -332,25 +338,28 @@ def check_block(block: str, sources: Sources) -> list[str]:
                 if any(a <= t.start() and t.end() <= b for a, b in spans):
                     covered[i] = True
             continue
-        hits = [i for i, t in enumerate(toks) if t.group(0) == left]
-        if not hits:
-            problems.append(f"{where}: bound figure {left!r} is not a figure of the paragraph")
+        hits = [i for i, t in enumerate(toks) if t.group(0) == left and not covered[i]]
+        if not hits:  # one binding line per occurrence of the token, in order
+            n = sum(t.group(0) == left for t in toks)
+            problems.append(f"{where}: bound figure {left!r} is not a figure of the paragraph" if not n else
+                            f"{where}: {left!r} occurs {n} times but has more binding lines")
             continue
-        for i in hits:
-            covered[i] = True
+        covered[hits[0]] = True
         if source == "name":
-            continue
-        try:
-            got = [n for s in split_sources(source) for n in sources.resolve(s)]
-        except BindingError as e:
-            problems.append(f"{where}: {left}: {e}")
+            problems.append(f"{where}: 'name' binds a quoted phrase, not the figure {left!r}")
             continue
         want = numbers(left)
-        if len(got) != len(want) or not all(matches(w, g) for w, g in zip(want, got)):
-            problems.append(f"{where}: the README says {left!r} but {source} holds {', '.join(got) or 'nothing'}")
+        for expr in split_outside_quotes(source, " = "):  # every source of the line must hold the figure
+            try:
+                got = [n for s in split_outside_quotes(expr, " & ") for n in sources.resolve(s)]
+            except BindingError as e:
+                problems.append(f"{where}: {left}: {e}")
+                continue
+            if len(got) != len(want) or not all(matches(w, g) for w, g in zip(want, got)):
+                problems.append(f"{where}: the README says {left!r} but {expr} holds {', '.join(got) or 'nothing'}")
     unbound = [t.group(0) for t, c in zip(toks, covered) if not c]
     if unbound:
-        problems.append(f"{where}: figures with no binding: {unbound}")
+        problems.append(f"{where}: figures with no binding line (one per occurrence): {unbound}")
     return problems
 
 
@@ -366,12 +375,12 @@ CITE = re.compile(r"benchmarks/(?:results/)?(\w+)\.(?:py|md|json)")
 def suggest(block: str, results: Path = RESULTS) -> list[str]:
     """Binding lines that would match the block's unbound tokens in the results files it cites."""
     sources = Sources(results)
-    bound = {left for left, _ in bindings(block)}
+    bound = [left for left, _ in bindings(block)]
     out = []
     for t in tokens(prose(block)):
         if t.group(0) in bound:
+            bound.remove(t.group(0))
             continue
-        bound.add(t.group(0))
         want = numbers(t.group(0))
         hits = []
         for name in sorted(set(CITE.findall(block))):
@@ -392,9 +401,13 @@ def suggest(block: str, results: Path = RESULTS) -> list[str]:
                 if len(want) == 1 and matches(want[0], v):
                     hits.append(f"{name}.figures.{json.dumps(k)}")
             for line in doc["text"]:
-                for m in re.finditer(re.escape(t.group(0).rstrip("x%s ")), line):
-                    a, b = max(0, m.start() - 30), m.end() + 5
-                    hits.append(f"{name}.text.{json.dumps(line[a:m.start()] + '{}' + line[m.end():b])}")
+                for m in tokens(line):
+                    got = numbers(m.group(0))
+                    if len(got) == len(want) and all(matches(w, g) for w, g in zip(want, got)):
+                        a = max(0, m.start() - 30)
+                        a = line.find(" ", a, m.start()) + 1 or a  # start the phrase at a word
+                        end = m.start() + len(re.match(SPAN, m.group(0))[0])
+                        hits.append(f"{name}.text.{json.dumps(line[a:m.start()] + '{}' + line[end:end + 3])}")
         out += [f"{t.group(0)} = {h}" for h in hits[:6]] or [f"{t.group(0)} = ?"]
     return out
 
