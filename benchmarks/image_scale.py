@@ -35,6 +35,7 @@ from _report import command, machine, write_results
 from torchdiffusion.data import shapes as shapes_data
 from torchdiffusion.evaluation.shapes import ShapesJudge
 from torchdiffusion.evaluation.viz import save_samples
+from torchdiffusion.parameterization.guidance import CFG
 from torchdiffusion.runs import config as config_mod
 from torchdiffusion.runs.build import load_run
 from torchdiffusion.runs.pipeline import Pipeline
@@ -123,13 +124,16 @@ def score(run: Path, judge: ShapesJudge, n: int, seed: int = 0) -> dict:
     model, cfg = load_run(run)
     pipe = Pipeline(model, cfg)
     y = judge.reference_labels(n)
+    w = pipe.default_guidance(True)  # the preset's sample.guidance (1.0 for shapes32 and latent_shapes32)
     t0 = time.time()
-    x = pipe.generate(model, n, cond=y, generator=torch.Generator().manual_seed(seed), max_batch=250)
+    x = pipe.generate(CFG(model, w) if w else model, n, cond=y, generator=torch.Generator().manual_seed(seed),
+                      max_batch=250)
     sec = (time.time() - t0) / n
     res = judge.score(x, y)
-    res.update(s_per_image=sec, sampler=cfg["sample"]["sampler"], nfe=int(cfg["sample"]["steps"]),
+    res.update(s_per_image=sec, sampler=cfg["sample"]["sampler"], nfe=int(cfg["sample"]["steps"]), guidance=w,
                train_steps=trained_steps(run), planned_steps=int(cfg["train"]["steps"]),
-               batch=int(cfg["train"]["batch"]), train_seconds=_train_seconds(run))
+               batch=int(cfg["train"]["batch"]), train_seconds=_train_seconds(run),
+               median_step_s=_median_step_seconds(run))
     return res
 
 
@@ -139,10 +143,22 @@ def _train_seconds(run: Path) -> float:
     return float(rows[-1].split(",")[-1]) if len(rows) > 1 else float("nan")
 
 
+def _median_step_seconds(run: Path) -> float:
+    """The median seconds per step over the logged intervals (``log.csv``): the run's rate without the intervals
+    that other processes on the shared machine slowed down."""
+    rows = [r.split(",") for r in (run / "log.csv").read_text().strip().splitlines()[1:]]
+    pts = [(0.0, 0.0)] + [(float(r[0]), float(r[-1])) for r in rows]
+    rates = sorted((t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(pts, pts[1:]) if s1 > s0)
+    return rates[len(rates) // 2] if rates else float("nan")
+
+
 def picture(run: Path, path: Path) -> None:
     model, cfg = load_run(run)
     y = torch.arange(10).repeat_interleave(10)
-    x = Pipeline(model, cfg).generate(model, 100, cond=y, generator=torch.Generator().manual_seed(1), max_batch=100)
+    pipe = Pipeline(model, cfg)
+    w = pipe.default_guidance(True)
+    x = pipe.generate(CFG(model, w) if w else model, 100, cond=y, generator=torch.Generator().manual_seed(1),
+                      max_batch=100)
     save_samples(x, path, nrow=10)
 
 
@@ -150,7 +166,8 @@ def fmt_scores(name: str, r: dict) -> str:
     where = ("inside" if r["fd_floor_lo"] <= r["fd"] <= r["fd_floor_hi"] else
              f"{r['fd'] / r['fd_floor']:.2f}x the floor")
     return (f"| {name} | {r['train_steps']} of {r['planned_steps']} x {r['batch']} ({r['train_seconds'] / 60:.0f} "
-            f"min) | {r['accuracy']:.3f} | {r['accuracy_shape']:.3f} | "
+            f"min; {r['median_step_s']:.2f} s / step median, {r['median_step_s'] * r['train_steps'] / 60:.0f} min at "
+            f"that rate) | {r['accuracy']:.3f} | {r['accuracy_shape']:.3f} | "
             f"{r['accuracy_color_family']:.3f} | {r['tv_color']:.3f} / {r['tv_size']:.3f} / {r['tv_position']:.3f} / "
             f"{r['tv_background']:.3f} | {r['fd']:.2f} ({where}) | {r['s_per_image']:.3f} |")
 
@@ -219,9 +236,12 @@ def main() -> None:
              f"FD reference: the first {judge.n_ref} test images; real-data floor (the last {judge.n_ref} training "
              f"images, unseen by the judge): **{fl.floor:.2f}**, class-stratified bootstrap 95 % interval "
              f"**{fl.lo:.2f}-{fl.hi:.2f}**. Samples: {a.n} per model with the reference's class counts, the run's "
-             f"sampler ({px['sampler']}, {px['nfe']} NFE), seed 0, EMA weights.", "",
-             "| model | steps trained of planned x batch (wall-clock) | accuracy | shape | colour family | TV colour / "
-             "size / position / background | FD (vs floor) | s / image |", "|---|---|---|---|---|---|---|---|",
+             f"sampler ({px['sampler']}, {px['nfe']} NFE) with the preset's classifier-free guidance (w = "
+             f"{px['guidance']:g}, latent w = {lt['guidance']:g}; fixed in the presets before any scoring), seed 0, "
+             "EMA weights.", "",
+             "| model | steps trained of planned x batch (wall-clock; median rate) | accuracy | shape | colour family "
+             "| TV colour / size / position / background | FD (vs floor) | s / image |",
+             "|---|---|---|---|---|---|---|---|",
              fmt_scores("shapes32", px), fmt_scores("latent_shapes32", lt), "",
              f"Latent sampling is {px['s_per_image'] / lt['s_per_image']:.1f}x faster per image than pixel space "
              "(decoding included).", "",
