@@ -83,17 +83,20 @@ def write_results(out: Path, lines: list[str], notes: list[str] | None = None, *
     if figures:
         lines = [*lines, "", *figure_lines(figures)]
     text = "\n".join(lines).rstrip("\n") + "\n"
-    parsed = parse_results(text)  # before writing: a table the parser cannot read fails here, not later
-    if figures and set(parsed["figures"]) != set(figures):
-        raise ValueError(f"{out.name}: named figures {sorted(figures)} came back as {sorted(parsed['figures'])}")
-    if data is not None:
-        parsed["data"] = data
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda tmp: tmp.write_text(text))
-    write_json(out.with_suffix(".json"), parsed)
+    atomic_write(out, lambda tmp: tmp.write_text(text))  # first: a long run's results are never lost to the parser
     if echo:
         print(text, end="")
+    try:
+        parsed = parse_results(text)
+    except ValueError as e:
+        raise ValueError(f"{out} was written, but not its .json: {e}") from None
+    if figures and set(parsed["figures"]) != set(figures):
+        raise ValueError(f"{out}: named figures {sorted(figures)} came back as {sorted(parsed['figures'])}")
+    if data is not None:
+        parsed["data"] = data
+    write_json(out.with_suffix(".json"), parsed)
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -84,6 +84,9 @@ def test_write_results_writes_the_markdown_its_json_and_the_named_figures(tmp_pa
     assert {k: v for k, v in d.items() if k != "data"} == report.parse_results(out.read_text())
     with pytest.raises(ValueError, match="name"):
         report.write_results(tmp_path / "bad.md", ["# x"], figures={"a | b": 1}, echo=False)
+    with pytest.raises(ValueError, match="was written, but not its .json"):  # the Markdown is kept
+        report.write_results(tmp_path / "table.md", ["# x", "", "| a | b |", "| 1 | 2 |"], echo=False)
+    assert (tmp_path / "table.md").read_text().startswith("# x") and not (tmp_path / "table.json").exists()
 
 
 def test_the_json_command_rewrites_a_twin_and_keeps_its_data(tmp_path: Path) -> None:
