@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from torchdiffusion.nets.embeddings import TimeEmbedding
@@ -220,6 +221,12 @@ class UNet(nn.Module):
     ``num_classes + 1`` rows (the last, ``self.null_class``, is the learned "no label" class) is added to it.
     With ``context_dim`` every attention block also cross-attends to ``context``. ``fourier_features``
     (exponents ``n``) appends :func:`fourier_input` features of ``x`` before the first convolution.
+
+    ``checkpointing`` (activation checkpointing, ``model.checkpointing``): while training with gradients, every
+    residual / attention stage keeps only its inputs and recomputes its activations in the backward pass
+    (``torch.utils.checkpoint``, non-reentrant), trading about one more forward pass for the memory of the
+    activations; the result and the gradients are those of the plain network (up to rounding). The attribute
+    may be switched at any time (it holds no weights).
     """
 
     def __init__(
@@ -239,8 +246,10 @@ class UNet(nn.Module):
         context_dim: int | None = None,
         fourier_features: Sequence[int] = (),
         augment_dim: int = 0,
+        checkpointing: bool = False,
     ):
         super().__init__()
+        self.checkpointing = bool(checkpointing)
         channel_mult = tuple(int(m) for m in channel_mult)
         self.fourier_features = tuple(int(n) for n in fourier_features)
         if not channel_mult:
@@ -407,16 +416,26 @@ class UNet(nn.Module):
                                  f"got {tuple(augment.shape)}")
             emb = emb + self.augment_embed(augment.to(emb.dtype))
 
+        run = self._checkpointed if self.checkpointing and self.training and torch.is_grad_enabled() else _call
         h = self.conv_in(fourier_input(x, self.fourier_features))
         hs = [h]
         for block in self.down:
-            h = block(h, emb, context, context_mask) if isinstance(block, _Stage) else block(h)
+            h = run(block, h, emb, context, context_mask) if isinstance(block, _Stage) else block(h)
             hs.append(h)
-        h = self.mid(h, emb, context, context_mask)
-        h = self.mid_res2(h, emb)
+        h = run(self.mid, h, emb, context, context_mask)
+        h = run(self.mid_res2, h, emb)
         for block in self.up:
             if isinstance(block, _Stage):
-                h = block(torch.cat([h, hs.pop()], dim=1), emb, context, context_mask)
+                h = run(block, torch.cat([h, hs.pop()], dim=1), emb, context, context_mask)
             else:
                 h = block(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    @staticmethod
+    def _checkpointed(block: nn.Module, *args) -> Tensor:
+        """``block(*args)`` under activation checkpointing (its activations recomputed in the backward pass)."""
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+
+
+def _call(block: nn.Module, *args) -> Tensor:
+    return block(*args)

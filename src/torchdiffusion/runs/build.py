@@ -12,6 +12,7 @@ from torchdiffusion._tensor import resolve_device
 from torchdiffusion.data.augment import AUGMENT_DIM
 from torchdiffusion.nets import NETS
 from torchdiffusion.nets.autoencoder import Autoencoder
+from torchdiffusion.nets.fast import enable_checkpointing
 from torchdiffusion.nets.likelihood import LikelihoodNet, VariationalDequantizer
 from torchdiffusion.parameterization.denoiser import Denoiser
 from torchdiffusion.parameterization.guidance import Classifier
@@ -179,6 +180,9 @@ def build_model(cfg: dict, data_shape: tuple[int, ...], num_classes: int | None 
     """Process + network (+ parameterization for diffusion runs) from a full config."""
     process = build_process(cfg["process"])
     net = build_net(cfg["model"], tuple(data_shape), process, num_classes, augment_dim(cfg))
+    if cfg["model"].get("checkpointing") and not enable_checkpointing(net):
+        raise ValueError(f"model.checkpointing=true needs a U-Net (model.net unet, unet_xattn or unet_text); "
+                         f"model.net={cfg['model'].get('net')!r} has none")
     schedule = getattr(process, "schedule", None)
     deq = cfg["model"].get("dequantizer")
     if run_kind(cfg) in ("diffusion", "latent") and (isinstance(schedule, nn.Module) or deq):

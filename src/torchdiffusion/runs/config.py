@@ -17,6 +17,7 @@ from pathlib import Path
 from torchdiffusion import samplers
 from torchdiffusion._files import read_json
 from torchdiffusion.data.folder import ON_BAD_IMAGE, check_exclude
+from torchdiffusion.nets.fast import check_flag
 from torchdiffusion.samplers import grids
 
 DEFAULTS: dict[str, dict] = {
@@ -31,7 +32,7 @@ DEFAULTS: dict[str, dict] = {
               "channels": 32, "channel_mult": [1, 2], "num_res_blocks": 2, "attn_resolutions": [8],
               "dropout": 0.0, "num_heads": 1, "dim": None,
               "latent_channels": 4, "latent_dim": None, "decoder_var": "fixed", "decoder_std": 0.1, "cond_tokens": 4,
-              "fourier_features": [], "dequantizer": False,
+              "fourier_features": [], "dequantizer": False, "checkpointing": False,
               "text_vocab": 256, "text_length": 24, "text_dim": 64, "text_layers": 2, "text_heads": 4},
     "loss": {"name": "dsm", "weighting": "native", "min_snr_gamma": 5.0, "p_uncond": 0.1, "lambda_vlb": 0.001,
              "ncsn_levels": 10, "ssm_projections": 1, "ssm_dist": "gaussian", "ssm_variance_reduced": True,
@@ -40,12 +41,15 @@ DEFAULTS: dict[str, dict] = {
     "train": {"steps": 3000, "batch": 256, "lr": 1e-3, "weight_decay": 0.0, "warmup": 100,
               "schedule": "cosine", "min_lr_ratio": 0.1, "ema": 0.999, "ema_warmup": True, "clip": 1.0,
               "accum": 1, "seed": 0, "ckpt_every": 1000, "log_every": 50, "sample_every": 0,
-              "device": "auto", "precision": "fp32", "compile": False, "threads": 0, "tensorboard": False,
-              "workers": 0},
+              "device": "auto", "precision": "fp32", "compile": "auto", "channels_last": "auto", "threads": 0,
+              "tensorboard": False, "workers": 0},
     # sample.threads: torch threads while sampling (Pipeline, CLI, studio); 1 is fastest for these small nets on a
     # shared machine (benchmarks/results/sample_threads.md: ddim 50 steps, 1000 ring samples 4.13 s at 1 thread,
     # 27.24 s at 2, under load 10); 0 = torch's default
-    "sample": {"sampler": "ddim", "steps": 50, "grid": None, "n": 64, "guidance": 0.0, "threads": 1},
+    # compile / channels_last (here and in train): true, false or "auto" = only where benchmarks/results/speed.md
+    # measured them to win (nets/fast.py: AUTO_RULES)
+    "sample": {"sampler": "ddim", "steps": 50, "grid": None, "n": 64, "guidance": 0.0, "threads": 1,
+               "compile": "auto", "channels_last": "auto"},
 }
 
 PRESETS: dict[str, dict] = {
@@ -251,6 +255,8 @@ ORDERED = (("process.sigma_min", "<", "process.sigma_max"), ("process.gamma_min"
 # list keys: non-empty (channel_mult) lists of whole numbers >= the bound
 # keys that name one of a few choices
 CHOICES = {"data.on_bad_image": ON_BAD_IMAGE}
+# keys that are true, false or "auto" (nets/fast.py)
+AUTO_FLAGS = ("train.compile", "train.channels_last", "sample.compile", "sample.channels_last")
 LISTS = {"model.channel_mult": (1, False), "model.attn_resolutions": (1, True), "model.fourier_features": (0, True)}
 
 
@@ -297,6 +303,10 @@ def check_values(cfg: dict) -> dict:
             raise ValueError(f"{key} must be {need} of whole numbers >= {low}, got {v!r}")
     if "exclude" in cfg.get("data", {}):
         check_exclude(cfg["data"]["exclude"])
+    for key in AUTO_FLAGS:
+        section, k = key.split(".")
+        if k in (cfg.get(section) or {}):
+            check_flag(cfg[section][k], key)
     for key, allowed in CHOICES.items():
         v = _get(cfg, key)
         if v is not None and v not in allowed:

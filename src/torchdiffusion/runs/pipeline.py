@@ -30,6 +30,7 @@ from torch import Tensor
 
 from torchdiffusion._files import FileError, FolderLock, check_writable
 from torchdiffusion._tensor import SampleGenerators, check_count, check_number, resolve_device
+from torchdiffusion.nets.fast import check_flag, resolve_flag, speed_up_in_place
 from torchdiffusion.parameterization.denoiser import Denoiser
 from torchdiffusion.parameterization.guidance import CFG
 from torchdiffusion.processes import Process
@@ -72,11 +73,18 @@ class Pipeline:
     diffusers; setting ``pipe._interrupt = True`` (e.g. in a ``callback_on_step_end``) stops sampling early.
     ``path``: its run folder, where fitted grids are kept (:mod:`torchdiffusion.runs.fits`; None: no stored fits).
     ``note`` says after each sampling call whether a stored fit was used (or why not).
+    ``compile`` / ``channels_last``: ``True``, ``False`` or ``"auto"`` (None: the run's ``sample.compile`` /
+    ``sample.channels_last``, default ``"auto"``; :mod:`torchdiffusion.nets.fast`): the network is compiled / laid
+    out channels-last in place on the first sampling call that asks for it, once per model (one graph per input
+    shape, reused by every later step and call); ``fast`` says after each call which of them are on.
     """
 
     def __init__(self, model: Denoiser, config: dict, *, threads: int | None = None, path: str | Path | None = None,
-                 tokenizer=None):
+                 tokenizer=None, compile: bool | str | None = None, channels_last: bool | str | None = None):
         self.model, self.config = model, config
+        self.switches = {"compile": None if compile is None else check_flag(compile, "compile"),
+                         "channels_last": None if channels_last is None else check_flag(channels_last, "channels_last")}
+        self.fast = {"compile": False, "channels_last": False}
         self.tokenizer = tokenizer  # a text run's CaptionTokenizer (its tokenizer.json), else None
         self.path = None if path is None else Path(path)
         self.note: str | None = None
@@ -93,28 +101,32 @@ class Pipeline:
                         torch_dtype: torch.dtype | None = None, revision: str | None = None,
                         local_files_only: bool | None = None, cache_dir: str | Path | None = None,
                         token: str | bool | None = None, threads: int | None = None, trust_remote_code: bool = False,
-                        custom_pipeline: str | None = None, use_safetensors: bool | None = None, **kwargs) -> Pipeline:
+                        custom_pipeline: str | None = None, use_safetensors: bool | None = None,
+                        compile: bool | str | None = None, channels_last: bool | str | None = None,
+                        **kwargs) -> Pipeline:
         """Load a run folder (EMA weights by default), a local diffusers folder (``UNet2DModel`` + scheduler,
         :func:`~torchdiffusion.runs.diffusers_io.load_diffusers_folder`) or a Hugging Face Hub id ``org/name``
         holding either (:func:`resolve_pretrained`: its cache, ``revision``, offline with ``HF_HUB_OFFLINE=1``
         or ``local_files_only``); autoencoder and classifier runs are refused. ``torch_dtype`` as in diffusers
         (= ``.to(torch_dtype)``). diffusers' ``trust_remote_code`` and ``custom_pipeline`` are accepted and change
         nothing (this Pipeline runs no code from the folder: it reads weights and JSON only, which is also why
-        ``use_safetensors=False`` is refused)."""
+        ``use_safetensors=False`` is refused). ``compile``, ``channels_last``: see the class doc."""
         if kwargs:
             raise TypeError(f"from_pretrained got unexpected argument(s) {', '.join(map(repr, sorted(kwargs)))}; "
-                            "allowed: ema, device, torch_dtype, revision, local_files_only, cache_dir, token, threads "
-                            "(and diffusers' trust_remote_code, custom_pipeline, use_safetensors)")
+                            "allowed: ema, device, torch_dtype, revision, local_files_only, cache_dir, token, threads, "
+                            "compile, channels_last (and diffusers' trust_remote_code, custom_pipeline, "
+                            "use_safetensors)")
         if use_safetensors is False:
             raise ValueError("use_safetensors=False: this Pipeline reads safetensors only (nothing is unpickled)")
         path = resolve_pretrained(path, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir,
                                   token=token)
+        fast = {"compile": compile, "channels_last": channels_last}
         if is_diffusers_folder(path):
-            pipe = cls(*load_diffusers_folder(path, device), threads=threads)
+            pipe = cls(*load_diffusers_folder(path, device), threads=threads, **fast)
         else:
             model, cfg = load_run(path, ema=ema, device=device)
             require_kind(cfg, path, ("diffusion", "latent"), "a Pipeline")
-            pipe = cls(model, cfg, threads=threads, path=path, tokenizer=load_tokenizer(path, cfg))
+            pipe = cls(model, cfg, threads=threads, path=path, tokenizer=load_tokenizer(path, cfg), **fast)
         return pipe.to(dtype=torch_dtype) if torch_dtype is not None else pipe
 
     def save_pretrained(self, path: str | Path, *, force: bool = False) -> Path:
@@ -190,6 +202,17 @@ class Pipeline:
     def interrupt(self) -> bool:
         """True once sampling was asked to stop (``pipe._interrupt = True``, as in diffusers)."""
         return self._interrupt
+
+    def fast_path(self, calls: int) -> dict[str, bool]:
+        """Whether sampling with ``calls`` network evaluations compiles the network and lays it out channels-last
+        (the class's ``compile`` / ``channels_last``, else the run's ``sample`` settings; ``"auto"``:
+        :func:`torchdiffusion.nets.fast.auto_picks` for this network and data shape)."""
+        s = self.config.get("sample", {})
+        net = self.model.net
+        return {key: isinstance(net, torch.nn.Module) and resolve_flag(
+                    s.get(key, "auto") if self.switches[key] is None else self.switches[key], f"sample.{key}", key,
+                    "sample", net, self.data_shape, calls)
+                for key in ("channels_last", "compile")}
 
     def _threads(self, threads: int | None) -> contextlib.AbstractContextManager:
         n = threads if threads is not None else self.threads
@@ -437,6 +460,8 @@ class Pipeline:
         elif len(generators) != n:
             raise ValueError(f"generators must hold n = {n} generators, got {len(generators)}")
         chunk = max_batch or n
+        # compiled / channels-last where chosen: in place, once per model (later calls reuse it; nets/fast.py)
+        self.fast = speed_up_in_place(self.model.net, **self.fast_path(p.emits * math.ceil(n / chunk)))
         config = dict(self._progress_config)
         if progress is not None:
             config["disable"] = not progress

@@ -201,9 +201,9 @@ class Studio:
         self.name, self.denoiser, self.config = name, pipe.model, pipe.config
         self.counter = CountingModel(pipe.model)
         # the run's Pipeline settings carried over: sampling threads (sample.threads, shared with the CLI), the
-        # folder of stored fits, a text run's tokenizer
+        # folder of stored fits, a text run's tokenizer, the compile / channels-last switches (nets/fast.py)
         self.pipe = Pipeline(self.counter, pipe.config, threads=pipe.threads, path=pipe.path,
-                             tokenizer=pipe.tokenizer)
+                             tokenizer=pipe.tokenizer, **pipe.switches)
         self.text = pipe.tokenizer is not None  # a text-conditioned run: a prompt box instead of the class
         info = self.config["run"]
         self.info_run = info

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from torchdiffusion._tensor import check_count, resolve_device
+from torchdiffusion.nets.fast import check_flag
 
 
 def pick_device(name: str) -> torch.device:
@@ -37,7 +38,8 @@ class TrainSettings:
     sample_every: int = 0
     device: str = "auto"
     precision: str = "fp32"
-    compile: bool = False
+    compile: bool | str = "auto"  # true, false or "auto" (nets.fast.auto_picks: only where measured to win)
+    channels_last: bool | str = "auto"
     threads: int = 0
     tensorboard: bool = False
     workers: int = 0  # DataLoader processes decoding a streamed image folder (data.folder); in-memory data: unused
@@ -48,6 +50,8 @@ class TrainSettings:
             check_count(getattr(self, key), f"train.{key}", 1)
         for key in ("ckpt_every", "sample_every", "warmup", "threads", "seed", "workers"):
             check_count(getattr(self, key), f"train.{key}", 0)
+        for key in ("compile", "channels_last"):
+            check_flag(getattr(self, key), f"train.{key}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"unknown precision {self.precision!r}; allowed: fp32, bf16")
         if self.schedule not in ("cosine", "constant"):

@@ -1,7 +1,8 @@
 """One training loop for every model in the library.
 
 AdamW with warm-up and cosine/constant decay, gradient clipping and accumulation, EMA with warm-up, bf16
-autocast, optional ``torch.compile``, NaN/Inf detection, atomic checkpoints with exact resumption (model,
+autocast, ``torch.compile`` and the channels-last layout (on, off or ``auto``: :mod:`torchdiffusion.nets.fast`),
+NaN/Inf detection, atomic checkpoints with exact resumption (model,
 EMA, optimizer and RNG states in one safetensors file), CSV logs, periodic sample grids, tqdm progress,
 optional TensorBoard scalars (``train.tensorboard``), and data-parallel training on torch.distributed (see
 :mod:`torchdiffusion.training.distributed` for the batch-sharding scheme; only rank 0 writes files).
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 from torchdiffusion._files import FileError, FolderLock, atomic_write, cause, read_text, remove_stale_temps
 from torchdiffusion.data.datasets import Dataset
 from torchdiffusion.data.folder import BadImageError, ImageFolder, stream
+from torchdiffusion.nets.fast import ChannelsLast, resolve_flag
 from torchdiffusion.training import distributed as dist_mod
 from torchdiffusion.training.checkpoint import (
     clear_run,
@@ -143,7 +145,14 @@ class Trainer:
         self._pending: list[float] = []  # losses since the last full log interval (checkpointed: exact log.csv)
         self.ddp = dist_mod.wrap(self.net, self.device) if self.dist.enabled else None
         self.fwd_net = self.ddp or self.net
-        if t.compile:
+        # what the loss calls: the network (DDP-wrapped), in the channels-last layout and compiled where the settings
+        # (or their "auto" rule, from the data's shape and the step count) say so
+        shape, calls = tuple(data.shape), int(t.steps)
+        self.fast_path = {key: resolve_flag(getattr(t, key), f"train.{key}", key, "train", self.net, shape, calls)
+                          for key in ("channels_last", "compile")}
+        if self.fast_path["channels_last"]:
+            self.fwd_net = ChannelsLast(self.fwd_net)
+        if self.fast_path["compile"]:
             self.fwd_net = torch.compile(self.fwd_net)
         if resume and not force and (self.out / "train_state.safetensors").is_file():
             self._load()
@@ -408,7 +417,7 @@ class Trainer:
         self._plot()
         if self.tb is not None:
             self.tb.close()
-        return {"step": self.step, "steps_run": self.step - start, "seconds": time.time() - t0,
+        return {"step": self.step, "steps_run": self.step - start, "seconds": time.time() - t0, **self.fast_path,
                 "loss": sum(losses[-50:]) / max(len(losses[-50:]), 1) if losses else float("nan"),
                 "out": str(self.out)}
 
