@@ -93,7 +93,9 @@ class SelfAttention2d(nn.Module):
         B, C, H, W = x.shape
         heads = self.num_heads
         qkv = self.qkv(self.norm(x)).reshape(B, 3, heads, C // heads, H * W)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, N, d)
+        # each (B, heads, N, d), contiguous in d: the fused (flash) kernels need a unit stride there, else torch falls
+        # back to the slower math kernel
+        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(1)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d)
         out = out.transpose(-1, -2).reshape(B, C, H, W)
         return self.proj_out(out)
