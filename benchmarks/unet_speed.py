@@ -21,76 +21,19 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import _report
 import torchdiffusion as td
+from _unet import diffusers_call, diffusers_twin, med, nparams, ours_call, step_fn, time_pair
 from torchdiffusion.runs import config as config_mod
 from torchdiffusion.runs.build import build_model
 
 CASES = {"digits": ((1, 8, 8), 128, 10), "images": ((3, 32, 32), 64, None)}  # shape, batch, classes
-
-
-def diffusers_twin(mcfg: dict, shape: tuple[int, ...], num_classes: int | None):
-    """A ``UNet2DModel`` with our U-Net's architecture (see the module docstring)."""
-    from diffusers import UNet2DModel
-
-    C, H, _ = shape
-    ch, mult = int(mcfg["channels"]), list(mcfg["channel_mult"])
-    res = [H // 2**i for i in range(len(mult))]
-    attn = set(mcfg["attn_resolutions"])
-    down = tuple("AttnDownBlock2D" if r in attn else "DownBlock2D" for r in res)
-    up = tuple("AttnUpBlock2D" if r in attn else "UpBlock2D" for r in reversed(res))
-    return UNet2DModel(sample_size=H, in_channels=C, out_channels=C, block_out_channels=tuple(ch * m for m in mult),
-                       layers_per_block=int(mcfg["num_res_blocks"]), down_block_types=down, up_block_types=up,
-                       num_class_embeds=None if num_classes is None else num_classes + 1,
-                       norm_num_groups=min(32, ch), attention_head_dim=ch * max(mult))
-
-
-def nparams(m: torch.nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
-def step_fn(net, call, x, t, y, eps):
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.mse_loss(call(net, x, t, y), eps).backward()
-        opt.step()
-    return step
-
-
-def ours_call(net, x, t, y):
-    return net(x, t, y)
-
-
-def diffusers_call(net, x, t, y):
-    return net(x, t, class_labels=None if y is None else torch.where(y < 0, 10, y)).sample
-
-
-def time_pair(fa, fb, reps: int, warmup: int = 2) -> tuple[list, list]:
-    """Alternate ``fa`` and ``fb``; per-call (wall, cpu) seconds."""
-    for _ in range(warmup):
-        fa()
-        fb()
-    ta, tb = [], []
-    for _ in range(reps):
-        for f, out in ((fa, ta), (fb, tb)):
-            w, c = time.perf_counter(), time.process_time()
-            f()
-            out.append((time.perf_counter() - w, time.process_time() - c))
-    return ta, tb
-
-
-def med(ts: list, i: int) -> float:
-    return statistics.median(t[i] for t in ts)
 
 
 def train_rows(threads: list[int], reps: int) -> tuple[list[str], list[dict]]:
