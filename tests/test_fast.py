@@ -106,6 +106,15 @@ def test_model_checkpointing_config() -> None:
         build_model(C.resolve("ring", ["model.checkpointing=true"]), (2,), None)
 
 
+def test_a_run_resumes_with_checkpointing_switched(tmp_path) -> None:
+    sets = ["train.steps=2", "train.batch=4", "data.n=32", "model.channels=8", "train.device=cpu", "train.ckpt_every=0",
+            "train.sample_every=0"]
+    build_trainer(C.resolve("digits", sets), tmp_path / "r", progress=False).run(stop_after=1)
+    tr = build_trainer(C.resolve("digits", [*sets, "model.checkpointing=true"]), tmp_path / "r", progress=False)
+    assert tr.step == 1 and tr.net.checkpointing
+    tr.close()
+
+
 # --- the trainer -----------------------------------------------------------------------------------------------------
 def test_trainer_auto_picks_nothing_for_a_toy_and_channels_last_trains_the_same(tmp_path) -> None:
     tr = build_trainer(C.resolve("ring", ["train.steps=2", "model.hidden=16", "data.n=200", "train.device=cpu"]),

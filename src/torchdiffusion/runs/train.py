@@ -29,6 +29,7 @@ from torchdiffusion.training.trainer import Preview, Trainer, TrainSettings
 
 MODEL_SECTIONS = ("data", "process", "model", "loss")
 RESUMABLE_DATA_KEYS = ("on_bad_image",)  # may change between a run and its resume (the data drawn stay the same)
+RESUMABLE_MODEL_KEYS = ("checkpointing",)  # memory, not weights: may change between a run and its resume
 
 
 def train_dataset(cfg: dict) -> Dataset:
@@ -175,9 +176,8 @@ def build_trainer(cfg: dict, out: str | Path, *, dataset: Dataset | None = None,
         saved = with_defaults(load_json(out / "config.json"))
         def same(k: str) -> bool:
             a, b = dict(saved.get(k) or {}), dict(cfg.get(k) or {})
-            if k == "data":
-                for key in RESUMABLE_DATA_KEYS:
-                    a.pop(key, None), b.pop(key, None)
+            for key in {"data": RESUMABLE_DATA_KEYS, "model": RESUMABLE_MODEL_KEYS}.get(k, ()):
+                a.pop(key, None), b.pop(key, None)
             return a == b
         diff = [k for k in MODEL_SECTIONS if not same(k)]
         if diff:
