@@ -89,6 +89,10 @@ LOSSES["classifier"] = _classifier
 
 # autoencoders: ae, dae, vae on model.net (losses/autoencoder.py)
 def _autoencoder(model) -> Autoencoder:
+    """The autoencoder the loss trains. A torch.compile wrapper (``train.compile``, e.g. chosen by "auto" for a
+    32x32 run) is looked through: the losses call ``encode`` / ``decode``, not ``forward``, so the autoencoder
+    trains uncompiled (the same parameters); a DDP wrapper is refused (its gradient hooks need its forward)."""
+    model = getattr(model, "_orig_mod", model)
     if not isinstance(model, Autoencoder):
         raise ValueError(f"autoencoder losses (ae, dae, vae) need model.net=autoencoder or vae, got a "
                          f"{type(model).__name__} (distributed / compiled training of autoencoders is not supported)")
