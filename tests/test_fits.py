@@ -265,6 +265,21 @@ def test_cli_export_diffusers(run: Path, tmp_path: Path, capsys) -> None:
     assert float(sch.sigmas[-1]) == 0.0
 
 
+def test_a_refused_export_leaves_the_run_as_it_was(run: Path, tmp_path: Path, capsys) -> None:
+    """A scheduler name that does not exist, or one that takes no grid of ours, is refused before the fit: the run
+    folder (its stored fits included) is byte-identical and nothing is written (it used to fit, store, then fail)."""
+    pytest.importorskip("diffusers")
+
+    def files() -> dict:
+        return {str(q): q.read_bytes() for q in sorted(run.rglob("*")) if q.is_file()}
+    before, out = files(), tmp_path / "g.json"
+    argv = ["fit", str(run), "--sampler", "euler", "--steps", "5", "--pilot", "16", "--runs", "6", "--quiet",
+            "--export-diffusers", str(out), "--scheduler"]
+    assert "unknown diffusers scheduler 'NoSuchScheduler'" in _error(capsys, *argv, "NoSuchScheduler")
+    assert "DDIMScheduler cannot be given this grid" in _error(capsys, *argv, "DDIMScheduler")
+    assert files() == before and not out.exists()
+
+
 def test_the_studio_samples_with_the_stored_fit(run: Path) -> None:
     """The studio samples through the Pipeline: same settings, same samples as the Pipeline with the stored fit."""
     pipe = td.Pipeline.from_pretrained(run)

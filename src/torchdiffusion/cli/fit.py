@@ -50,18 +50,28 @@ def _describe(rec: dict, path) -> str:
             f"reference solve {rec['reference_nfe']} calls), pilot {rec['n_pilot']} states ({rec['n_val']} held out)")
 
 
-def _export(a, pipe: Pipeline, rec: dict) -> str:
+def _scheduler_class(name: str) -> type:
+    """The diffusers scheduler class ``name`` (checked before a fit, so that a typo costs no fit and leaves the
+    stored one in place)."""
     if importlib.util.find_spec("diffusers") is None:
         raise ValueError("--export-diffusers needs diffusers (pip install 'torchdiffusion[diffusers]')")
     import diffusers
 
-    cls = getattr(diffusers, a.scheduler, None)
+    cls = getattr(diffusers, name, None)
     if cls is None or not hasattr(cls, "set_timesteps"):
-        raise ValueError(f"unknown diffusers scheduler {a.scheduler!r} (e.g. EulerDiscreteScheduler, "
+        raise ValueError(f"unknown diffusers scheduler {name!r} (e.g. EulerDiscreteScheduler, "
                          "DPMSolverMultistepScheduler)")
-    pred = getattr(pipe.model, "prediction", "eps")
-    config = diffusers_scheduler_config(pipe.process, pred, a.scheduler)
-    sch = cls.from_config(config)
+    return cls
+
+
+def _scheduler(a, pipe: Pipeline):
+    """The diffusers scheduler of ``--scheduler`` configured for the run's process, and its config."""
+    config = diffusers_scheduler_config(pipe.process, getattr(pipe.model, "prediction", "eps"), a.scheduler)
+    return _scheduler_class(a.scheduler).from_config(config), config
+
+
+def _export(a, pipe: Pipeline, rec: dict) -> str:
+    sch, config = _scheduler(a, pipe)
     kw = grids.to_diffusers(rec, sch, round_timesteps=True)
     out = write_json(a.export_diffusers, {"scheduler": a.scheduler, "scheduler_config": config,
                                           "set_timesteps": kw, "times": rec["times"], "sampler": rec["sampler"],
@@ -78,12 +88,16 @@ def _run(a) -> int:
         if not a.export_diffusers.endswith(".json"):
             raise ValueError(f"--export-diffusers must name a .json file, got {a.export_diffusers}")
         prepare_output(a.export_diffusers)
+        _scheduler_class(a.scheduler)  # refused before the fit, not after it replaced the stored one
     pipe = Pipeline.from_pretrained(a.run, ema=not a.no_ema)
     if pipe.path is None:
         raise ValueError(f"{a.run} is a diffusers folder; fit a torchdiffusion run folder")
     s = pipe.config.get("sample", {})
     sampler = a.sampler or s.get("sampler", "ddim")
     steps = a.steps if a.steps is not None else int(s.get("steps", 50))
+    if a.export_diffusers and not a.show:  # a scheduler that takes no grid of ours (e.g. DDIMScheduler) is refused
+        # before the fit, which would otherwise replace the stored fit and then fail (issue 33 item 6)
+        grids.to_diffusers(grids.get("trailing", pipe.process, steps), _scheduler(a, pipe)[0], round_timesteps=True)
     if a.show:
         path = fits.fit_path(pipe.path, sampler, steps)
         if not path.is_file():
