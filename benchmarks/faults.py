@@ -4,15 +4,30 @@ Run (about 4 minutes on 2 CPU cores, as root for the tmpfs probes):  .venv/bin/p
 
 Every probe runs the real command line (``python -m torchdiffusion ...``) in a fresh process against tiny runs
 trained first (a 2-D ring run, a class-conditional digits run, a noise-conditional classifier trained on another
-process). A probe expects either an error or a correct result, and may name files that must come through
-byte-identical. Each outcome is classified:
+process). A probe expects either an error or a correct result. Every probe runs in an empty working folder with
+an empty TMPDIR of its own, and afterwards every file and folder it touches (the paths it names, plus ``protect``,
+``changes`` and ``may_write``) is checked on disk (issue 33 item 6):
+
+- inputs (paths that existed before, and ``protect``): byte-identical, with the same file sets (SHA-256 of every
+  file under a folder), unless listed in ``changes``: then the probe's ``check`` verifies the stated change;
+- outputs (named paths that did not exist): absent after a refused command (``may_write`` only if complete); after
+  a command that must work, verified by ``check`` (complete and correct, e.g. 64 finite 2-D samples);
+- no temp files in the folders it names, and nothing left in its working folder or its TMPDIR.
+
+Each outcome is classified:
 
 - clean error: non-zero exit, exactly one stderr line ``torchdiffusion: error: ...`` (progress bars aside) that
   contains what the probe expects it to name (the file, the option, the cause);
+- correct result: exit 0, ``check`` passes and the output says what ``names`` expects (e.g. which grid it used);
 - unclear error: a clean one-line error that does not say what the probe expects;
 - traceback: a Python traceback reached the user;
 - silent wrong result: exit 0 where an error was due, or a result that fails its check (e.g. NaN);
-- data loss: a protected file changed, or a temp file was left behind.
+- data loss: a protected file changed, a refused command left an output, or a temp file was left behind (checked
+  first: a traceback that also lost data counts as data loss).
+
+The results table says per probe what was checked on disk, and counts the probes that touch files and check every
+one of them afterwards (a probe that names an output of a command that must work, or a changed input, without a
+``check`` is not counted).
 
 Then the signal events: kill -9 at seeded random moments (steps, inside checkpoint writes, half-written temp files,
 from outside after a random delay), SIGTERM, and a second trainer on a busy folder, each resumed and compared with
@@ -29,6 +44,7 @@ import datetime
 import email.utils
 import hashlib
 import http.client
+import importlib.util
 import json
 import os
 import platform
@@ -69,6 +85,7 @@ class Probe:
     names: tuple[str, ...] = ()
     protect: tuple[Path, ...] = ()  # further files / folders that must come through byte-identical
     check: object = None  # ok probes: a callable returning True when the result (and its files) are right
+    says: str = ""  # ok probes: what ``check`` verifies, in words (shown in the results table)
     python: str | None = None  # run this Python snippet instead of the CLI
     changes: tuple[Path, ...] = ()  # inputs the probe may change: ``check`` states and verifies the correct change
     may_write: tuple[Path, ...] = ()  # outputs a failing command may leave, if complete (a PNG written before a GIF)
@@ -77,6 +94,8 @@ class Probe:
     outcome: str = ""
     detail: str = ""
     checked: str = ""  # what was checked on disk afterwards
+    touches: bool = False  # it names a file or folder: reads a run, writes an output, trains, fits, exports ...
+    covered: bool = False  # every file and folder it touches was checked afterwards
     hashes: dict = field(default_factory=dict)
 
 
@@ -109,22 +128,42 @@ def argv_paths(argv: list[str]) -> list[Path]:
     return out
 
 
+def leftovers(folder: Path) -> list[str]:
+    """Everything under ``folder`` (files and folders): what a probe left in its working folder or TMPDIR. One
+    exception: the empty ``torchinductor_USER`` folder that torch creates in TMPDIR when diffusers is imported (its
+    shared per-user compile cache, made once and reused, not a leftover of the probe)."""
+    return sorted(str(q.relative_to(folder)) for q in folder.rglob("*")
+                  if not (q.parent == folder and q.name.startswith("torchinductor_") and q.is_dir()
+                          and not any(q.iterdir())))
+
+
 def run_probe(p: Probe) -> Probe:
-    """Run one probe and classify it; afterwards every file or folder it names is checked (issue 33 item 6): the
-    inputs (existing paths, plus ``protect``) byte-identical with the same file sets, unless listed in ``changes``
-    (then ``check`` verifies the stated change); the outputs it names absent after an error; no temp files left
-    in the folders it names."""
+    """Run one probe in an empty working folder with its own empty TMPDIR, and classify it; afterwards every file or
+    folder it touches is checked (issue 33 item 6): the inputs (existing paths, plus ``protect``) byte-identical
+    with the same file sets, unless listed in ``changes`` (then ``check`` verifies the stated change); the outputs
+    it names absent after an error, verified by ``check`` after a success; no temp files in the folders it names;
+    nothing left in its working folder or TMPDIR."""
     named = argv_paths(p.argv)
     inputs = [q for q in named if q.exists()] + [q for q in p.protect if q not in named]
     outputs = [q for q in named if not q.exists()]
     guarded = [q for q in inputs if not any(q == c or c in q.parents for c in p.changes)]
+    changed = [q for q in inputs if q not in guarded]
+    p.touches = bool(named or p.protect or p.changes or p.may_write)
+    gaps = (["a changed input without a check"] if changed and (p.expect != "ok" or p.check is None) else []) + \
+        (["an output without a check"] if outputs and p.expect == "ok" and p.check is None else [])
+    p.covered = p.touches and not gaps
     p.hashes = tree_hashes(guarded)
-    env = {**tf._env(), **p.env}
+    box = Path(tempfile.mkdtemp(prefix="td_probe_"))
+    cwd, tmp = box / "cwd", box / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
+    env = {**tf._env(), "TMPDIR": str(tmp), **p.env}
     cmd = [sys.executable, "-c", p.python, *p.argv] if p.python is not None else \
         [sys.executable, "-m", "torchdiffusion", *p.argv]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=p.timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=p.timeout, cwd=cwd)
     except subprocess.TimeoutExpired:
+        shutil.rmtree(box, ignore_errors=True)
         p.outcome, p.detail, p.checked = "hang", f"no answer within {p.timeout:.0f} s", ""
         return p
     err_lines = [x for x in r.stderr.strip().splitlines() if x.strip() and not PROGRESS.search(x)]
@@ -134,16 +173,31 @@ def run_probe(p: Probe) -> Probe:
     stray = [str(q) for q in outputs if q.exists() and q not in p.may_write  # (an empty folder holds nothing)
              and (q.is_file() or any(x.is_file() for x in q.rglob("*")))] if p.expect == "error" else []
     stray += [str(q) for q in p.may_write if q.exists() and not (q.suffix != ".png" or complete_png(q))]
+    stray += ["working folder: " + x for x in leftovers(cwd)]
     temps = [str(q) for d in {q if q.is_dir() else q.parent for q in named} if d.is_dir()
-             for q in d.iterdir() if tf.files.TEMP_RE.match(q.name)]
-    parts = [f"{len(after)} files in {len(guarded)} inputs byte-identical" if guarded else "",
-             f"{len(outputs)} named outputs absent" if stray == [] and outputs and p.expect == "error" else "",
-             f"{len(p.changes)} changed as stated" if p.changes else ""]
-    p.checked = "; ".join(x for x in parts if x) or "no files named"
-    if "Traceback" in r.stderr:
+             for q in d.iterdir() if tf.files.TEMP_RE.match(q.name)] + ["TMPDIR: " + x for x in leftovers(tmp)]
+    shutil.rmtree(box, ignore_errors=True)
+    folders = {q if q.is_dir() else q.parent for q in named}
+    named_stray = [x for x in stray if not x.startswith("working folder: ")]
+    parts = [f"{len(after)} files in {len(guarded)} inputs " + (f"{len(lost)} CHANGED" if lost else "byte-identical")
+             if guarded else "",
+             f"{', '.join(q.name for q in changed)} changed as stated" if changed else "",
+             (f"{len(outputs)} named outputs " + ("LEFT" if named_stray else "absent")
+              + (" (or complete)" if p.may_write else "")) if outputs and p.expect == "error" else "",
+             f"{len(outputs)} outputs checked" if outputs and p.expect == "ok" else "",
+             f"({p.says})" if p.says and (changed or outputs) else "",
+             (f"{'TEMP FILES' if any(not x.startswith('TMPDIR') for x in temps) else 'no temp files'} in "
+              f"{len(folders)} folders") if folders else "",
+             "" if p.touches else "touches no file (refused before reading one)",
+             "working folder and TMPDIR " + ("NOT empty" if len(stray) > len(named_stray) or any(
+                 x.startswith("TMPDIR") for x in temps) else "empty"), "UNCHECKED: " + ", ".join(gaps) if gaps else ""]
+    p.checked = "; ".join(x for x in parts if x).replace("; (", " (")
+    if lost or temps or stray:
+        p.outcome = "data loss"
+        p.detail = (("traceback, and " if "Traceback" in r.stderr else "")
+                    + f"changed: {lost[:3]} temp files: {temps[:3]} stray outputs: {stray[:3]}")
+    elif "Traceback" in r.stderr:
         p.outcome, p.detail = "traceback", line
-    elif lost or temps or stray:
-        p.outcome, p.detail = "data loss", f"changed: {lost[:3]} temp files: {temps[:3]} stray outputs: {stray[:3]}"
     elif p.expect == "error":
         if r.returncode == 0:
             p.outcome, p.detail = "silent wrong result", "exit 0: " + (r.stdout.strip().splitlines() or [""])[-1]
@@ -152,9 +206,18 @@ def run_probe(p: Probe) -> Probe:
         else:
             p.outcome, p.detail = "unclear error", line or r.stderr[-200:]
     else:
-        ok = r.returncode == 0 and (p.check is None or p.check())
-        p.outcome = "correct result" if ok else "silent wrong result"
-        p.detail = (r.stdout.strip().splitlines() or [""])[-1] if ok else (line or "check failed")
+        why = ""
+        if r.returncode != 0:
+            why = line or f"exit {r.returncode}"
+        elif not all(n in r.stdout + r.stderr for n in p.names):
+            why = "the output does not say " + repr([n for n in p.names if n not in r.stdout + r.stderr])
+        elif p.check is not None:
+            try:
+                why = "" if p.check() else "check failed: " + (p.says or "the result")
+            except Exception as e:  # a missing or unreadable output fails the check, it does not stop the run
+                why = f"check failed: {type(e).__name__}: {e}"
+        p.outcome = "silent wrong result" if why else "correct result"
+        p.detail = why or (r.stdout.strip().splitlines() or [""])[-1]
     return p
 
 
@@ -229,22 +292,22 @@ def probes(work: Path, ring: Path, digits: Path, clf: Path, disk: Path | None, r
                 "from torchdiffusion.cli.main import main\n"
                 "try:\n    td.Pipeline.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[1])\n"
                 "except ValueError as e:\n    print(f'torchdiffusion: error: {e}', file=sys.stderr); sys.exit(2)")]
-    if disk is not None:
+    if disk is not None:  # every full-disk probe: the whole disk (the filler, old.npz, old.json) byte-identical
         old = disk / "old.npz"
         P += [Probe("data loss", "sample --out old.npz on a full disk", ["sample", str(ring), "--n", "2000", *s2,
-                    "--out", str(old)], names=("No space left on device", str(old)), protect=(old,)),
+                    "--out", str(old)], names=("No space left on device", str(old)), protect=(disk,)),
               Probe("data loss", "likelihood --json old.json on a full disk", ["likelihood", str(ring), "--n", "8",
                     "--steps", "4", "--json", str(disk / "old.json")], names=("No space left", "old.json"),
-                    protect=(disk / "old.json",)),
+                    protect=(disk,)),
               Probe("tracebacks", "train on a full disk", ["train", "ring", "--out", str(disk / "run"), *tiny],
-                    names=("No space left", str(disk))),
+                    names=("No space left", str(disk)), protect=(disk,)),
               Probe("tracebacks", "sample PNG on a full disk", ["sample", str(ring), *s2, "--out",
-                    str(disk / "s.png")], names=("No space left", "s.png")),
+                    str(disk / "s.png")], names=("No space left", "s.png"), protect=(disk,)),
               Probe("tracebacks", "sample --gif on a full disk", ["sample", str(digits), "--class", "1", "--n", "4",
                     *s2, "--out", str(work / "g.png"), "--gif", str(disk / "g.gif")], names=("No space left", "g.gif"),
-                    may_write=(work / "g.png",)),  # the PNG, written before the GIF, is complete
+                    may_write=(work / "g.png",), protect=(disk,)),  # the PNG, written before the GIF, is complete
               Probe("tracebacks", "demo on a full disk", ["demo", "--quick", "--out", str(disk / "demo")],
-                    names=("No space left", str(disk)))]
+                    names=("No space left", str(disk)), protect=(disk,))]
     # --- silent wrong results --------------------------------------------------------------------------------
     P += [Probe("silent wrong", "damaged tensor bytes (header intact)", ["sample", str(d["bytes"]), *s2],
                 names=("corrupt checkpoint", "checksum", "ema.safetensors"))]
@@ -264,8 +327,8 @@ def probes(work: Path, ring: Path, digits: Path, clf: Path, disk: Path | None, r
         P.append(Probe("silent wrong", f"--set {kv}", ["train", "ring", "--out", str(work / "cfg"), "--set", kv,
                        "--quiet"], names=(kv.split("=")[0],)))
     P.append(Probe("silent wrong", "sample a healthy run (control)", ["sample", str(ring), *s2, "--out",
-                   str(work / "ok.npz")], expect="ok",
-                   check=lambda: bool(np.isfinite(np.load(work / "ok.npz")["x"]).all())))
+                   str(work / "ok.npz")], expect="ok", check=lambda: finite_samples(work / "ok.npz", (64, 2)),
+                   says="ok.npz: 64 finite 2-D samples"))
     # --- tracebacks ------------------------------------------------------------------------------------------
     P += [Probe("tracebacks", "likelihood --json to a folder", ["likelihood", str(ring), "--n", "4", "--json",
                 str(work / "adir.json")], names=("is a folder", "adir.json")),
@@ -284,8 +347,8 @@ def probes(work: Path, ring: Path, digits: Path, clf: Path, disk: Path | None, r
                  str(folder / "x.gif")],
                 ["demo", "--quick", "--out", str(folder / "demo")]]
 
-    for cmd in outputs_in(afile, "g3.png"):
-        P.append(Probe("tracebacks", f"{cmd[0]} output under a file", cmd, names=("afile",)))
+    for cmd in outputs_in(afile, "g3.png"):  # the file in the way stays as it was
+        P.append(Probe("tracebacks", f"{cmd[0]} output under a file", cmd, names=("afile",), protect=(afile,)))
     if ro is not None:
         for cmd in outputs_in(ro, "g4.png"):
             P.append(Probe("tracebacks", f"{cmd[0]} output on a read-only file system", cmd, names=("ead-only",)))
@@ -313,6 +376,74 @@ def probes(work: Path, ring: Path, digits: Path, clf: Path, disk: Path | None, r
           Probe("unclear", "garbage .npz as data", ["train", "ring", "--out", str(work / "gz"), "--set",
                 f"data.name={garbage}"], names=("not a .npz archive",))]
     P += issue28_probes(work, ring, digits, runs)
+    P += fit_probes(work, ring, d["nan"])
+    return P
+
+
+def finite_samples(path: Path, shape: tuple[int, ...]) -> bool:
+    """The ``.npz`` at ``path`` holds samples ``x`` of ``shape``, all finite (a complete, usable output)."""
+    x = np.load(path)["x"]
+    return x.shape == shape and bool(np.isfinite(x).all())
+
+
+def fit_probes(work: Path, ring: Path, nan_run: Path) -> list[Probe]:
+    """``torchdiffusion fit`` (issue 33): a fit adds exactly its file to the run folder and sampling uses it; a
+    refused fit leaves the run (and the fit it already holds) byte-identical; a damaged or foreign stored fit is a
+    one-line error or not used."""
+    fitted, damaged, foreign = work / "fit_run", work / "fit_damaged", work / "fit_foreign"
+    for q in (fitted, damaged, foreign):
+        shutil.copytree(ring, q)
+    base = tree_hashes([fitted])
+    rec_path = fitted / "fits" / "ddim-4.json"
+    (damaged / "fits").mkdir()
+    (damaged / "fits" / "ddim-4.json").write_text('{"sampler": "ddim", "times": [999.0, 6')  # cut off mid-write
+    (foreign / "fits").mkdir()
+    (foreign / "fits" / "ddim-4.json").write_text(json.dumps({
+        "format": 1, "sampler": "ddim", "steps": 4, "options": {}, "times": [999.0, 700.0, 400.0, 100.0, -1.0],
+        "weights_sha256": "0" * 64}))  # a fit of other weights
+    small = ["--pilot", "24", "--runs", "6", "--quiet"]
+    ref = work / "fit_reference.npz"
+    four = ["--sampler", "ddim", "--steps", "4", "--n", "4", "--quiet"]
+
+    def fit_ok() -> bool:
+        now = tree_hashes([fitted])
+        rec = json.loads(rec_path.read_text())
+        ema = ckpt.load_tensors(fitted / "ema.safetensors")[0]
+        grid = np.array(rec["times"])
+        return ({k: v for k, v in now.items() if k != str(rec_path)} == base and str(rec_path) in now
+                and rec["sampler"] == "ddim" and rec["steps"] == 4 and len(grid) == 5 and grid[0] == 999.0
+                and bool(np.all(np.diff(grid) < 0)) and rec["weights_sha256"] == ckpt.tensors_checksum(ema)
+                and "using " in cli("sample", str(fitted), *four, "--out", str(work / "fit_used.npz")).stdout)
+
+    def foreign_ignored() -> bool:
+        r = cli("sample", str(ring), *four, "--out", str(ref))  # the same command on the run without a fit
+        return r.returncode == 0 and np.array_equal(np.load(ref)["x"], np.load(work / "fit_foreign.npz")["x"])
+    have_diffusers = importlib.util.find_spec("diffusers") is not None
+    P = [Probe("data loss", "fit RUN --sampler ddim --steps 4", ["fit", str(fitted), "--sampler", "ddim", "--steps",
+               "4", *small], expect="ok", changes=(fitted,), check=fit_ok,
+               says="exactly fits/ddim-4.json added, every other file byte-identical; the grid starts at t_max, "
+                    "decreases, has 5 points, carries the EMA weights' checksum; sample then says it uses it"),
+         Probe("data loss", "fit --steps 0", ["fit", str(fitted), "--steps", "0", *small],
+               names=("steps must be an integer >= 1",)),
+         Probe("data loss", "fit --export-diffusers to a folder", ["fit", str(fitted), "--sampler", "ddim", "--steps",
+               "4", *small, "--export-diffusers", str(work / "adir.json")], names=("is a folder", "adir.json")),
+         Probe("data loss", "fit --export-diffusers --scheduler Nope (a stored fit in place)", [
+               "fit", str(fitted), "--sampler", "ddim", "--steps", "4", *small, "--export-diffusers",
+               str(work / "fit_export.json"), "--scheduler", "Nope"],
+               names=("unknown diffusers scheduler 'Nope'",) if have_diffusers else ("needs diffusers",))]
+    if have_diffusers:
+        P.append(Probe("data loss", "fit --export-diffusers --scheduler DDIMScheduler (takes no grid)", [
+            "fit", str(fitted), "--sampler", "ddim", "--steps", "4", *small, "--export-diffusers",
+            str(work / "fit_export.json"), "--scheduler", "DDIMScheduler"],
+            names=("DDIMScheduler cannot be given this grid",)))
+    P += [Probe("silent wrong", "fit a run with one NaN weight", ["fit", str(nan_run), "--steps", "4", *small],
+                names=("NaN/Inf", "ema.safetensors")),
+          Probe("silent wrong", "sample with a stored fit cut off mid-write", ["sample", str(damaged), *four, "--out",
+                str(work / "fit_damaged.npz")], names=("corrupt JSON", "ddim-4.json")),
+          Probe("silent wrong", "sample with a stored fit of other weights", ["sample", str(foreign), *four, "--out",
+                str(work / "fit_foreign.npz")], expect="ok", names=("not using the fitted grid", "other weights"),
+                check=foreign_ignored, says="fit_foreign.npz equals the same command's samples on the run without "
+                "a fit (the foreign fit is ignored, and the output says so)")]
     return P
 
 
@@ -365,7 +496,9 @@ def issue28_probes(work: Path, ring: Path, digits: Path, extra: dict) -> list[Pr
                     "assert torch.equal(x, y)\nprint('saved; reloads to the same samples')"),
                 check=lambda: {q.name for q in copies["pretrained"].iterdir()} ==
                 {".lock", "config.json", "model.safetensors", "ema.safetensors"}
-                and "no train_state" in cli(*tf.train_cmd(copies["pretrained"], 305)).stderr),
+                and "no train_state" in cli(*tf.train_cmd(copies["pretrained"], 305)).stderr,
+                says="the folder holds exactly .lock, config.json, model and EMA weights, which reload to the same "
+                     "samples; training refuses to resume it (no train_state)"),
           Probe("data loss", "Pipeline.save_pretrained(DIFFUSERS_FOLDER, force=True)",
                 [str(ring), str(diffusers_like)], names=("holds a diffusers model",), python=py(
                     "td.Pipeline.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], force=True)"))]
@@ -397,7 +530,8 @@ def issue28_probes(work: Path, ring: Path, digits: Path, extra: dict) -> list[Pr
                 "--out", str(work / "i28_edited.npz")], names=("does not match its weights", "process.betas")),
           Probe("silent wrong", "hand-edited sample.steps (not bound: allowed)", ["sample",
                 str(copies["edited_sample"]), "--quiet", "--out", str(work / "i28_edited_sample.npz")], expect="ok",
-                check=lambda: np.isfinite(np.load(work / "i28_edited_sample.npz")["x"]).all())]
+                check=lambda: finite_samples(work / "i28_edited_sample.npz", (64, 2)),
+                says="i28_edited_sample.npz: 64 finite 2-D samples")]
     # --- folder outputs record their settings -------------------------------------------------------------------
     folder = work / "i28_folder"
     base = ["sample", str(digits), "--n", "4", "--quiet", "--out", f"{folder}/"]
@@ -411,7 +545,9 @@ def issue28_probes(work: Path, ring: Path, digits: Path, extra: dict) -> list[Pr
     (user / "000000.png").write_bytes(b"the user's own picture")
     P += [Probe("silent wrong", "sample --out DIR/ after a zero-byte PNG, a truncated PNG, a dead writer's temp",
                 [*base, "--class", "3"], expect="ok", changes=(folder,),  # stated change: those three redrawn
-                check=lambda: tree_hashes([folder]) == first),
+                check=lambda: tree_hashes([folder]) == first,
+                says="the folder byte-identical to the first complete run: the three damaged files redrawn, the "
+                     "temp file gone"),
           Probe("silent wrong", "sample --out DIR/ rerun with another --class", [*base, "--class", "4"],
                 names=("holds samples of other settings", "class: '3' there, '4' now", "--force")),
           Probe("silent wrong", "sample --out DIR/ rerun with another --seed", [*base, "--class", "3", "--seed", "1"],
@@ -615,7 +751,8 @@ def main() -> None:
 def write_results(results: list[Probe], events: list, disk: bool, ro: bool, seconds: float) -> None:
     kinds = ("clean error", "correct result", "unclear error", "traceback", "silent wrong result", "data loss", "hang")
     count = {k: sum(p.outcome == k for p in results) for k in kinds}
-    naming = sum(p.checked not in ("", "no files named") for p in results)
+    touching = [p for p in results if p.touches]
+    unchecked = [p.name for p in touching if not p.covered]
     lines = ["# Fault probes: run folders, outputs and errors", "",
              f"Machine: {machine()}", "", "Command: `.venv/bin/python benchmarks/faults.py` "
              f"({seconds:.0f} s). Every probe is a fresh `python -m torchdiffusion` process; see the script's "
@@ -627,10 +764,16 @@ def write_results(results: list[Probe], events: list, disk: bool, ro: bool, seco
              "|---|---|---|---|---|---|---|---|",
              f"| {len(results)} | {count['clean error']} | {count['correct result']} | {count['unclear error']} | "
              f"{count['traceback']} | {count['silent wrong result']} | {count['data loss']} | {count['hang']} |", "",
-             f"After every probe the files and folders it names were checked ({naming} of {len(results)} name "
-             "some): inputs byte-identical "
-             "(file sets included), the outputs of refused commands absent, no temp files; where a probe changes a "
-             "file, its check states and verifies the change (last column).", "",
+             f"**{len(touching) - len(unchecked)} of {len(touching)} probes that touch files check them "
+             f"afterwards** ({len(results) - len(touching)} of the {len(results)} touch none: refused before "
+             "reading a file)" + (f"; NOT checked: {', '.join(unchecked)}" if unchecked else "") + ". Checked on "
+             "disk after each probe (last column): inputs byte-identical (SHA-256 of every file, file sets "
+             "included, whole run folders where a run is read); the outputs of refused commands absent; the outputs "
+             "of commands that must work complete and correct, and inputs they change changed exactly as stated "
+             "(the check named in the column); no temp files in the folders named; nothing left in the probe's own "
+             "working folder and TMPDIR. A failed check makes the probe data loss (a file changed, left or half "
+             "written) or a silent wrong result (a wrong output) - `tests/test_fault_probes.py` shows both on fake "
+             "probes.", "",
              "## Signal events", "", "| event | moments (seeded) | outcome |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in events]
     lines += ["", "## Every probe", "", "| group | probe | outcome | what the user saw | files checked afterwards |",
@@ -638,7 +781,8 @@ def write_results(results: list[Probe], events: list, disk: bool, ro: bool, seco
     for p in results:
         detail = p.detail.replace("|", "\\|").replace(str(Path(tempfile.gettempdir())), "/tmp")
         detail = re.sub(r"/tmp/td_faults_\w+", "WORK", detail)
-        lines.append(f"| {p.group} | {p.name} | {p.outcome} | {detail[:160]} | {p.checked} |")
+        checked = re.sub(r"/tmp/td_faults_\w+", "WORK", p.checked.replace("|", "\\|"))
+        lines.append(f"| {p.group} | {p.name} | {p.outcome} | {detail[:160]} | {checked} |")
     _report.write_results(RESULTS, lines, echo=False)
     print(f"wrote {RESULTS}")
 
@@ -723,23 +867,50 @@ def _studio_messages(body: bytes) -> list[dict]:
     return [json.loads(x) for x in body.decode().splitlines() if x.strip()]
 
 
+def _complete_result(path: Path) -> bool:
+    """A studio result file is complete: a PNG to its end, or a loadable .npz."""
+    if path.suffix == ".png":
+        return complete_png(path)
+    try:
+        return path.suffix == ".npz" and np.load(path)["x"].size > 0
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def studio_probes(work: Path, ring: Path) -> list[Probe]:
     """The studio's security and robustness probes (issue 28); each a :class:`Probe` with its outcome set."""
     run = work / STUDIO_NAME
     shutil.copytree(ring, run)
+    run_before = tree_hashes([run])
     st = _Studio(run, work / "studio_tmp")
     out: list[Probe] = []
     seen = 0
+    results = tree_hashes([st.tmp])  # the studio's TMPDIR: where it keeps its results (ID.png, ID.npz)
 
     def add(name: str, outcome: tuple[str, str]) -> None:
-        """Record a probe; anything the server wrote to stderr meanwhile overrides its outcome."""
-        nonlocal seen
+        """Record a probe; anything the server wrote to stderr meanwhile overrides its outcome. Then the files: the
+        run folder it serves byte-identical; a refused request wrote no result; a served one wrote complete results
+        only (PNGs to their end, loadable .npz); no temp files in its TMPDIR (issue 33 item 6)."""
+        nonlocal seen, results
         time.sleep(0.2)
         new, seen = st.err[seen:], len(st.err)
         if new:
             kind = "traceback" if any("Traceback" in x for x in new) else "unclear error"
             outcome = (kind, "server stderr: " + new[-1].strip()[:140])
-        out.append(Probe("studio", name, [], outcome=outcome[0], detail=outcome[1]))
+        now, run_now = tree_hashes([st.tmp]), tree_hashes([run])
+        lost = [k for k in run_before.keys() | run_now.keys() if run_before.get(k) != run_now.get(k)]
+        wrote = [k for k in now if results.get(k) != now[k]]
+        refused = outcome[0] in ("clean error", "unclear error")
+        bad = wrote if refused else [k for k in wrote if not _complete_result(Path(k))]
+        temps = [k for k in now if tf.files.TEMP_RE.match(Path(k).name)]
+        checked = (f"run folder {len(run_now)} files byte-identical; studio results: "
+                   + ("none written (refused)" if refused else f"{len(wrote)} written, all complete")
+                   + "; no temp files")
+        if lost or bad or temps:
+            outcome = ("data loss", f"run folder changed: {lost[:2]} bad results: {bad[:2]} temp files: {temps[:2]}")
+        results = now
+        out.append(Probe("studio", name, [], outcome=outcome[0], detail=outcome[1], checked=checked, touches=True,
+                         covered=True))
 
     evil = {"Origin": "http://evil.example"}
     try:
