@@ -164,7 +164,8 @@ def run_probe(p: Probe) -> Probe:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=p.timeout, cwd=cwd)
     except subprocess.TimeoutExpired:
         shutil.rmtree(box, ignore_errors=True)
-        p.outcome, p.detail, p.checked = "hang", f"no answer within {p.timeout:.0f} s", ""
+        p.outcome, p.detail, p.checked = "hang", f"no answer within {p.timeout:.0f} s", "hung: files not checked"
+        p.covered = False
         return p
     err_lines = [x for x in r.stderr.strip().splitlines() if x.strip() and not PROGRESS.search(x)]
     line = err_lines[-1] if err_lines else ""
