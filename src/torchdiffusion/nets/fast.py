@@ -42,13 +42,14 @@ class AutoRule:
 
 
 # Read off benchmarks/results/speed.md (its "auto rule" section); an option stays None until a measurement shows it
-# winning at the use and size given. Provisional, from an exploratory run (shapes32's U-Net, 3x32x32, batch 16,
-# 1 thread, CPU seconds on the busy AVX-512 machine): compile 0.371 s vs eager 0.465 s a train step after 126 s of
-# compiling (break-even ~1340 steps), 0.104 vs 0.144 s a network evaluation after 67 s (~1700 evaluations);
-# channels_last 0.449 s (train, no gain) and 0.184 s (evaluation, slower): never. min_calls: about 1.5x break-even.
+# winning at the use and size given. From the run of 2026-12-08 (shapes32's U-Net, 3x32x32, batch 16, 1 thread, on
+# the AVX-512 machine): compile 319 vs 326 ms a train step after 86 s of compiling (break-even 11804 steps), 100.0 vs
+# 106 ms a network evaluation after 31 s (break-even 4975 evaluations); channels_last 0.98x (train) and 1.01x
+# (evaluation): never. min_calls: about 1.5x break-even (an earlier exploratory rule, 2000 / 2500 calls, compiled
+# runs too short to repay it). The DDPM CIFAR-10 configuration was not measured.
 AUTO_RULES: dict[tuple[str, str], AutoRule] = {
-    ("compile", "train"): AutoRule(32, 2000),
-    ("compile", "sample"): AutoRule(32, 2500),
+    ("compile", "train"): AutoRule(32, 18000),
+    ("compile", "sample"): AutoRule(32, 7500),
     ("channels_last", "train"): AutoRule(None),
     ("channels_last", "sample"): AutoRule(None),
 }
