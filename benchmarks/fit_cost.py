@@ -48,6 +48,9 @@ from tqdm.auto import tqdm
 
 import _report
 import torchdiffusion as td
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import Counter  # noqa: E402  (the network-call counter of the grid-fit tests, as faults.py uses theirs)
 from samplers import SCHEDULES, _rotated, aniso_64d, outliers_16d, ring_2d
 from torchdiffusion.parameterization.interop import process_from_diffusers
 from torchdiffusion.runs.fits import AUTO_CHOICES
@@ -92,15 +95,6 @@ PROBLEMS = {  # name: (mixture, schedule, NFEs, new here)
     "gmm64/scaled_linear": (gmm64, "scaled_linear", (5, 10), True),
 }
 DEFAULT_ROWS = "ring-2d,outliers-16d,gmm48,gmm32"  # the full-covariance 64-D problems take far longer: --rows all
-
-
-class Counter:
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args):
-        self.calls += 1
-        return self.fn(*args)
 
 
 def sq_err(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
